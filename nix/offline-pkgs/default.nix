@@ -1,0 +1,176 @@
+# A nixpkgs-shaped package set built from files already on this machine, for
+# tests and the offline demo: `import ./nix/offline-pkgs {}` is an attribute set
+# of derivations, as `import <nixpkgs> {}` is.
+#
+# Real programs are the host's Debian binaries, each shared library in a store
+# path of its own, patched (interpreter and RUNPATH) to load only from
+# /nix/store, so they run in a container holding nothing but their closure.
+# host.json (written by generate-host.py) says which files make up what.
+# Synthetic packages exercise the image pipeline: closures larger than the layer
+# budget, shared dependencies, a failing build and a slow one.
+{ system ? builtins.currentSystem, ... }:
+let
+  host = builtins.fromJSON (builtins.readFile ./host.json);
+
+  # Debian's static busybox is the only build tool. Busybox picks its applet
+  # from argv[0], so the builder must be a file named `busybox`.
+  busyboxDir = builtins.path {
+    name = "busybox-static";
+    path = /usr/bin;
+    filter = p: t: baseNameOf p == "busybox";
+  };
+
+  mkDerivation = { name, script, ... }@args:
+    derivation ((removeAttrs args [ "script" ]) // {
+      inherit name system;
+      builder = "${busyboxDir}/busybox";
+      args = [ "sh" "-e" "-c" ''
+        bb=${busyboxDir}/busybox
+        $bb mkdir -p "$TMPDIR/.bin"
+        $bb --install -s "$TMPDIR/.bin"
+        export PATH="$TMPDIR/.bin"
+        ${script}
+      '' ];
+    });
+
+  # patchelf is the host's: the sandbox is off on Debian's Nix (NIX-NOTES.md).
+  patchelf = "/usr/bin/patchelf";
+
+  importFiles = name: dir: files: builtins.path {
+    inherit name;
+    path = /. + dir;
+    filter = p: t: builtins.elem (baseNameOf p) files;
+  };
+
+  rpathOf = deps: builtins.concatStringsSep ":" (map (d: "${d}/lib") deps);
+
+  libs = builtins.mapAttrs (name: spec:
+    let deps = map (d: libs.${d}) spec.deps; in
+    mkDerivation {
+      name = if name == "glibc" then "glibc-host" else "${name}-host";
+      src = importFiles "${name}-files" host.libDir spec.files;
+      rpath = rpathOf deps;
+      script = ''
+        mkdir -p $out/lib
+        cp -a $src/. $out/lib/
+        chmod -R u+w $out/lib
+        if [ -n "$rpath" ]; then
+          for f in $out/lib/*; do
+            [ -L "$f" ] || ${patchelf} --set-rpath "$rpath" "$f"
+          done
+        fi
+      '';
+    }) host.libs;
+
+  programs = builtins.mapAttrs (name: spec:
+    mkDerivation {
+      name = "${name}-host";
+      src = importFiles "${name}-bins" host.binDir spec.bins;
+      interpreter = "${libs.glibc}/lib/${host.interpreter}";
+      rpath = rpathOf (map (d: libs.${d}) spec.libs);
+      script = ''
+        mkdir -p $out/bin
+        cp $src/* $out/bin/
+        chmod u+w $out/bin/*
+        for f in $out/bin/*; do
+          ${patchelf} --set-interpreter "$interpreter" --set-rpath "$rpath" "$f"
+        done
+        ${if name == "bashInteractive" then "ln -s bash $out/bin/sh" else ""}
+      '';
+    }) host.programs;
+
+  # A package whose output is a few bytes plus references to `deps`.
+  tiny = name: deps: mkDerivation {
+    inherit name;
+    deps = deps;
+    script = ''
+      mkdir -p $out/share/${name}
+      echo "${name}" > $out/share/${name}/name
+      for d in $deps; do echo "$d" >> $out/share/${name}/deps; done
+    '';
+  };
+
+  # chain n: tiny packages chain-n -> chain-(n-1) -> ... -> chain-0.
+  chain = prefix: n: deps:
+    if n == 0 then tiny "${prefix}-0" deps
+    else tiny "${prefix}-${toString n}" [ (chain prefix (n - 1) deps) ];
+
+  sharedBase = chain "shared-base" 4 [ libs.glibc ];
+  leaves = builtins.genList (i: tiny "wide-leaf-${toString i}" [ ]) 110;
+
+  self = programs // {
+    inherit (programs) bashInteractive coreutils hello curl jq gnugrep gnused findutils less;
+    bash = programs.bashInteractive;
+    glibc = libs.glibc;
+    zlib = libs.libz;
+    openssl = libs.libssl;
+    hostLibs = libs;
+
+    busybox = mkDerivation {
+      name = "busybox-host";
+      script = ''
+        mkdir -p $out/bin
+        cp ${busyboxDir}/busybox $out/bin/busybox
+        $out/bin/busybox --install -s $out/bin
+        # --install writes absolute links to the store path: make them relative.
+        for l in $out/bin/*; do [ -L "$l" ] && ln -sf busybox "$l"; done
+      '';
+    };
+
+    cacert = mkDerivation {
+      name = "cacert-host";
+      src = importFiles "ca-certificates" "/etc/ssl/certs" [ "ca-certificates.crt" ];
+      script = ''
+        mkdir -p $out/etc/ssl/certs
+        cp $src/ca-certificates.crt $out/etc/ssl/certs/ca-bundle.crt
+      '';
+    };
+
+    iana-etc = mkDerivation {
+      name = "iana-etc-host";
+      src = importFiles "iana-etc-files" "/etc" [ "services" "protocols" ];
+      script = ''
+        mkdir -p $out/etc
+        cp $src/services $src/protocols $out/etc/
+      '';
+    };
+
+    # --- synthetic packages for tests ---
+
+    # 121 store paths in one closure: more than the default layer budget.
+    deep = chain "deep" 120 [ ];
+    # 111 store paths, all direct references of one package.
+    wide = tiny "wide" leaves;
+    # Two applications that share a five-path dependency chain and glibc.
+    appA = tiny "app-a" [ sharedBase ];
+    appB = tiny "app-b" [ sharedBase ];
+    # Always fails, saying why.
+    broken = mkDerivation {
+      name = "broken";
+      script = ''
+        echo "broken: this package fails to build on purpose" >&2
+        exit 1
+      '';
+    };
+    # Takes 20 seconds. It is a new derivation on every evaluation (it depends
+    # on the time), so it is never in the store already and is always slow.
+    slow = mkDerivation {
+      name = "slow";
+      stamp = toString builtins.currentTime;
+      script = ''
+        echo "slow: sleeping for 20 seconds" >&2
+        sleep 20
+        mkdir -p $out && echo "$stamp" > $out/stamp
+      '';
+    };
+    # 64 MiB of incompressible data: a layer that takes a while to pack.
+    big = mkDerivation {
+      name = "big";
+      script = ''
+        mkdir -p $out/share/big
+        head -c 67108864 /dev/urandom > $out/share/big/data
+      '';
+    };
+  };
+in
+self

@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Writes host.json: which host binaries and shared libraries make up the
+offline package set, with each library's direct dependencies.
+
+Run it again (and commit the result) when the host's Debian packages change:
+    python3 nix/offline-pkgs/generate-host.py > nix/offline-pkgs/host.json
+The Nix side (default.nix) reads host.json as data; nothing here runs at
+evaluation time, so evaluating the package set stays fast and pure.
+"""
+import json
+import os
+import subprocess
+import sys
+
+LIB_DIR = "/usr/lib/x86_64-linux-gnu"
+BIN_DIR = "/usr/bin"
+# glibc's own libraries form one package, as in nixpkgs.
+GLIBC = {"libc.so.6", "libm.so.6", "ld-linux-x86-64.so.2", "libresolv.so.2",
+         "libpthread.so.0", "libdl.so.2", "librt.so.1", "libutil.so.1"}
+
+PROGRAMS = {
+    "bashInteractive": ["bash"],
+    "hello": ["hello"],
+    "curl": ["curl"],
+    "jq": ["jq"],
+    "gnugrep": ["grep"],
+    "gnused": ["sed"],
+    "findutils": ["find", "xargs"],
+    "less": ["less"],
+    "coreutils": None,  # every ELF binary of Debian's coreutils package
+}
+
+
+def needed(path):
+    out = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, check=True).stdout
+    return [line.split("[", 1)[1].split("]", 1)[0] for line in out.splitlines() if "(NEEDED)" in line]
+
+
+def is_elf(path):
+    with open(path, "rb") as f:
+        return f.read(4) == b"\x7fELF"
+
+
+def lib_attr(soname):
+    if soname in GLIBC:
+        return "glibc"
+    return soname.split(".so", 1)[0]
+
+
+def coreutils_bins():
+    files = subprocess.run(["dpkg", "-L", "coreutils"], capture_output=True, text=True, check=True).stdout.split()
+    bins = set()
+    for f in files:
+        name = os.path.basename(f)
+        candidate = os.path.join(BIN_DIR, name)
+        if "/bin/" in f and os.path.isfile(candidate) and not os.path.islink(candidate) and is_elf(candidate):
+            bins.add(name)
+    return sorted(bins)
+
+
+def main():
+    libs = {}
+
+    def add_lib(soname):
+        attr = lib_attr(soname)
+        path = os.path.join(LIB_DIR, soname)
+        real = os.path.realpath(path)
+        entry = libs.setdefault(attr, {"files": set(), "deps": set()})
+        entry["files"].update({soname, os.path.basename(real)})
+        if attr == "glibc":
+            entry["files"].update(GLIBC & set(os.listdir(LIB_DIR)))
+            return
+        for dep in needed(real):
+            dep_attr = lib_attr(dep)
+            entry["deps"].add(dep_attr)
+            if dep_attr not in libs or dep not in libs[dep_attr]["files"]:
+                add_lib(dep)
+
+    programs = {}
+    for attr, bins in PROGRAMS.items():
+        bins = bins if bins is not None else coreutils_bins()
+        deps = set()
+        for b in bins:
+            for dep in needed(os.path.join(BIN_DIR, b)):
+                deps.add(lib_attr(dep))
+                add_lib(dep)
+        programs[attr] = {"bins": bins, "libs": sorted(deps)}
+
+    out = {
+        "libDir": LIB_DIR,
+        "binDir": BIN_DIR,
+        "interpreter": "ld-linux-x86-64.so.2",
+        "libs": {k: {"files": sorted(v["files"]), "deps": sorted(v["deps"] - {k})} for k, v in sorted(libs.items())},
+        "programs": programs,
+    }
+    json.dump(out, sys.stdout, indent=1, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

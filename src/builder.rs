@@ -1,0 +1,371 @@
+//! The pipeline from an image request to a stored manifest: Nix resolves and
+//! builds, layers are planned, packed (or found in the layer cache) and stored,
+//! then config and manifests. Concurrent requests for one image share a build;
+//! builds beyond the limit queue; each has a timeout; failures are not cached.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::StreamExt;
+use sha2::Digest as _;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::layers::{self, PathInfo, Popularity};
+use crate::metrics::Metrics;
+use crate::name::{AdHocImage, Arch, Digest};
+use crate::nix::{LogSink, Nix, NixError, Source};
+use crate::oci::{self, LayerBlob, RunConfig};
+use crate::store::{BlobStore, StoreError};
+
+/// Packages every image gets, as Nixery does.
+pub const ALWAYS: &[&str] = &["cacert", "iana-etc"];
+/// What the `shell` meta-package stands for.
+pub const SHELL: &[&str] = &["bashInteractive", "coreutils", "findutils", "gnugrep", "gnused", "less"];
+
+/// What to build: a package set at a tag, for an architecture, with a config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageSpec {
+    /// The packages the user asked for (metas expanded, sorted, unique).
+    pub packages: Vec<String>,
+    pub arch: Arch,
+    pub tag: String,
+    pub run: RunConfig,
+    /// Overrides the builder's package source (NixImage `spec.source`).
+    pub source: Option<Source>,
+}
+
+impl ImageSpec {
+    pub fn ad_hoc(img: &AdHocImage, tag: &str) -> Self {
+        let mut packages: BTreeSet<String> = img.packages.clone();
+        if img.shell {
+            packages.extend(SHELL.iter().map(|s| s.to_string()));
+        }
+        ImageSpec { packages: packages.into_iter().collect(), arch: img.arch, tag: tag.to_string(), run: RunConfig::default(), source: None }
+    }
+
+    /// Everything Nix is asked for: the user's packages and the ones every image gets.
+    fn all_packages(&self) -> Vec<String> {
+        let set: BTreeSet<String> = self.packages.iter().cloned().chain(ALWAYS.iter().map(|s| s.to_string())).collect();
+        set.into_iter().collect()
+    }
+
+    /// The cache key: sorted package set, source and revision, arch, config.
+    fn key(&self, source: &Source) -> String {
+        let mut h = sha2::Sha256::new();
+        h.update(format!("{:?}\0{:?}\0{}\0{:?}\0{:?}", self.all_packages(), source, self.tag, self.arch, self.run));
+        hex::encode(h.finalize())
+    }
+}
+
+/// A built image: both manifest encodings, stored as blobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuiltImage {
+    pub oci_digest: Digest,
+    pub oci_manifest: bytes::Bytes,
+    pub docker_digest: Digest,
+    pub docker_manifest: bytes::Bytes,
+    pub layers: usize,
+    /// Compressed size of config and layers.
+    pub size: u64,
+    /// Store paths of the packages (roots of the closure).
+    pub roots: Vec<String>,
+    pub gcroot_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("unknown packages: {}", .0.join(", "))]
+    UnknownPackages(Vec<String>),
+    #[error("tag '{tag}' is unknown: with a {source_kind} package source the only tag is 'latest'")]
+    UnknownTag { tag: String, source_kind: &'static str },
+    #[error(transparent)]
+    Nix(#[from] NixError),
+    #[error("the build took longer than its timeout of {}s and was stopped", .0.as_secs())]
+    Timeout(Duration),
+    #[error("storing the image failed: {0}")]
+    Store(String),
+    #[error("the build stopped unexpectedly: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for BuildError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            // The path is ours; the reason is what an operator needs.
+            StoreError::Io { source, .. } => BuildError::Store(source.to_string()),
+            other => BuildError::Store(other.to_string()),
+        }
+    }
+}
+
+impl From<std::io::Error> for BuildError {
+    fn from(e: std::io::Error) -> Self {
+        BuildError::Store(e.to_string())
+    }
+}
+
+/// Build progress, for `nixery build` and NixImage status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    Queued,
+    Stage(&'static str),
+    NixLog(String),
+    Layers { done: usize, total: usize },
+    Done,
+}
+
+pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
+
+pub struct BuilderConfig {
+    pub state_dir: PathBuf,
+    pub source: Source,
+    pub max_layers: usize,
+    pub timeout: Duration,
+    pub max_builds: usize,
+    pub popularity: Option<Popularity>,
+}
+
+type BuildResult = Result<Arc<BuiltImage>, Arc<BuildError>>;
+
+pub struct Builder {
+    cfg: BuilderConfig,
+    nix: Arc<dyn Nix>,
+    store: Arc<dyn BlobStore>,
+    metrics: Arc<Metrics>,
+    cache: Mutex<HashMap<String, Arc<BuiltImage>>>,
+    inflight: Mutex<HashMap<String, Shared<BoxFuture<'static, BuildResult>>>>,
+    slots: tokio::sync::Semaphore,
+}
+
+impl Builder {
+    pub fn new(cfg: BuilderConfig, nix: Arc<dyn Nix>, store: Arc<dyn BlobStore>, metrics: Arc<Metrics>) -> Arc<Self> {
+        let slots = tokio::sync::Semaphore::new(cfg.max_builds.max(1));
+        Arc::new(Builder { cfg, nix, store, metrics, cache: Default::default(), inflight: Default::default(), slots })
+    }
+
+    pub fn source(&self) -> &Source {
+        &self.cfg.source
+    }
+
+    pub fn store(&self) -> &Arc<dyn BlobStore> {
+        &self.store
+    }
+
+    /// Returns the image, building it unless cached; concurrent callers for
+    /// one image share one build. `progress` follows the build this call
+    /// starts (a caller that joins a running build sees only the result).
+    pub async fn get_or_build(self: &Arc<Self>, spec: ImageSpec, progress: Option<ProgressFn>) -> BuildResult {
+        let source = spec.source.clone().unwrap_or_else(|| self.cfg.source.clone());
+        if !source.tags_are_revisions() && spec.tag != "latest" {
+            let source_kind = if matches!(source, Source::Path(_)) { "local path" } else { "channel" };
+            return Err(Arc::new(BuildError::UnknownTag { tag: spec.tag.clone(), source_kind }));
+        }
+        let key = spec.key(&source);
+        if let Some(img) = self.cache.lock().unwrap().get(&key) {
+            self.metrics.cache_hits.inc();
+            return Ok(img.clone());
+        }
+        let fut = {
+            let mut inflight = self.inflight.lock().unwrap();
+            match inflight.get(&key) {
+                Some(f) => {
+                    self.metrics.build_waits.inc();
+                    f.clone()
+                }
+                None => {
+                    self.metrics.cache_misses.inc();
+                    let this = self.clone();
+                    let k = key.clone();
+                    let handle = tokio::spawn(async move {
+                        let result = this.build_limited(&k, &spec, &source, progress).await.map(Arc::new).map_err(Arc::new);
+                        if let Ok(img) = &result {
+                            this.cache.lock().unwrap().insert(k.clone(), img.clone());
+                        }
+                        this.inflight.lock().unwrap().remove(&k);
+                        result
+                    });
+                    let f = async move { handle.await.unwrap_or_else(|e| Err(Arc::new(BuildError::Internal(e.to_string())))) }.boxed().shared();
+                    inflight.insert(key, f.clone());
+                    f
+                }
+            }
+        };
+        fut.await
+    }
+
+    /// Waits for a build slot, then builds within the timeout.
+    async fn build_limited(&self, key: &str, spec: &ImageSpec, source: &Source, progress: Option<ProgressFn>) -> Result<BuiltImage, BuildError> {
+        let report = move |p: Progress| {
+            if let Some(f) = &progress {
+                f(p)
+            }
+        };
+        report(Progress::Queued);
+        self.metrics.builds_queued.inc();
+        let permit = self.slots.acquire().await;
+        self.metrics.builds_queued.dec();
+        let _permit = permit.map_err(|e| BuildError::Internal(e.to_string()))?;
+        self.metrics.builds.inc();
+        self.metrics.builds_running.inc();
+        let started = Instant::now();
+        let span = info_span!("build", image = %spec.packages.join("/"), tag = %spec.tag, arch = spec.arch.oci(), key = &key[..12]);
+        let result = tokio::time::timeout(self.cfg.timeout, self.build(key, spec, source, &report)).instrument(span.clone()).await;
+        self.metrics.builds_running.dec();
+        let elapsed = started.elapsed();
+        self.metrics.build_duration.observe(elapsed.as_secs_f64());
+        let result = result.unwrap_or(Err(BuildError::Timeout(self.cfg.timeout)));
+        let _enter = span.enter();
+        match &result {
+            Ok(img) => {
+                info!(digest = %img.oci_digest, layers = img.layers, size = img.size, seconds = elapsed.as_secs_f64(), "build finished");
+                report(Progress::Done);
+            }
+            Err(e) => {
+                self.metrics.build_failures.inc();
+                warn!(error = %e, seconds = elapsed.as_secs_f64(), "build failed");
+            }
+        }
+        result
+    }
+
+    async fn build(&self, key: &str, spec: &ImageSpec, source: &Source, report: &(dyn Fn(Progress) + Send + Sync)) -> Result<BuiltImage, BuildError> {
+        let packages = spec.all_packages();
+        report(Progress::Stage("evaluating"));
+        let t = Instant::now();
+        let prepared = self.nix.prepare(source, &spec.tag, &packages, spec.arch.nix_system()).await?;
+        info!(seconds = t.elapsed().as_secs_f64(), "evaluated");
+        if !prepared.unknown.is_empty() {
+            return Err(BuildError::UnknownPackages(prepared.unknown));
+        }
+
+        report(Progress::Stage("building"));
+        let t = Instant::now();
+        let gcroot_dir = self.cfg.state_dir.join("gcroots").join(key);
+        // Nix's log lines arrive on its reader task; forward them from here.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let sink: LogSink = Arc::new(move |line: &str| {
+            let _ = tx.send(line.to_string());
+        });
+        let gcroot = gcroot_dir.join("root");
+        let realise = self.nix.realise(&prepared.drvs, &gcroot, sink);
+        tokio::pin!(realise);
+        let realised = loop {
+            tokio::select! {
+                r = &mut realise => break r,
+                Some(line) = rx.recv() => report(Progress::NixLog(line)),
+            }
+        };
+        while let Ok(line) = rx.try_recv() {
+            report(Progress::NixLog(line));
+        }
+        realised?;
+        info!(seconds = t.elapsed().as_secs_f64(), "realised");
+
+        report(Progress::Stage("reading closure"));
+        let closure: Vec<PathInfo> = self.nix.closure(&prepared.outs).await?;
+        let planned = layers::plan(&closure, self.cfg.max_layers, self.cfg.popularity.as_ref());
+
+        report(Progress::Stage("packing layers"));
+        let t = Instant::now();
+        let total = planned.len() + 1;
+        let roots: Vec<PathBuf> = prepared.outs.iter().map(PathBuf::from).collect();
+        let mut history: Vec<String> = planned
+            .iter()
+            .map(|l| match l.paths.as_slice() {
+                [one] => format!("nixery: {}", one.rsplit('/').next().unwrap_or(one)),
+                many => format!("nixery: {} store paths", many.len()),
+            })
+            .collect();
+        history.push("nixery: customisation layer".into());
+
+        let parallel = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let mut blobs: Vec<LayerBlob> = Vec::with_capacity(total);
+        let mut stream = futures::stream::iter(planned.into_iter().map(|l| self.store_path_layer(l.paths))).buffered(parallel);
+        while let Some(blob) = stream.next().await {
+            blobs.push(blob?);
+            report(Progress::Layers { done: blobs.len(), total });
+        }
+        drop(stream);
+        let store = self.store.clone();
+        let roots_for_custom = roots.clone();
+        let (custom, bin) = tokio::task::spawn_blocking(move || -> Result<(LayerBlob, Vec<String>), BuildError> {
+            let c = oci::customisation(&roots_for_custom)?;
+            let (w, blob) = oci::pack_layer(&c.entries, store.writer()?)?;
+            w.commit(Some(&blob.digest))?;
+            Ok((blob, c.bin))
+        })
+        .await
+        .map_err(|e| BuildError::Internal(e.to_string()))??;
+        blobs.push(custom);
+        report(Progress::Layers { done: blobs.len(), total });
+        info!(seconds = t.elapsed().as_secs_f64(), layers = blobs.len(), "packed");
+
+        let mut run = spec.run.clone();
+        if run.cmd.is_none() && run.entrypoint.is_none() {
+            run.cmd = oci::default_cmd(&bin, &spec.packages);
+        }
+        let config = oci::image_config(spec.arch, &blobs, &run, &history).map_err(|e| BuildError::Internal(e.to_string()))?;
+        self.store.put(&config)?;
+        let oci_manifest = oci::manifest(false, &config, &blobs).map_err(|e| BuildError::Internal(e.to_string()))?;
+        let docker_manifest = oci::manifest(true, &config, &blobs).map_err(|e| BuildError::Internal(e.to_string()))?;
+        // Manifests are blobs too, so they can be served by digest after a restart.
+        let oci_digest = self.store.put(&oci_manifest)?;
+        let docker_digest = self.store.put(&docker_manifest)?;
+        Ok(BuiltImage {
+            oci_digest,
+            oci_manifest: oci_manifest.into(),
+            docker_digest,
+            docker_manifest: docker_manifest.into(),
+            layers: blobs.len(),
+            size: config.len() as u64 + blobs.iter().map(|b| b.size).sum::<u64>(),
+            roots: prepared.outs,
+            gcroot_dir,
+        })
+    }
+
+    /// A layer of store paths: from the layer cache, or packed and stored.
+    async fn store_path_layer(&self, paths: Vec<String>) -> Result<LayerBlob, BuildError> {
+        let cache_file = self.layer_cache_file(&paths);
+        if let Some(blob) = self.cached_layer(&cache_file) {
+            self.metrics.layers_reused.inc();
+            return Ok(blob);
+        }
+        let store = self.store.clone();
+        let blob = tokio::task::spawn_blocking(move || -> Result<LayerBlob, BuildError> {
+            let entries = oci::store_path_entries(&paths)?;
+            let (w, blob) = oci::pack_layer(&entries, store.writer()?)?;
+            w.commit(Some(&blob.digest))?;
+            crate::store::write_atomic(&cache_file, &serde_json::to_vec(&blob).expect("serialisable"))?;
+            Ok(blob)
+        })
+        .await
+        .map_err(|e| BuildError::Internal(e.to_string()))??;
+        self.metrics.layers_packed.inc();
+        Ok(blob)
+    }
+
+    /// Layers are keyed by their store paths and compression.
+    fn layer_cache_file(&self, paths: &[String]) -> PathBuf {
+        let mut h = sha2::Sha256::new();
+        h.update(format!("gzip-{}\n", oci::GZIP_LEVEL));
+        for p in paths {
+            h.update(p.as_bytes());
+            h.update(b"\n");
+        }
+        self.cfg.state_dir.join("layers").join(format!("{}.json", hex::encode(h.finalize())))
+    }
+
+    fn cached_layer(&self, file: &Path) -> Option<LayerBlob> {
+        let blob: LayerBlob = serde_json::from_slice(&std::fs::read(file).ok()?).ok()?;
+        // Trust the record only while its blob is really there.
+        (self.store.stat(&blob.digest).ok()?? == blob.size).then_some(blob)
+    }
+
+    /// Drops an image from the cache (used when its NixImage is deleted).
+    pub fn forget(&self, img: &BuiltImage) {
+        self.cache.lock().unwrap().retain(|_, v| v.oci_digest != img.oci_digest);
+    }
+}

@@ -1,0 +1,216 @@
+//! Command line and environment: one binary, subcommands, every flag with an
+//! env twin, and Nixery's own variable names accepted as fallbacks.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::nix::Source;
+
+#[derive(Debug, Parser)]
+#[command(name = "nixery", version, about = "Container images built by Nix on demand, served by an OCI registry")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the registry alone (no Kubernetes).
+    Serve(CommonArgs),
+    /// Run in a cluster: registry plus the NixImage controller, one per node.
+    Agent(AgentArgs),
+    /// Build one image from the command line and print its reference and digest.
+    Build(BuildArgs),
+    /// Print the NixImage CRD as YAML.
+    Crd,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// This node's name (from the downward API in the DaemonSet).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// The registry host that pods use to pull, as written into NixImage status.
+    #[arg(long, env = "NIXERY_PUBLIC_HOST")]
+    pub public_host: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Image path, e.g. `shell/curl` or `shell/curl:latest`.
+    pub image: String,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct CommonArgs {
+    /// Address to listen on [default: 127.0.0.1:5000; Nixery's PORT=n means 0.0.0.0:n].
+    #[arg(long, env = "NIXERY_LISTEN")]
+    pub listen: Option<String>,
+    /// Directory for blobs, layer cache and GC roots [default: /var/lib/nixery; Nixery's STORAGE_PATH].
+    #[arg(long, env = "NIXERY_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// A local nixpkgs-shaped package set (`import PATH {}`).
+    #[arg(long, env = "NIXERY_PKGS_PATH", group = "source")]
+    pub pkgs_path: Option<PathBuf>,
+    /// A git repository of a package set; image tags name its revisions.
+    #[arg(long, env = "NIXERY_PKGS_REPO", group = "source")]
+    pub pkgs_repo: Option<String>,
+    /// A nixpkgs channel (e.g. nixos-unstable) or tarball URL [default: nixos-unstable].
+    #[arg(long, env = "NIXERY_CHANNEL", group = "source")]
+    pub pkgs_channel: Option<String>,
+    /// Most layers in an image, the customisation layer included.
+    #[arg(long, env = "NIXERY_MAX_LAYERS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(2..=125))]
+    pub max_layers: u64,
+    /// Seconds a build may take [default: 600; Nixery's NIX_TIMEOUT].
+    #[arg(long, env = "NIXERY_BUILD_TIMEOUT")]
+    pub build_timeout: Option<u64>,
+    /// Builds that run at once; more queue.
+    #[arg(long, env = "NIXERY_MAX_BUILDS", default_value_t = 2)]
+    pub max_builds: usize,
+    /// A popularity table (JSON of name -> count) as a local file path.
+    #[arg(long, env = "NIX_POPULARITY_URL")]
+    pub popularity: Option<String>,
+    /// Blob storage backend: `filesystem` (object storage is not built yet).
+    #[arg(long, env = "NIXERY_STORAGE_BACKEND", default_value = "filesystem")]
+    pub storage_backend: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid listen address '{0}': {1}")]
+    Listen(String, String),
+    #[error("storage backend '{0}' is not supported yet; use 'filesystem'")]
+    Backend(String),
+    #[error("invalid {0}: {1}")]
+    Invalid(&'static str, String),
+    #[error("reading the popularity table {0}: {1}")]
+    Popularity(String, String),
+}
+
+/// Resolved settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub source: Source,
+    pub max_layers: usize,
+    pub build_timeout: Duration,
+    pub max_builds: usize,
+    pub popularity: Option<crate::layers::Popularity>,
+}
+
+impl CommonArgs {
+    /// Applies defaults and Nixery's variable names (`env` looks them up).
+    pub fn resolve(&self, env: impl Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
+        let listen = match (&self.listen, env("PORT")) {
+            (Some(l), _) => l.clone(),
+            (None, Some(port)) => format!("0.0.0.0:{port}"),
+            (None, None) => "127.0.0.1:5000".into(),
+        };
+        let listen: SocketAddr = listen.parse().map_err(|e: std::net::AddrParseError| ConfigError::Listen(listen.clone(), e.to_string()))?;
+        let state_dir = self.state_dir.clone().or_else(|| env("STORAGE_PATH").map(PathBuf::from)).unwrap_or_else(|| PathBuf::from("/var/lib/nixery"));
+        let source = if let Some(p) = &self.pkgs_path {
+            let abs = std::path::absolute(p).map_err(|e| ConfigError::Invalid("--pkgs-path", e.to_string()))?;
+            Source::Path(abs)
+        } else if let Some(r) = &self.pkgs_repo {
+            Source::Git { url: r.clone() }
+        } else {
+            Source::Channel(self.pkgs_channel.clone().unwrap_or_else(|| "nixos-unstable".into()))
+        };
+        let timeout = match self.build_timeout {
+            Some(t) => t,
+            None => match env("NIX_TIMEOUT") {
+                Some(t) => t.parse().map_err(|_| ConfigError::Invalid("NIX_TIMEOUT", t))?,
+                None => 600,
+            },
+        };
+        if timeout == 0 {
+            return Err(ConfigError::Invalid("build timeout", "must be at least one second".into()));
+        }
+        if self.storage_backend != "filesystem" {
+            return Err(ConfigError::Backend(self.storage_backend.clone()));
+        }
+        let popularity = match &self.popularity {
+            None => None,
+            Some(p) => {
+                let path = p.strip_prefix("file://").unwrap_or(p);
+                let bytes = std::fs::read(path).map_err(|e| ConfigError::Popularity(p.clone(), e.to_string()))?;
+                Some(serde_json::from_slice(&bytes).map_err(|e| ConfigError::Popularity(p.clone(), e.to_string()))?)
+            }
+        };
+        Ok(Settings {
+            listen,
+            state_dir,
+            source,
+            max_layers: self.max_layers as usize,
+            build_timeout: Duration::from_secs(timeout),
+            max_builds: self.max_builds.max(1),
+            popularity,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> CommonArgs {
+        let mut argv = vec!["nixery", "serve"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(c) => c,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let s = parse(&[]).resolve(|_| None).unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:5000");
+        assert_eq!(s.source, Source::Channel("nixos-unstable".into()));
+        assert_eq!(s.max_layers, 100);
+        assert_eq!(s.build_timeout, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn nixery_variable_names_are_accepted() {
+        let env = |k: &str| match k {
+            "PORT" => Some("8080".to_string()),
+            "STORAGE_PATH" => Some("/srv/nixery".to_string()),
+            "NIX_TIMEOUT" => Some("30".to_string()),
+            _ => None,
+        };
+        let s = parse(&[]).resolve(env).unwrap();
+        assert_eq!(s.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(s.state_dir, PathBuf::from("/srv/nixery"));
+        assert_eq!(s.build_timeout, Duration::from_secs(30));
+        // Our own flags win over Nixery's names.
+        let s = parse(&["--listen", "127.0.0.1:1", "--build-timeout", "5"]).resolve(env).unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:1");
+        assert_eq!(s.build_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn one_package_source_at_most() {
+        let r = Cli::try_parse_from(["nixery", "serve", "--pkgs-path", "/a", "--pkgs-channel", "x"]);
+        assert!(r.is_err());
+        let s = parse(&["--pkgs-repo", "file:///r"]).resolve(|_| None).unwrap();
+        assert_eq!(s.source, Source::Git { url: "file:///r".into() });
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        assert!(matches!(parse(&["--listen", "nonsense"]).resolve(|_| None), Err(ConfigError::Listen(..))));
+        assert!(matches!(parse(&["--storage-backend", "gcs"]).resolve(|_| None), Err(ConfigError::Backend(_))));
+        assert!(matches!(parse(&[]).resolve(|k| (k == "NIX_TIMEOUT").then(|| "soon".into())), Err(ConfigError::Invalid(..))));
+        assert!(Cli::try_parse_from(["nixery", "serve", "--max-layers", "1"]).is_err());
+        assert!(matches!(parse(&["--popularity", "/does/not/exist"]).resolve(|_| None), Err(ConfigError::Popularity(..))));
+    }
+}

@@ -1,0 +1,107 @@
+//! The `nixery` binary: parses the command line, runs one subcommand, and is
+//! the only place that exits.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use nixery::builder::{ImageSpec, Progress};
+use nixery::config::{Cli, Command, CommonArgs};
+use nixery::name::{self, Reference, Repository};
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    nixery::telemetry::init();
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    match cli.command {
+        Command::Serve(args) => rt.block_on(serve(args)),
+        Command::Build(args) => rt.block_on(build(args.common, &args.image)),
+        Command::Agent(_) | Command::Crd => anyhow::bail!("this subcommand is not available yet"),
+    }
+}
+
+fn env(key: &str) -> Option<String> {
+    std::env::var(key).ok()
+}
+
+async fn serve(args: CommonArgs) -> anyhow::Result<()> {
+    let settings = args.resolve(env)?;
+    let state = nixery::app_state(&settings)?;
+    let listener = tokio::net::TcpListener::bind(settings.listen).await.with_context(|| format!("listening on {}", settings.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, source = %settings.source.describe(), state_dir = %settings.state_dir.display(), "nixery registry listening");
+    eprintln!("nixery: serving images built from {} on http://{addr}", settings.source.describe());
+    eprintln!("nixery: try   docker run --rm {addr}/shell/hello hello");
+    nixery::serve_on(listener, state, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down");
+}
+
+/// `nixery build shell/curl[:tag]`: live progress on stderr, result on stdout.
+async fn build(args: CommonArgs, image: &str) -> anyhow::Result<()> {
+    let settings = args.resolve(env)?;
+    let (path, tag) = match image.rsplit_once(':') {
+        Some((p, t)) => (p, t),
+        None => (image, "latest"),
+    };
+    name::validate_tag(tag)?;
+    let parts: Vec<&str> = path.split('/').collect();
+    let img = match name::parse_repository(&parts)? {
+        Repository::AdHoc(img) => img,
+        Repository::Named { .. } => anyhow::bail!("niximage/... names are built by the controller; `nixery build` takes package names"),
+    };
+    let _ = Reference::Tag(tag.into());
+    let state = nixery::app_state(&settings)?;
+    let tty = std::io::stderr().is_terminal();
+    let bar = indicatif::ProgressBar::new_spinner();
+    if tty {
+        bar.set_style(indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("template"));
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let started = std::time::Instant::now();
+    let progress = {
+        let bar = bar.clone();
+        Arc::new(move |p: Progress| {
+            let line = match &p {
+                Progress::Queued => "waiting for a build slot".to_string(),
+                Progress::Stage(s) => s.to_string(),
+                Progress::NixLog(l) => format!("nix: {l}"),
+                Progress::Layers { done, total } => format!("packing layers {done}/{total}"),
+                Progress::Done => "done".to_string(),
+            };
+            if tty {
+                if let Progress::Layers { done, total } = p {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                }
+                bar.set_message(line);
+            } else {
+                eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64());
+            }
+        })
+    };
+    let result = state.builder.get_or_build(ImageSpec::ad_hoc(&img, tag), Some(progress)).await;
+    bar.finish_and_clear();
+    let built = result.map_err(|e| anyhow::anyhow!("{e}"))?;
+    eprintln!(
+        "built {} in {:.1}s: {} layers, {:.1} MiB",
+        img.name(),
+        started.elapsed().as_secs_f64(),
+        built.layers,
+        built.size as f64 / (1024.0 * 1024.0)
+    );
+    println!("{}/{}:{tag}@{}", settings.listen, img.name(), built.oci_digest);
+    Ok(())
+}

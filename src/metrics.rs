@@ -1,0 +1,105 @@
+//! Prometheus metrics: what an operator graphs (builds, failures, durations,
+//! cache behaviour, bytes served, reconciles), served as text on `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub builds: Counter,
+    pub build_failures: Counter,
+    pub build_duration: Histogram,
+    pub builds_running: Gauge,
+    pub builds_queued: Gauge,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub build_waits: Counter,
+    pub layers_packed: Counter,
+    pub layers_reused: Counter,
+    pub bytes_served: Counter,
+    pub requests: Family<StatusLabel, Counter>,
+    pub reconciles: Counter,
+    pub reconcile_errors: Counter,
+    pub reconcile_duration: Histogram,
+    pub objects_by_phase: Family<PhaseLabel, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("nixery");
+        let m = Metrics {
+            builds: Counter::default(),
+            build_failures: Counter::default(),
+            build_duration: Histogram::new(exponential_buckets(0.05, 2.0, 14)),
+            builds_running: Gauge::default(),
+            builds_queued: Gauge::default(),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            build_waits: Counter::default(),
+            layers_packed: Counter::default(),
+            layers_reused: Counter::default(),
+            bytes_served: Counter::default(),
+            requests: Family::default(),
+            reconciles: Counter::default(),
+            reconcile_errors: Counter::default(),
+            reconcile_duration: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
+            objects_by_phase: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("builds", "Image builds started", m.builds.clone());
+        registry.register("build_failures", "Image builds that failed", m.build_failures.clone());
+        registry.register("build_duration_seconds", "Duration of image builds", m.build_duration.clone());
+        registry.register("builds_running", "Image builds running now", m.builds_running.clone());
+        registry.register("builds_queued", "Image builds waiting for a build slot", m.builds_queued.clone());
+        registry.register("cache_hits", "Manifest requests answered from the image cache", m.cache_hits.clone());
+        registry.register("cache_misses", "Manifest requests that started a build", m.cache_misses.clone());
+        registry.register("build_waits", "Manifest requests that joined a build already running", m.build_waits.clone());
+        registry.register("layers_packed", "Layers packed into tarballs", m.layers_packed.clone());
+        registry.register("layers_reused", "Layers found in the layer cache", m.layers_reused.clone());
+        registry.register("bytes_served", "Blob and manifest bytes sent to clients", m.bytes_served.clone());
+        registry.register("http_requests", "Registry requests by status", m.requests.clone());
+        registry.register("reconciles", "NixImage reconciles", m.reconciles.clone());
+        registry.register("reconcile_errors", "NixImage reconciles that failed", m.reconcile_errors.clone());
+        registry.register("reconcile_duration_seconds", "Duration of NixImage reconciles", m.reconcile_duration.clone());
+        registry.register("niximages", "NixImage objects by phase, as seen by this agent", m.objects_by_phase.clone());
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters() {
+        let m = Metrics::default();
+        m.builds.inc();
+        m.requests.get_or_create(&StatusLabel { status: 404 }).inc();
+        let text = m.render();
+        assert!(text.contains("nixery_builds_total 1"), "{text}");
+        assert!(text.contains("nixery_http_requests_total{status=\"404\"} 1"), "{text}");
+    }
+}

@@ -1,0 +1,231 @@
+//! Calling Nix: resolving a package list against a package source, realising
+//! it (with GC roots), and reading the closure graph, all as JSON data. Every
+//! input is an argument (`--argstr`); no name is ever pasted into Nix code.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+
+use crate::layers::PathInfo;
+
+/// The Nix file that resolves package lists; written next to the state so
+/// the binary carries everything it needs.
+pub const PREPARE_IMAGE_NIX: &str = include_str!("../nix/prepare-image.nix");
+
+/// Where packages come from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// A local nixpkgs-shaped directory (`import PATH {}`).
+    Path(PathBuf),
+    /// A git repository; the image tag names the revision.
+    Git { url: String },
+    /// A nixpkgs channel name (`nixos-unstable`), or a tarball URL.
+    Channel(String),
+}
+
+impl Source {
+    /// Whether a tag names a revision (git) or must be `latest`.
+    pub fn tags_are_revisions(&self) -> bool {
+        matches!(self, Source::Git { .. })
+    }
+
+    /// `srcType` and `srcArgs` for prepare-image.nix at this tag.
+    fn nix_args(&self, tag: &str) -> (&'static str, String) {
+        match self {
+            Source::Path(p) => ("path", serde_json::json!({ "path": p }).to_string()),
+            Source::Git { url } => {
+                let is_commit = tag.len() == 40 && tag.bytes().all(|b| b.is_ascii_hexdigit());
+                let rev = if is_commit {
+                    serde_json::json!({ "url": url, "rev": tag })
+                } else {
+                    serde_json::json!({ "url": url, "ref": tag })
+                };
+                ("git", rev.to_string())
+            }
+            Source::Channel(c) => {
+                let url = if c.contains("://") {
+                    c.clone()
+                } else {
+                    format!("https://github.com/NixOS/nixpkgs/archive/{c}.tar.gz")
+                };
+                ("channel", serde_json::json!({ "url": url }).to_string())
+            }
+        }
+    }
+
+    /// A short human description for logs and errors.
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Path(p) => format!("path {}", p.display()),
+            Source::Git { url } => format!("git {url}"),
+            Source::Channel(c) => format!("channel {c}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NixError {
+    #[error("could not start {program}: {message}")]
+    Spawn { program: &'static str, message: String },
+    #[error("{stage} failed: {log}")]
+    Failed { stage: &'static str, log: String },
+    #[error("{stage} returned data we could not read: {message}")]
+    BadOutput { stage: &'static str, message: String },
+}
+
+/// What prepare-image.nix answers.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct Prepared {
+    pub unknown: Vec<String>,
+    pub drvs: Vec<String>,
+    pub outs: Vec<String>,
+}
+
+/// Progress lines from Nix while it builds.
+pub type LogSink = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// The Nix boundary, as the builder sees it.
+pub trait Nix: Send + Sync + 'static {
+    fn prepare<'a>(&'a self, source: &'a Source, tag: &'a str, packages: &'a [String], system: &'a str) -> BoxFuture<'a, Result<Prepared, NixError>>;
+    fn realise<'a>(&'a self, drvs: &'a [String], gcroot: &'a Path, log: LogSink) -> BoxFuture<'a, Result<(), NixError>>;
+    fn closure<'a>(&'a self, outs: &'a [String]) -> BoxFuture<'a, Result<Vec<PathInfo>, NixError>>;
+}
+
+/// Nix through its command-line tools, as installed on the host.
+pub struct NixCli {
+    prepare_file: PathBuf,
+}
+
+impl NixCli {
+    /// Writes prepare-image.nix under `state_dir` for the tools to read.
+    pub fn new(state_dir: &Path) -> std::io::Result<Self> {
+        let prepare_file = state_dir.join("nix/prepare-image.nix");
+        crate::store::write_atomic(&prepare_file, PREPARE_IMAGE_NIX.as_bytes())?;
+        Ok(Self { prepare_file })
+    }
+}
+
+/// Kills the whole process group when dropped: Nix's builders are children of
+/// nix-build, and a timed-out build must not leave them running.
+struct GroupGuard(Option<i32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            // SAFETY: killpg only sends a signal; the group was created for this child.
+            unsafe {
+                libc::killpg(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Runs a Nix tool, streaming stderr lines to `log`, and returns stdout.
+async fn run(program: &'static str, args: &[&str], stage: &'static str, log: Option<LogSink>) -> Result<String, NixError> {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true).process_group(0);
+    let mut child = cmd.spawn().map_err(|e| NixError::Spawn { program, message: e.to_string() })?;
+    let mut guard = GroupGuard(child.id().map(|p| p as i32));
+    let mut stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    let read_out = async {
+        let mut s = String::new();
+        stdout.read_to_string(&mut s).await.map(|_| s)
+    };
+    let read_err = async {
+        let mut tail: std::collections::VecDeque<String> = Default::default();
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(log) = &log {
+                log(&line);
+            }
+            tail.push_back(line);
+            if tail.len() > 25 {
+                tail.pop_front();
+            }
+        }
+        tail
+    };
+    let (out, tail) = tokio::join!(read_out, read_err);
+    let status = child.wait().await.map_err(|e| NixError::Spawn { program, message: e.to_string() })?;
+    guard.0 = None;
+    let out = out.map_err(|e| NixError::BadOutput { stage, message: e.to_string() })?;
+    if status.success() {
+        Ok(out)
+    } else {
+        let log: Vec<String> = tail.into_iter().filter(|l| !l.trim().is_empty()).collect();
+        Err(NixError::Failed { stage, log: log.join("\n") })
+    }
+}
+
+impl Nix for NixCli {
+    fn prepare<'a>(&'a self, source: &'a Source, tag: &'a str, packages: &'a [String], system: &'a str) -> BoxFuture<'a, Result<Prepared, NixError>> {
+        Box::pin(async move {
+            let (src_type, src_args) = source.nix_args(tag);
+            let packages = serde_json::to_string(packages).expect("strings serialise");
+            let file = self.prepare_file.to_string_lossy();
+            let out = run(
+                "nix-instantiate",
+                &[
+                    "--eval", "--strict", "--json", "--read-write-mode", &file,
+                    "--argstr", "srcType", src_type,
+                    "--argstr", "srcArgs", &src_args,
+                    "--argstr", "packages", &packages,
+                    "--argstr", "system", system,
+                ],
+                "evaluating the package set",
+                None,
+            )
+            .await?;
+            serde_json::from_str(&out).map_err(|e| NixError::BadOutput { stage: "evaluating the package set", message: e.to_string() })
+        })
+    }
+
+    fn realise<'a>(&'a self, drvs: &'a [String], gcroot: &'a Path, log: LogSink) -> BoxFuture<'a, Result<(), NixError>> {
+        Box::pin(async move {
+            if let Some(dir) = gcroot.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| NixError::Spawn { program: "nix-store", message: format!("creating {}: {e}", dir.display()) })?;
+            }
+            let root = gcroot.to_string_lossy();
+            let mut args = vec!["--realise", "--add-root", &root, "--indirect"];
+            args.extend(drvs.iter().map(String::as_str));
+            run("nix-store", &args, "building the packages", Some(log)).await.map(|_| ())
+        })
+    }
+
+    fn closure<'a>(&'a self, outs: &'a [String]) -> BoxFuture<'a, Result<Vec<PathInfo>, NixError>> {
+        Box::pin(async move {
+            let mut args = vec!["--extra-experimental-features", "nix-command", "path-info", "--json", "--recursive"];
+            args.extend(outs.iter().map(String::as_str));
+            let out = run("nix", &args, "reading the closure", None).await?;
+            serde_json::from_str(&out).map_err(|e| NixError::BadOutput { stage: "reading the closure", message: e.to_string() })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn git_tags_choose_ref_or_rev() {
+        let s = Source::Git { url: "file:///repo".into() };
+        let (_, args) = s.nix_args("main");
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&args).unwrap()["ref"], "main");
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        let (_, args) = s.nix_args(commit);
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&args).unwrap()["rev"], commit);
+    }
+
+    #[test]
+    fn channels_become_tarball_urls() {
+        let (t, args) = Source::Channel("nixos-unstable".into()).nix_args("latest");
+        assert_eq!(t, "channel");
+        assert!(args.contains("https://github.com/NixOS/nixpkgs/archive/nixos-unstable.tar.gz"));
+        let (_, args) = Source::Channel("file:///tmp/pkgs.tar.gz".into()).nix_args("latest");
+        assert!(args.contains("file:///tmp/pkgs.tar.gz"));
+    }
+}

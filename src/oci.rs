@@ -1,0 +1,519 @@
+//! Image format: reproducible layer tarballs, the customisation layer, and the
+//! image config and manifests (OCI and Docker schema2) built with oci-spec.
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use flate2::write::GzEncoder;
+use oci_spec::image as spec;
+use sha2::Digest as _;
+
+use crate::name::{Arch, Digest};
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+
+/// Every file in every layer has this mtime (the Nix store's own), and the
+/// config's `created` is the matching instant: no build time leaks in.
+pub const EPOCH_MTIME: u64 = 1;
+pub const CREATED: &str = "1970-01-01T00:00:01Z";
+/// gzip level for layers; see benches/ for how it was chosen.
+pub const GZIP_LEVEL: u32 = 6;
+
+/// A layer as stored: compressed digest, uncompressed digest, compressed size.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LayerBlob {
+    pub digest: Digest,
+    pub diff_id: Digest,
+    pub size: u64,
+}
+
+/// A writer that hashes and counts what passes through it.
+pub struct HashingWriter<W> {
+    inner: W,
+    hasher: sha2::Sha256,
+    count: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        Self { inner, hasher: sha2::Sha256::new(), count: 0 }
+    }
+    pub fn finish(self) -> (W, Digest, u64) {
+        (self.inner, Digest::from_sha256(self.hasher.finalize().into()), self.count)
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// One entry of a layer tarball, in archive order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    Dir { path: String, mode: u32 },
+    /// Contents are read from `source` when the tarball is written.
+    File { path: String, mode: u32, source: PathBuf },
+    Inline { path: String, mode: u32, data: Vec<u8> },
+    Symlink { path: String, target: String },
+}
+
+impl Entry {
+    pub fn path(&self) -> &str {
+        match self {
+            Entry::Dir { path, .. } | Entry::File { path, .. } | Entry::Inline { path, .. } | Entry::Symlink { path, .. } => path,
+        }
+    }
+}
+
+/// Lists store paths as tar entries (`nix/store/...`), sorted by path.
+pub fn store_path_entries(paths: &[String]) -> io::Result<Vec<Entry>> {
+    let mut entries = vec![
+        Entry::Dir { path: "nix".into(), mode: 0o755 },
+        Entry::Dir { path: "nix/store".into(), mode: 0o755 },
+    ];
+    for p in paths {
+        let rel = p.trim_start_matches('/').to_string();
+        walk(Path::new(p), &rel, &mut entries)?;
+    }
+    entries.sort_by(|a, b| a.path().as_bytes().cmp(b.path().as_bytes()));
+    Ok(entries)
+}
+
+fn walk(src: &Path, rel: &str, out: &mut Vec<Entry>) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(src)?;
+    let ft = meta.file_type();
+    if ft.is_symlink() {
+        let target = std::fs::read_link(src)?;
+        out.push(Entry::Symlink { path: rel.into(), target: target.to_string_lossy().into_owned() });
+    } else if ft.is_dir() {
+        out.push(Entry::Dir { path: rel.into(), mode: 0o555 });
+        let mut names: Vec<_> = std::fs::read_dir(src)?.map(|e| e.map(|e| e.file_name())).collect::<io::Result<_>>()?;
+        names.sort();
+        for name in names {
+            walk(&src.join(&name), &format!("{rel}/{}", name.to_string_lossy()), out)?;
+        }
+    } else {
+        // The store keeps only the executable bit; so do we.
+        let mode = if meta.permissions().mode() & 0o111 != 0 { 0o555 } else { 0o444 };
+        out.push(Entry::File { path: rel.into(), mode, source: src.to_path_buf() });
+    }
+    Ok(())
+}
+
+/// Writes entries as a reproducible tarball: fixed mtime, uid, gid and owner
+/// names, entries in the given order.
+pub fn write_tar<W: Write>(entries: &[Entry], w: W) -> io::Result<W> {
+    let mut tar = tar::Builder::new(w);
+    tar.follow_symlinks(false);
+    for e in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mtime(EPOCH_MTIME);
+        h.set_uid(0);
+        h.set_gid(0);
+        match e {
+            Entry::Dir { path, mode } => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(*mode);
+                h.set_size(0);
+                tar.append_data(&mut h, format!("{path}/"), io::empty())?;
+            }
+            Entry::File { path, mode, source } => {
+                let f = std::fs::File::open(source)?;
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(*mode);
+                h.set_size(f.metadata()?.len());
+                tar.append_data(&mut h, path, io::BufReader::with_capacity(256 * 1024, f))?;
+            }
+            Entry::Inline { path, mode, data } => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(*mode);
+                h.set_size(data.len() as u64);
+                tar.append_data(&mut h, path, data.as_slice())?;
+            }
+            Entry::Symlink { path, target } => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                h.set_size(0);
+                tar.append_link(&mut h, path, target)?;
+            }
+        }
+    }
+    tar.into_inner()
+}
+
+/// Streams entries through tar and gzip into `w`, hashing both sides; memory
+/// use does not depend on the layer's size.
+pub fn pack_layer<W: Write>(entries: &[Entry], w: W) -> io::Result<(W, LayerBlob)> {
+    let compressed = HashingWriter::new(io::BufWriter::with_capacity(256 * 1024, w));
+    let gz = flate2::GzBuilder::new().mtime(0).operating_system(255).write(compressed, flate2::Compression::new(GZIP_LEVEL));
+    let tar_side = HashingWriter::new(gz);
+    let tar_side = write_tar(entries, tar_side)?;
+    let (gz, diff_id, _) = tar_side.finish();
+    let compressed: HashingWriter<io::BufWriter<W>> = GzEncoder::finish(gz)?;
+    let (buf, digest, size) = compressed.finish();
+    let w = buf.into_inner().map_err(|e| e.into_error())?;
+    Ok((w, LayerBlob { digest, diff_id, size }))
+}
+
+/// What the customisation layer holds, and what the config derives from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Customisation {
+    pub entries: Vec<Entry>,
+    /// Names in `/bin`, for choosing `Cmd`.
+    pub bin: Vec<String>,
+}
+
+enum Node {
+    Dir(BTreeMap<String, Node>),
+    Link(PathBuf),
+}
+
+/// Builds the customisation layer: a `/bin`, `/lib`, `/share`, `/etc`, ...
+/// symlink tree into the given package paths (merged as nixpkgs' buildEnv
+/// does: a directory found in several packages becomes a real directory; on a
+/// file conflict the first package wins), plus `/tmp`, `/usr/bin/env`, and a
+/// minimal `/etc/passwd` and `/etc/group` unless a package provides them.
+pub fn customisation(roots: &[PathBuf]) -> io::Result<Customisation> {
+    let mut top: BTreeMap<String, Node> = BTreeMap::new();
+    for root in roots {
+        let meta = std::fs::metadata(root)?;
+        if !meta.is_dir() {
+            continue;
+        }
+        for (name, path) in sorted_children(root)? {
+            if name == "nix-support" {
+                continue;
+            }
+            if path.is_dir() {
+                let node = top.entry(name).or_insert_with(|| Node::Dir(BTreeMap::new()));
+                if let Node::Dir(children) = node {
+                    for (n, p) in sorted_children(&path)? {
+                        merge(children, n, p)?;
+                    }
+                }
+            } else {
+                top.entry(name).or_insert(Node::Link(path));
+            }
+        }
+    }
+    let bin: Vec<String> = match top.get("bin") {
+        Some(Node::Dir(children)) => children.keys().cloned().collect(),
+        _ => vec![],
+    };
+    let etc = top.entry("etc".into()).or_insert_with(|| Node::Dir(BTreeMap::new()));
+    let mut extra = Vec::new();
+    if let Node::Dir(children) = etc {
+        if !children.contains_key("passwd") {
+            extra.push(Entry::Inline {
+                path: "etc/passwd".into(),
+                mode: 0o644,
+                data: b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/var/empty:/bin/false\n".to_vec(),
+            });
+        }
+        if !children.contains_key("group") {
+            extra.push(Entry::Inline { path: "etc/group".into(), mode: 0o644, data: b"root:x:0:\nnogroup:x:65534:\n".to_vec() });
+        }
+    }
+    let mut entries = Vec::new();
+    flatten(&top, "", &mut entries);
+    entries.extend(extra);
+    entries.push(Entry::Dir { path: "tmp".into(), mode: 0o1777 });
+    if bin.iter().any(|b| b == "env") && !top.contains_key("usr") {
+        entries.push(Entry::Dir { path: "usr".into(), mode: 0o755 });
+        entries.push(Entry::Dir { path: "usr/bin".into(), mode: 0o755 });
+        entries.push(Entry::Symlink { path: "usr/bin/env".into(), target: "/bin/env".into() });
+    }
+    entries.sort_by(|a, b| a.path().as_bytes().cmp(b.path().as_bytes()));
+    Ok(Customisation { entries, bin })
+}
+
+fn sorted_children(dir: &Path) -> io::Result<Vec<(String, PathBuf)>> {
+    let mut v: Vec<(String, PathBuf)> = std::fs::read_dir(dir)?
+        .map(|e| e.map(|e| (e.file_name().to_string_lossy().into_owned(), e.path())))
+        .collect::<io::Result<_>>()?;
+    v.sort();
+    Ok(v)
+}
+
+fn merge(map: &mut BTreeMap<String, Node>, name: String, src: PathBuf) -> io::Result<()> {
+    match map.get_mut(&name) {
+        None => {
+            map.insert(name, Node::Link(src));
+        }
+        Some(Node::Dir(children)) if src.is_dir() => {
+            for (n, p) in sorted_children(&src)? {
+                merge(children, n, p)?;
+            }
+        }
+        Some(node @ Node::Link(_)) => {
+            let Node::Link(existing) = &*node else { unreachable!() };
+            if existing.is_dir() && src.is_dir() {
+                let mut children = BTreeMap::new();
+                for (n, p) in sorted_children(existing)? {
+                    merge(&mut children, n, p)?;
+                }
+                for (n, p) in sorted_children(&src)? {
+                    merge(&mut children, n, p)?;
+                }
+                *node = Node::Dir(children);
+            }
+            // Otherwise a conflict: the first package keeps the name.
+        }
+        Some(Node::Dir(_)) => {}
+    }
+    Ok(())
+}
+
+fn flatten(map: &BTreeMap<String, Node>, prefix: &str, out: &mut Vec<Entry>) {
+    for (name, node) in map {
+        let path = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
+        match node {
+            Node::Dir(children) => {
+                out.push(Entry::Dir { path: path.clone(), mode: 0o755 });
+                flatten(children, &path, out);
+            }
+            Node::Link(target) => out.push(Entry::Symlink { path, target: target.to_string_lossy().into_owned() }),
+        }
+    }
+}
+
+/// The runtime config of an image: never empty, since runtimes read it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunConfig {
+    pub entrypoint: Option<Vec<String>>,
+    pub cmd: Option<Vec<String>>,
+    pub env: Vec<String>,
+    pub working_dir: Option<String>,
+    pub user: Option<String>,
+    pub exposed_ports: Vec<String>,
+}
+
+/// Picks a `Cmd` that makes sense: a shell when there is one, else the one
+/// program of a single-package image.
+pub fn default_cmd(bin: &[String], packages: &[String]) -> Option<Vec<String>> {
+    for shell in ["bash", "sh"] {
+        if bin.iter().any(|b| b == shell) {
+            return Some(vec![shell.into()]);
+        }
+    }
+    if let [only] = packages {
+        let last = only.rsplit('.').next().unwrap_or(only);
+        if bin.iter().any(|b| b == last) {
+            return Some(vec![last.into()]);
+        }
+    }
+    None
+}
+
+/// The base environment every image gets; user entries override by name.
+pub fn base_env() -> Vec<String> {
+    vec!["PATH=/bin:/usr/bin:/sbin".into(), "SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt".into()]
+}
+
+fn merge_env(base: Vec<String>, user: &[String]) -> Vec<String> {
+    let key = |e: &str| e.split('=').next().unwrap_or("").to_string();
+    let mut out: Vec<String> = base.into_iter().filter(|b| !user.iter().any(|u| key(u) == key(b))).collect();
+    out.extend(user.iter().cloned());
+    out
+}
+
+/// The image config JSON: reproducible (fixed `created`, no host data).
+pub fn image_config(arch: Arch, layers: &[LayerBlob], run: &RunConfig, history: &[String]) -> Result<Vec<u8>, oci_spec::OciSpecError> {
+    let mut cfg = spec::ConfigBuilder::default()
+        .env(merge_env(base_env(), &run.env))
+        .working_dir(run.working_dir.clone().unwrap_or_else(|| "/".into()))
+        .user(run.user.clone().unwrap_or_else(|| "0:0".into()));
+    if let Some(cmd) = &run.cmd {
+        cfg = cfg.cmd(cmd.clone());
+    }
+    if let Some(ep) = &run.entrypoint {
+        cfg = cfg.entrypoint(ep.clone());
+    }
+    if !run.exposed_ports.is_empty() {
+        cfg = cfg.exposed_ports(run.exposed_ports.clone());
+    }
+    let rootfs = spec::RootFsBuilder::default()
+        .typ("layers")
+        .diff_ids(layers.iter().map(|l| l.diff_id.to_string()).collect::<Vec<_>>())
+        .build()?;
+    let history = history
+        .iter()
+        .map(|h| spec::HistoryBuilder::default().created(CREATED).created_by(h.clone()).build())
+        .collect::<Result<Vec<_>, _>>()?;
+    let config = spec::ImageConfigurationBuilder::default()
+        .created(CREATED)
+        .architecture(match arch {
+            Arch::Amd64 => spec::Arch::Amd64,
+            Arch::Arm64 => spec::Arch::ARM64,
+        })
+        .os(spec::Os::Linux)
+        .config(cfg.build()?)
+        .rootfs(rootfs)
+        .history(history)
+        .build()?;
+    Ok(config.to_string()?.into_bytes())
+}
+
+/// The manifest JSON for an image, in OCI or Docker schema2 media types.
+pub fn manifest(docker: bool, config: &[u8], layers: &[LayerBlob]) -> Result<Vec<u8>, oci_spec::OciSpecError> {
+    let (m, c, l) = if docker {
+        (DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LAYER_GZIP)
+    } else {
+        (OCI_MANIFEST, OCI_CONFIG, OCI_LAYER_GZIP)
+    };
+    let digest = |d: &Digest| -> Result<spec::Digest, oci_spec::OciSpecError> {
+        d.as_str().parse()
+    };
+    let config_desc = spec::Descriptor::new(spec::MediaType::Other(c.into()), config.len() as u64, digest(&Digest::of(config))?);
+    let layers = layers
+        .iter()
+        .map(|b| Ok(spec::Descriptor::new(spec::MediaType::Other(l.into()), b.size, digest(&b.digest)?)))
+        .collect::<Result<Vec<_>, oci_spec::OciSpecError>>()?;
+    let manifest = spec::ImageManifestBuilder::default()
+        .schema_version(2u32)
+        .media_type(spec::MediaType::Other(m.into()))
+        .config(config_desc)
+        .layers(layers)
+        .build()?;
+    Ok(manifest.to_string()?.into_bytes())
+}
+
+/// The media type a stored manifest declares, if the bytes are a manifest.
+pub fn manifest_media_type(bytes: &[u8]) -> Option<&'static str> {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+        #[serde(rename = "schemaVersion")]
+        schema_version: Option<u32>,
+    }
+    let probe: Probe = serde_json::from_slice(bytes).ok()?;
+    if probe.schema_version != Some(2) {
+        return None;
+    }
+    match probe.media_type.as_deref() {
+        Some(OCI_MANIFEST) => Some(OCI_MANIFEST),
+        Some(DOCKER_MANIFEST) => Some(DOCKER_MANIFEST),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        std::fs::create_dir_all(p.join("pkg-a/bin")).unwrap();
+        std::fs::create_dir_all(p.join("pkg-a/share/doc/a")).unwrap();
+        std::fs::create_dir_all(p.join("pkg-b/bin")).unwrap();
+        std::fs::create_dir_all(p.join("pkg-b/share/doc/b")).unwrap();
+        std::fs::write(p.join("pkg-a/bin/bash"), b"#!a").unwrap();
+        std::fs::write(p.join("pkg-a/bin/env"), b"env").unwrap();
+        std::fs::write(p.join("pkg-b/bin/bash"), b"#!b").unwrap();
+        std::fs::write(p.join("pkg-b/bin/curl"), b"curl").unwrap();
+        std::os::unix::fs::symlink("bash", p.join("pkg-a/bin/sh")).unwrap();
+        dir
+    }
+
+    fn pack(entries: &[Entry]) -> (Vec<u8>, LayerBlob) {
+        pack_layer(entries, Vec::new()).unwrap()
+    }
+
+    #[test]
+    fn tarballs_are_reproducible_and_hashes_are_right() {
+        let dir = fixture();
+        let entries = store_path_entries(&[dir.path().join("pkg-a").to_string_lossy().into_owned()]).unwrap();
+        let (bytes1, blob1) = pack(&entries);
+        // Touch the files: mtimes must not matter.
+        std::fs::write(dir.path().join("pkg-a/bin/bash"), b"#!a").unwrap();
+        let (bytes2, blob2) = pack(&entries);
+        assert_eq!(bytes1, bytes2);
+        assert_eq!(blob1, blob2);
+        assert_eq!(blob1.digest, Digest::of(&bytes1));
+        assert_eq!(blob1.size, bytes1.len() as u64);
+        let mut tar = Vec::new();
+        io::Read::read_to_end(&mut flate2::read::GzDecoder::new(bytes1.as_slice()), &mut tar).unwrap();
+        assert_eq!(blob1.diff_id, Digest::of(&tar));
+        // Entries are sorted, owned by root, with the fixed mtime.
+        let mut archive = tar::Archive::new(tar.as_slice());
+        let mut names = Vec::new();
+        for e in archive.entries().unwrap() {
+            let e = e.unwrap();
+            assert_eq!(e.header().mtime().unwrap(), EPOCH_MTIME);
+            assert_eq!(e.header().uid().unwrap(), 0);
+            names.push(e.path().unwrap().to_string_lossy().into_owned());
+        }
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted);
+        assert!(names[0] == "nix/" && names[1] == "nix/store/");
+    }
+
+    #[test]
+    fn customisation_merges_like_buildenv() {
+        let dir = fixture();
+        let roots = vec![dir.path().join("pkg-a"), dir.path().join("pkg-b")];
+        let c = customisation(&roots).unwrap();
+        let find = |p: &str| c.entries.iter().find(|e| e.path() == p).cloned();
+        // First package wins a conflict.
+        assert_eq!(find("bin/bash"), Some(Entry::Symlink { path: "bin/bash".into(), target: roots[0].join("bin/bash").to_string_lossy().into() }));
+        assert!(matches!(find("bin/curl"), Some(Entry::Symlink { .. })));
+        // A directory present in both packages becomes a real directory.
+        assert!(matches!(find("share/doc"), Some(Entry::Dir { .. })));
+        assert!(matches!(find("share/doc/a"), Some(Entry::Symlink { .. })));
+        assert_eq!(find("tmp"), Some(Entry::Dir { path: "tmp".into(), mode: 0o1777 }));
+        assert_eq!(find("usr/bin/env"), Some(Entry::Symlink { path: "usr/bin/env".into(), target: "/bin/env".into() }));
+        assert!(matches!(find("etc/passwd"), Some(Entry::Inline { .. })));
+        assert_eq!(c.bin, vec!["bash", "curl", "env", "sh"]);
+    }
+
+    #[test]
+    fn cmd_prefers_a_shell() {
+        let bin = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(default_cmd(&bin(&["bash", "curl"]), &bin(&["curl"])), Some(vec!["bash".to_string()]));
+        assert_eq!(default_cmd(&bin(&["curl"]), &bin(&["curl"])), Some(vec!["curl".to_string()]));
+        assert_eq!(default_cmd(&bin(&["jq", "curl"]), &bin(&["jq", "curl"])), None);
+    }
+
+    #[test]
+    fn config_and_manifests() {
+        let layer = LayerBlob { digest: Digest::of(b"l"), diff_id: Digest::of(b"d"), size: 1 };
+        let run = RunConfig { cmd: Some(vec!["bash".into()]), env: vec!["PATH=/custom".into(), "FOO=1".into()], ..Default::default() };
+        let cfg = image_config(Arch::Amd64, std::slice::from_ref(&layer), &run, &["nixery".into()]).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&cfg).unwrap();
+        assert_eq!(v["created"], CREATED);
+        assert_eq!(v["architecture"], "amd64");
+        assert_eq!(v["config"]["User"], "0:0");
+        assert_eq!(v["config"]["Cmd"][0], "bash");
+        let env: Vec<&str> = v["config"]["Env"].as_array().unwrap().iter().map(|e| e.as_str().unwrap()).collect();
+        assert_eq!(env, vec!["SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt", "PATH=/custom", "FOO=1"]);
+        assert_eq!(v["rootfs"]["diff_ids"][0], layer.diff_id.as_str());
+        for docker in [false, true] {
+            let m = manifest(docker, &cfg, &[layer.clone()]).unwrap();
+            let mt = manifest_media_type(&m).unwrap();
+            assert_eq!(mt, if docker { DOCKER_MANIFEST } else { OCI_MANIFEST });
+            let v: serde_json::Value = serde_json::from_slice(&m).unwrap();
+            assert_eq!(v["config"]["digest"], Digest::of(&cfg).as_str());
+            assert_eq!(v["config"]["size"], cfg.len());
+            assert_eq!(v["layers"][0]["digest"], layer.digest.as_str());
+        }
+        assert_eq!(manifest_media_type(b"{\"not\":\"a manifest\"}"), None);
+    }
+}

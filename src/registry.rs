@@ -1,0 +1,424 @@
+//! The read-only OCI registry (axum): one `/v2/{*path}` route whose path is
+//! parsed into a validated `Route` first, errors as the distribution spec's
+//! error JSON, manifests built on demand, blobs streamed with `Range`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+use futures::StreamExt;
+use tracing::{info_span, Instrument};
+
+use crate::builder::{BuildError, BuiltImage, Builder, ImageSpec};
+use crate::metrics::{Metrics, StatusLabel};
+use crate::name::{self, Digest, NameError, Reference, Repository, Route};
+use crate::oci;
+
+const MAX_MANIFEST: u64 = 4 * 1024 * 1024;
+
+/// The registry's errors, one-to-one with the distribution spec's codes.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0}")]
+    NameInvalid(String),
+    #[error("{0}")]
+    NameUnknown(String),
+    #[error("{message}")]
+    ManifestUnknown { message: String, detail: serde_json::Value },
+    #[error("{0}")]
+    BlobUnknown(String),
+    #[error("{0}")]
+    DigestInvalid(String),
+    #[error("{message}")]
+    RangeInvalid { message: String, size: u64 },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unknown(String),
+}
+
+impl RegistryError {
+    fn code(&self) -> (StatusCode, &'static str) {
+        match self {
+            RegistryError::NameInvalid(_) => (StatusCode::BAD_REQUEST, "NAME_INVALID"),
+            RegistryError::NameUnknown(_) => (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
+            RegistryError::ManifestUnknown { .. } => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
+            RegistryError::BlobUnknown(_) => (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"),
+            RegistryError::DigestInvalid(_) => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
+            RegistryError::RangeInvalid { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID"),
+            RegistryError::Unsupported(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
+            RegistryError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+            RegistryError::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+            RegistryError::Unknown(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
+        }
+    }
+}
+
+impl IntoResponse for RegistryError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.code();
+        let detail = match &self {
+            RegistryError::ManifestUnknown { detail, .. } => detail.clone(),
+            _ => serde_json::Value::Null,
+        };
+        let body = serde_json::json!({ "errors": [{ "code": code, "message": self.to_string(), "detail": detail }] });
+        let mut resp = (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
+        if let RegistryError::RangeInvalid { size, .. } = self {
+            resp.headers_mut().insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"));
+        }
+        if matches!(self, RegistryError::Unsupported(_)) {
+            resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        }
+        resp
+    }
+}
+
+impl From<NameError> for RegistryError {
+    fn from(e: NameError) -> Self {
+        match e {
+            NameError::InvalidName(_) | NameError::InvalidTag(_) => RegistryError::NameInvalid(e.to_string()),
+            NameError::InvalidDigest(_) => RegistryError::DigestInvalid(e.to_string()),
+            NameError::NotFound => RegistryError::NotFound("no such registry endpoint".into()),
+        }
+    }
+}
+
+impl From<&BuildError> for RegistryError {
+    fn from(e: &BuildError) -> Self {
+        match e {
+            BuildError::UnknownPackages(names) => RegistryError::ManifestUnknown {
+                message: e.to_string(),
+                detail: serde_json::json!({ "unknownPackages": names }),
+            },
+            BuildError::UnknownTag { .. } => RegistryError::ManifestUnknown { message: e.to_string(), detail: serde_json::Value::Null },
+            BuildError::Timeout(_) => RegistryError::Unavailable(e.to_string()),
+            other => RegistryError::Unknown(format!("building the image failed: {other}")),
+        }
+    }
+}
+
+/// Images of NixImage objects, registered by the controller.
+#[derive(Default)]
+pub struct NamedImages {
+    inner: RwLock<BTreeMap<(String, String), NamedEntry>>,
+}
+
+#[derive(Clone, Debug)]
+pub enum NamedEntry {
+    /// The object exists; its image is not built yet (or its build failed).
+    Pending { tag: String, message: String },
+    Ready { tag: String, image: Arc<BuiltImage> },
+}
+
+impl NamedImages {
+    pub fn set(&self, namespace: &str, name: &str, entry: NamedEntry) {
+        self.inner.write().unwrap().insert((namespace.into(), name.into()), entry);
+    }
+    pub fn remove(&self, namespace: &str, name: &str) -> Option<NamedEntry> {
+        self.inner.write().unwrap().remove(&(namespace.into(), name.into()))
+    }
+    pub fn get(&self, namespace: &str, name: &str) -> Option<NamedEntry> {
+        self.inner.read().unwrap().get(&(namespace.into(), name.into())).cloned()
+    }
+    pub fn names(&self) -> Vec<String> {
+        self.inner.read().unwrap().keys().map(|(ns, n)| format!("{}/{ns}/{n}", name::NIXIMAGE_PREFIX)).collect()
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub builder: Arc<Builder>,
+    pub named: Arc<NamedImages>,
+    pub metrics: Arc<Metrics>,
+    /// False until the controller's watch has synced (always true for `serve`).
+    pub ready: Arc<AtomicBool>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v2", any(v2_base))
+        .route("/v2/", any(v2_base))
+        .route("/v2/{*path}", any(v2))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { RegistryError::NotFound("no such endpoint".into()) })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+/// One span per request, with the path; counts responses by status.
+async fn observe(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let span = info_span!("request", method = %req.method(), path = %req.uri().path());
+    let resp = next.run(req).instrument(span.clone()).await;
+    let status = resp.status().as_u16();
+    app.metrics.requests.get_or_create(&StatusLabel { status }).inc();
+    span.in_scope(|| tracing::info!(status, ms = started.elapsed().as_secs_f64() * 1e3, "served"));
+    resp
+}
+
+async fn metrics(State(app): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], app.metrics.render()).into_response()
+}
+
+async fn readyz(State(app): State<AppState>) -> Response {
+    if app.ready.load(Ordering::SeqCst) {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: waiting for the controller's watch to sync\n").into_response()
+    }
+}
+
+fn api_version_headers(resp: &mut Response) {
+    resp.headers_mut().insert("Docker-Distribution-API-Version", HeaderValue::from_static("registry/2.0"));
+}
+
+async fn v2_base(method: Method) -> Response {
+    let mut resp = if method == Method::GET || method == Method::HEAD {
+        ([(header::CONTENT_TYPE, "application/json")], "{}").into_response()
+    } else {
+        RegistryError::Unsupported("this registry is read-only".into()).into_response()
+    };
+    api_version_headers(&mut resp);
+    resp
+}
+
+async fn v2(State(app): State<AppState>, method: Method, headers: HeaderMap, req: Request) -> Response {
+    // The raw path: percent-escapes stay escaped and so fail validation.
+    let path = req.uri().path().strip_prefix("/v2/").unwrap_or("").to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let mut resp = match handle(&app, &method, &headers, &path, &query).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    api_version_headers(&mut resp);
+    resp
+}
+
+async fn handle(app: &AppState, method: &Method, headers: &HeaderMap, path: &str, query: &str) -> Result<Response, RegistryError> {
+    let route = name::parse_route(path)?;
+    let head = *method == Method::HEAD;
+    if *method != Method::GET && !head {
+        return Err(RegistryError::Unsupported(format!("{method} is not supported: this registry is read-only; images are built from their names")));
+    }
+    match route {
+        Route::Base => Ok(v2_base(method.clone()).await),
+        Route::Catalog => {
+            let names = app.named.names();
+            Ok(paginated("repositories", None, names, query))
+        }
+        Route::Upload { .. } => Err(RegistryError::Unsupported("pushes are not supported: this registry is read-only".into())),
+        Route::Tags { repo } => {
+            let tags = match &repo {
+                Repository::AdHoc(_) if app.builder.source().tags_are_revisions() => vec![],
+                Repository::AdHoc(_) => vec!["latest".to_string()],
+                Repository::Named { namespace, name } => match app.named.get(namespace, name) {
+                    Some(NamedEntry::Ready { tag, .. }) => vec![tag],
+                    Some(NamedEntry::Pending { .. }) => vec![],
+                    None => return Err(RegistryError::NameUnknown(format!("no NixImage {namespace}/{name}"))),
+                },
+            };
+            Ok(paginated("tags", Some(repo.name()), tags, query))
+        }
+        Route::Manifest { repo, reference } => manifest(app, headers, head, repo, reference).await,
+        Route::Blob { digest, .. } => blob(app, headers, head, digest).await,
+    }
+}
+
+/// `{"name":..., "<key>": [...]}` with `n`/`last` pagination and a `Link` header.
+fn paginated(key: &str, name: Option<String>, mut items: Vec<String>, query: &str) -> Response {
+    items.sort();
+    let mut n: Option<usize> = None;
+    let mut last: Option<String> = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "n" => n = v.parse().ok(),
+            "last" => last = Some(v.to_string()),
+            _ => {}
+        }
+    }
+    if let Some(last) = &last {
+        items.retain(|i| i > last);
+    }
+    let more = matches!(n, Some(n) if items.len() > n);
+    if let Some(n) = n {
+        items.truncate(n);
+    }
+    let mut body = serde_json::Map::new();
+    if let Some(name) = &name {
+        body.insert("name".into(), name.clone().into());
+    }
+    body.insert(key.into(), items.clone().into());
+    let mut resp = ([(header::CONTENT_TYPE, "application/json")], serde_json::Value::Object(body).to_string()).into_response();
+    if more {
+        let base = match &name {
+            Some(name) => format!("/v2/{name}/tags/list"),
+            None => "/v2/_catalog".into(),
+        };
+        let link = format!("<{base}?n={}&last={}>; rel=\"next\"", n.unwrap_or(0), items.last().cloned().unwrap_or_default());
+        if let Ok(v) = HeaderValue::from_str(&link) {
+            resp.headers_mut().insert(header::LINK, v);
+        }
+    }
+    resp
+}
+
+/// Docker schema2 only for clients that accept it and not OCI.
+fn wants_docker(headers: &HeaderMap) -> bool {
+    let accept: String = headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(",");
+    accept.contains(oci::DOCKER_MANIFEST) && !accept.contains(oci::OCI_MANIFEST)
+}
+
+fn manifest_response(app: &AppState, head: bool, media_type: &str, digest: &Digest, bytes: bytes::Bytes) -> Response {
+    let len = bytes.len();
+    let body = if head { Body::empty() } else { Body::from(bytes) };
+    if !head {
+        app.metrics.bytes_served.inc_by(len as u64);
+    }
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_str(media_type).expect("ascii"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert("Docker-Content-Digest", HeaderValue::from_str(digest.as_str()).expect("ascii"));
+    h.insert(header::ETAG, HeaderValue::from_str(&format!("\"{digest}\"")).expect("ascii"));
+    resp
+}
+
+fn serve_built(app: &AppState, headers: &HeaderMap, head: bool, img: &BuiltImage) -> Response {
+    if wants_docker(headers) {
+        manifest_response(app, head, oci::DOCKER_MANIFEST, &img.docker_digest, img.docker_manifest.clone())
+    } else {
+        manifest_response(app, head, oci::OCI_MANIFEST, &img.oci_digest, img.oci_manifest.clone())
+    }
+}
+
+async fn manifest(app: &AppState, headers: &HeaderMap, head: bool, repo: Repository, reference: Reference) -> Result<Response, RegistryError> {
+    match (repo, reference) {
+        (_, Reference::Digest(digest)) => {
+            let store = app.builder.store().clone();
+            let d = digest.clone();
+            let bytes = tokio::task::spawn_blocking(move || store.read_small(&d, MAX_MANIFEST))
+                .await
+                .map_err(|e| RegistryError::Unknown(e.to_string()))?
+                .map_err(|e| {
+                    tracing::error!(error = %e, "reading a manifest");
+                    RegistryError::Unknown("the registry could not read its storage".into())
+                })?;
+            let unknown = || RegistryError::ManifestUnknown { message: format!("manifest {digest} is unknown"), detail: serde_json::Value::Null };
+            let bytes = bytes.ok_or_else(unknown)?;
+            let media_type = oci::manifest_media_type(&bytes).ok_or_else(unknown)?;
+            Ok(manifest_response(app, head, media_type, &digest, bytes.into()))
+        }
+        (Repository::AdHoc(img), Reference::Tag(tag)) => {
+            let built = app.builder.get_or_build(ImageSpec::ad_hoc(&img, &tag), None).await.map_err(|e| RegistryError::from(e.as_ref()))?;
+            Ok(serve_built(app, headers, head, &built))
+        }
+        (Repository::Named { namespace, name }, Reference::Tag(tag)) => match app.named.get(&namespace, &name) {
+            None => Err(RegistryError::NameUnknown(format!("no NixImage {namespace}/{name}"))),
+            Some(NamedEntry::Ready { tag: t, image }) if t == tag => Ok(serve_built(app, headers, head, &image)),
+            Some(NamedEntry::Ready { tag: t, .. }) => Err(RegistryError::ManifestUnknown {
+                message: format!("NixImage {namespace}/{name} has tag '{t}', not '{tag}'"),
+                detail: serde_json::Value::Null,
+            }),
+            Some(NamedEntry::Pending { message, .. }) => Err(RegistryError::ManifestUnknown {
+                message: format!("NixImage {namespace}/{name} is not built yet: {message}"),
+                detail: serde_json::Value::Null,
+            }),
+        },
+    }
+}
+
+/// Parses a single `bytes=` range against a blob size: (start, end exclusive).
+pub fn parse_range(value: &str, size: u64) -> Result<(u64, u64), RegistryError> {
+    let bad = || RegistryError::RangeInvalid { message: format!("invalid or unsatisfiable range '{}'", name::printable(value)), size };
+    let spec = value.trim().strip_prefix("bytes=").ok_or_else(bad)?;
+    if spec.contains(',') {
+        return Err(bad());
+    }
+    let (a, b) = spec.split_once('-').ok_or_else(bad)?;
+    let (a, b) = (a.trim(), b.trim());
+    let range = if a.is_empty() {
+        let suffix: u64 = b.parse().map_err(|_| bad())?;
+        if suffix == 0 {
+            return Err(bad());
+        }
+        (size.saturating_sub(suffix), size)
+    } else {
+        let start: u64 = a.parse().map_err(|_| bad())?;
+        let end = if b.is_empty() { size } else { b.parse::<u64>().map_err(|_| bad())?.saturating_add(1).min(size) };
+        (start, end)
+    };
+    if range.0 >= range.1 || range.0 >= size {
+        return Err(bad());
+    }
+    Ok(range)
+}
+
+async fn blob(app: &AppState, headers: &HeaderMap, head: bool, digest: Digest) -> Result<Response, RegistryError> {
+    let store = app.builder.store().clone();
+    let unknown = || RegistryError::BlobUnknown(format!("blob {digest} is unknown"));
+    let storage_error = |e: crate::store::StoreError| {
+        tracing::error!(error = %e, "reading a blob");
+        RegistryError::Unknown("the registry could not read its storage".into())
+    };
+    let size = store.stat(&digest).map_err(storage_error)?.ok_or_else(unknown)?;
+    let range = match headers.get(header::RANGE) {
+        Some(v) => Some(parse_range(v.to_str().unwrap_or(""), size)?),
+        None => None,
+    };
+    let (start, end) = range.unwrap_or((0, size));
+    let mut resp = if head {
+        Response::new(Body::empty())
+    } else {
+        let stream = store.read(&digest, (start, end)).await.map_err(storage_error)?.ok_or_else(unknown)?;
+        let metrics = app.metrics.clone();
+        let counted = stream.inspect(move |chunk| {
+            if let Ok(c) = chunk {
+                metrics.bytes_served.inc_by(c.len() as u64);
+            }
+        });
+        Response::new(Body::from_stream(counted))
+    };
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert("Docker-Content-Digest", HeaderValue::from_str(digest.as_str()).expect("ascii"));
+    h.insert(header::ETAG, HeaderValue::from_str(&format!("\"{digest}\"")).expect("ascii"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("max-age=31536000, immutable"));
+    if range.is_some() {
+        h.insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes {start}-{}/{size}", end - 1)).expect("ascii"));
+        *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+    }
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100).unwrap(), (0, 10));
+        assert_eq!(parse_range("bytes=90-", 100).unwrap(), (90, 100));
+        assert_eq!(parse_range("bytes=-10", 100).unwrap(), (90, 100));
+        assert_eq!(parse_range("bytes=95-200", 100).unwrap(), (95, 100));
+        for bad in ["bytes=100-", "bytes=10-5", "bytes=a-b", "items=0-1", "bytes=0-1,5-6", "bytes=-0", "bytes=", "bytes=-", ""] {
+            assert!(matches!(parse_range(bad, 100), Err(RegistryError::RangeInvalid { .. })), "{bad}");
+        }
+    }
+}
