@@ -77,6 +77,10 @@ pub struct CommonArgs {
     /// A popularity table (JSON of name -> count) as a local file path.
     #[arg(long, env = "NIX_POPULARITY_URL")]
     pub popularity: Option<String>,
+    /// A Nix setting for every Nix call, as NAME=VALUE (repeatable); e.g.
+    /// `substituters=` for the offline package set, where no cache is reachable.
+    #[arg(long = "nix-option", env = "NIXERY_NIX_OPTIONS", value_delimiter = ',')]
+    pub nix_options: Vec<String>,
     /// Blob storage backend: `filesystem` (object storage is not built yet).
     #[arg(long, env = "NIXERY_STORAGE_BACKEND", default_value = "filesystem")]
     pub storage_backend: String,
@@ -104,6 +108,7 @@ pub struct Settings {
     pub build_timeout: Duration,
     pub max_builds: usize,
     pub popularity: Option<crate::layers::Popularity>,
+    pub nix_options: Vec<(String, String)>,
 }
 
 impl CommonArgs {
@@ -145,7 +150,16 @@ impl CommonArgs {
                 Some(serde_json::from_slice(&bytes).map_err(|e| ConfigError::Popularity(p.clone(), e.to_string()))?)
             }
         };
+        let nix_options = self
+            .nix_options
+            .iter()
+            .map(|o| match o.split_once('=') {
+                Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+                _ => Err(ConfigError::Invalid("--nix-option", format!("'{o}' is not NAME=VALUE"))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Settings {
+            nix_options,
             listen,
             state_dir,
             source,
@@ -211,6 +225,9 @@ mod tests {
         assert!(matches!(parse(&["--storage-backend", "gcs"]).resolve(|_| None), Err(ConfigError::Backend(_))));
         assert!(matches!(parse(&[]).resolve(|k| (k == "NIX_TIMEOUT").then(|| "soon".into())), Err(ConfigError::Invalid(..))));
         assert!(Cli::try_parse_from(["nixery", "serve", "--max-layers", "1"]).is_err());
+        assert!(matches!(parse(&["--nix-option", "novalue"]).resolve(|_| None), Err(ConfigError::Invalid(..))));
+        let s = parse(&["--nix-option", "substituters="]).resolve(|_| None).unwrap();
+        assert_eq!(s.nix_options, vec![("substituters".to_string(), String::new())]);
         assert!(matches!(parse(&["--popularity", "/does/not/exist"]).resolve(|_| None), Err(ConfigError::Popularity(..))));
     }
 }

@@ -38,7 +38,7 @@ pub enum Error {
 pub fn app_state(settings: &Settings) -> Result<AppState, Error> {
     std::fs::create_dir_all(&settings.state_dir).map_err(|e| Error::StateDir(settings.state_dir.clone(), e))?;
     let store = Arc::new(store::LocalStore::open(&settings.state_dir)?);
-    let nix = Arc::new(nix::NixCli::new(&settings.state_dir).map_err(|e| Error::StateDir(settings.state_dir.clone(), e))?);
+    let nix = Arc::new(nix::NixCli::new(&settings.state_dir, settings.nix_options.clone()).map_err(|e| Error::StateDir(settings.state_dir.clone(), e))?);
     let metrics = Arc::new(Metrics::default());
     let builder = Builder::new(
         BuilderConfig {

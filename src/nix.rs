@@ -97,38 +97,89 @@ pub trait Nix: Send + Sync + 'static {
 /// Nix through its command-line tools, as installed on the host.
 pub struct NixCli {
     prepare_file: PathBuf,
+    /// `--option NAME VALUE` pairs passed to every call.
+    options: Vec<(String, String)>,
 }
 
 impl NixCli {
     /// Writes prepare-image.nix under `state_dir` for the tools to read.
-    pub fn new(state_dir: &Path) -> std::io::Result<Self> {
+    pub fn new(state_dir: &Path, options: Vec<(String, String)>) -> std::io::Result<Self> {
         let prepare_file = state_dir.join("nix/prepare-image.nix");
         crate::store::write_atomic(&prepare_file, PREPARE_IMAGE_NIX.as_bytes())?;
-        Ok(Self { prepare_file })
+        Ok(Self { prepare_file, options })
+    }
+
+    fn with_options<'a>(&'a self, mut args: Vec<&'a str>) -> Vec<&'a str> {
+        for (k, v) in &self.options {
+            args.extend(["--option", k.as_str(), v.as_str()]);
+        }
+        args
     }
 }
 
-/// Kills the whole process group when dropped: Nix's builders are children of
-/// nix-build, and a timed-out build must not leave them running.
-struct GroupGuard(Option<i32>);
+/// Stops a Nix process and everything it started when dropped (on timeout or
+/// cancellation). Nix runs each builder in a session of its own, as a build
+/// user, and on SIGINT kills only the builder's first process, so we find the
+/// builders' process groups by walking /proc and kill them ourselves.
+struct ProcessGuard(Option<i32>);
 
-impl Drop for GroupGuard {
+impl Drop for ProcessGuard {
     fn drop(&mut self) {
-        if let Some(pid) = self.0 {
-            // SAFETY: killpg only sends a signal; the group was created for this child.
-            unsafe {
-                libc::killpg(pid, libc::SIGKILL);
+        let Some(pid) = self.0 else { return };
+        for pgid in descendant_groups(pid) {
+            if pgid != pid {
+                // SAFETY: killpg only sends a signal.
+                unsafe { libc::killpg(pgid, libc::SIGKILL) };
+            }
+        }
+        // SIGINT lets Nix release its locks and temporary build directories.
+        unsafe { libc::killpg(pid, libc::SIGINT) };
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(3));
+            unsafe { libc::killpg(pid, libc::SIGKILL) };
+        });
+    }
+}
+
+/// Process groups of all descendants of `root` (from /proc/*/stat).
+fn descendant_groups(root: i32) -> Vec<i32> {
+    let mut procs: Vec<(i32, i32, i32)> = Vec::new(); // (pid, ppid, pgid)
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+            // Fields after the command name, which is in parentheses.
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            if let (Some(ppid), Some(pgid)) = (f.get(1).and_then(|x| x.parse().ok()), f.get(2).and_then(|x| x.parse().ok())) {
+                procs.push((pid, ppid, pgid));
             }
         }
     }
+    let mut found = vec![root];
+    let mut groups = Vec::new();
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        for &(pid, ppid, pgid) in &procs {
+            if ppid == parent && !found.contains(&pid) {
+                found.push(pid);
+                if !groups.contains(&pgid) {
+                    groups.push(pgid);
+                }
+            }
+        }
+        i += 1;
+    }
+    groups
 }
 
 /// Runs a Nix tool, streaming stderr lines to `log`, and returns stdout.
 async fn run(program: &'static str, args: &[&str], stage: &'static str, log: Option<LogSink>) -> Result<String, NixError> {
     let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true).process_group(0);
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
     let mut child = cmd.spawn().map_err(|e| NixError::Spawn { program, message: e.to_string() })?;
-    let mut guard = GroupGuard(child.id().map(|p| p as i32));
+    let mut guard = ProcessGuard(child.id().map(|p| p as i32));
     let mut stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
     let read_out = async {
@@ -167,19 +218,14 @@ impl Nix for NixCli {
             let (src_type, src_args) = source.nix_args(tag);
             let packages = serde_json::to_string(packages).expect("strings serialise");
             let file = self.prepare_file.to_string_lossy();
-            let out = run(
-                "nix-instantiate",
-                &[
+            let args = self.with_options(vec![
                     "--eval", "--strict", "--json", "--read-write-mode", &file,
                     "--argstr", "srcType", src_type,
                     "--argstr", "srcArgs", &src_args,
                     "--argstr", "packages", &packages,
                     "--argstr", "system", system,
-                ],
-                "evaluating the package set",
-                None,
-            )
-            .await?;
+                ]);
+            let out = run("nix-instantiate", &args, "evaluating the package set", None).await?;
             serde_json::from_str(&out).map_err(|e| NixError::BadOutput { stage: "evaluating the package set", message: e.to_string() })
         })
     }
@@ -190,7 +236,7 @@ impl Nix for NixCli {
                 std::fs::create_dir_all(dir).map_err(|e| NixError::Spawn { program: "nix-store", message: format!("creating {}: {e}", dir.display()) })?;
             }
             let root = gcroot.to_string_lossy();
-            let mut args = vec!["--realise", "--add-root", &root, "--indirect"];
+            let mut args = self.with_options(vec!["--realise", "--add-root", &root, "--indirect"]);
             args.extend(drvs.iter().map(String::as_str));
             run("nix-store", &args, "building the packages", Some(log)).await.map(|_| ())
         })
@@ -198,7 +244,7 @@ impl Nix for NixCli {
 
     fn closure<'a>(&'a self, outs: &'a [String]) -> BoxFuture<'a, Result<Vec<PathInfo>, NixError>> {
         Box::pin(async move {
-            let mut args = vec!["--extra-experimental-features", "nix-command", "path-info", "--json", "--recursive"];
+            let mut args = self.with_options(vec!["--extra-experimental-features", "nix-command", "path-info", "--json", "--recursive"]);
             args.extend(outs.iter().map(String::as_str));
             let out = run("nix", &args, "reading the closure", None).await?;
             serde_json::from_str(&out).map_err(|e| NixError::BadOutput { stage: "reading the closure", message: e.to_string() })

@@ -1,0 +1,168 @@
+//! Helpers shared by the integration tests: settings for the offline package
+//! set, in-process requests, and the real `nixery` binary as a child process.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use nixery::config::Settings;
+use nixery::nix::Source;
+use nixery::registry::AppState;
+use tower::ServiceExt;
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn offline_pkgs() -> PathBuf {
+    repo_root().join("nix/offline-pkgs")
+}
+
+/// Offline: no binary cache is reachable here, so Nix must not try one.
+pub fn offline_nix_options() -> Vec<(String, String)> {
+    vec![("substituters".into(), String::new())]
+}
+
+pub fn settings(state_dir: &Path) -> Settings {
+    Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        state_dir: state_dir.to_path_buf(),
+        source: Source::Path(offline_pkgs()),
+        max_layers: 100,
+        build_timeout: Duration::from_secs(300),
+        max_builds: 2,
+        popularity: None,
+        nix_options: offline_nix_options(),
+    }
+}
+
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    /// The registry error code of an error response.
+    pub fn error_code(&self) -> String {
+        assert_eq!(self.header("content-type"), Some("application/json"), "errors are JSON");
+        self.json()["errors"][0]["code"].as_str().unwrap_or_default().to_string()
+    }
+    pub fn error_message(&self) -> String {
+        self.json()["errors"][0]["message"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+pub async fn request(state: &AppState, method: Method, uri: &str, headers: &[(&str, &str)]) -> Resp {
+    let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = nixery::registry::router(state.clone()).oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
+    Resp { status, headers, body }
+}
+
+pub async fn get(state: &AppState, uri: &str) -> Resp {
+    request(state, Method::GET, uri, &[]).await
+}
+
+/// Reads a counter from the Prometheus text.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).map(|v| v.trim().parse().unwrap()))
+        .unwrap_or_else(|| panic!("metric {name} missing"))
+}
+
+/// The `nixery` binary running as a child process; killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+    pub state_dir: PathBuf,
+}
+
+impl Server {
+    /// Starts `nixery serve` on a free loopback port with the offline set,
+    /// plus `extra` arguments; waits until it listens.
+    pub fn start(state_dir: &Path, extra: &[&str]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixery"));
+        cmd.arg("serve").arg("--listen").arg("127.0.0.1:0").arg("--state-dir").arg(state_dir).arg("--nix-option").arg("substituters=");
+        if !extra.iter().any(|a| a.starts_with("--pkgs-")) {
+            cmd.arg("--pkgs-path").arg(offline_pkgs());
+        }
+        cmd.args(extra).env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawning nixery");
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = lines.next().expect("nixery exited before listening").unwrap();
+            if let Some(rest) = line.split("on http://").nth(1) {
+                break rest.trim().to_string();
+            }
+        };
+        // Keep draining stderr so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, addr, state_dir: state_dir.to_path_buf() }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs a command, returning (success, stdout, stderr).
+pub fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Whether a tool is installed; tests that need it skip, saying so, when not,
+/// except under CI, where `.ci/run` installs every tool and a missing one fails.
+pub fn have_tool(tool: &str, test: &str) -> bool {
+    let ok = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
+    if !ok {
+        if std::env::var("CI").is_ok() {
+            panic!("{test}: {tool} is not installed, and CI must run this test");
+        }
+        eprintln!("SKIPPED {test}: {tool} is not installed (.ci/run installs it)");
+    }
+    ok
+}
+
+/// Every blob file's name equals the sha256 of its content.
+pub fn assert_blobs_verify(state_dir: &Path) -> usize {
+    let dir = state_dir.join("blobs/sha256");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let e = e.unwrap();
+        let bytes = std::fs::read(e.path()).unwrap();
+        let d = nixery::name::Digest::of(&bytes);
+        assert_eq!(d.hex(), e.file_name().to_string_lossy(), "blob {} does not match its digest", e.path().display());
+        n += 1;
+    }
+    n
+}
