@@ -23,7 +23,14 @@ use crate::store::{BlobStore, StoreError};
 /// Packages every image gets, as Nixery does.
 pub const ALWAYS: &[&str] = &["cacert", "iana-etc"];
 /// What the `shell` meta-package stands for.
-pub const SHELL: &[&str] = &["bashInteractive", "coreutils", "findutils", "gnugrep", "gnused", "less"];
+pub const SHELL: &[&str] = &[
+    "bashInteractive",
+    "coreutils",
+    "findutils",
+    "gnugrep",
+    "gnused",
+    "less",
+];
 
 /// What to build: a package set at a tag, for an architecture, with a config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,19 +50,37 @@ impl ImageSpec {
         if img.shell {
             packages.extend(SHELL.iter().map(|s| s.to_string()));
         }
-        ImageSpec { packages: packages.into_iter().collect(), arch: img.arch, tag: tag.to_string(), run: RunConfig::default(), source: None }
+        ImageSpec {
+            packages: packages.into_iter().collect(),
+            arch: img.arch,
+            tag: tag.to_string(),
+            run: RunConfig::default(),
+            source: None,
+        }
     }
 
     /// Everything Nix is asked for: the user's packages and the ones every image gets.
     fn all_packages(&self) -> Vec<String> {
-        let set: BTreeSet<String> = self.packages.iter().cloned().chain(ALWAYS.iter().map(|s| s.to_string())).collect();
+        let set: BTreeSet<String> = self
+            .packages
+            .iter()
+            .cloned()
+            .chain(ALWAYS.iter().map(|s| s.to_string()))
+            .collect();
         set.into_iter().collect()
     }
 
     /// The cache key: sorted package set, source and revision, arch, config.
     fn key(&self, source: &Source) -> String {
         let mut h = sha2::Sha256::new();
-        h.update(format!("{:?}\0{:?}\0{}\0{:?}\0{:?}", self.all_packages(), source, self.tag, self.arch, self.run));
+        h.update(format!(
+            "{:?}\0{:?}\0{}\0{:?}\0{:?}",
+            self.all_packages(),
+            source,
+            self.tag,
+            self.arch,
+            self.run
+        ));
         hex::encode(h.finalize())
     }
 }
@@ -79,8 +104,13 @@ pub struct BuiltImage {
 pub enum BuildError {
     #[error("unknown packages: {}", .0.join(", "))]
     UnknownPackages(Vec<String>),
-    #[error("tag '{tag}' is unknown: with a {source_kind} package source the only tag is 'latest'")]
-    UnknownTag { tag: String, source_kind: &'static str },
+    #[error(
+        "tag '{tag}' is unknown: with a {source_kind} package source the only tag is 'latest'"
+    )]
+    UnknownTag {
+        tag: String,
+        source_kind: &'static str,
+    },
     #[error(transparent)]
     Nix(#[from] NixError),
     #[error("the build took longer than its timeout of {}s and was stopped", .0.as_secs())]
@@ -95,7 +125,7 @@ impl From<StoreError> for BuildError {
     fn from(e: StoreError) -> Self {
         match e {
             // The path is ours; the reason is what an operator needs.
-            StoreError::Io { source, .. } => BuildError::Store(source.to_string()),
+            StoreError::Io { source, .. } => BuildError::Store(io_reason(&source)),
             other => BuildError::Store(other.to_string()),
         }
     }
@@ -103,7 +133,28 @@ impl From<StoreError> for BuildError {
 
 impl From<std::io::Error> for BuildError {
     fn from(e: std::io::Error) -> Self {
-        BuildError::Store(e.to_string())
+        BuildError::Store(io_reason(&e))
+    }
+}
+
+/// The operating system's reason for an I/O error, without the paths that
+/// some errors carry: users see "No space left on device", not our layout.
+fn io_reason(e: &std::io::Error) -> String {
+    tracing::error!(error = %e, "storage I/O failed");
+    // Wrappers (tempfile's, for one) keep the OS error as their source.
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(code) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.raw_os_error())
+        {
+            return std::io::Error::from_raw_os_error(code).to_string();
+        }
+        cur = err.source();
+    }
+    match e.kind() {
+        std::io::ErrorKind::StorageFull => "No space left on device".into(),
+        kind => kind.to_string(),
     }
 }
 
@@ -141,9 +192,22 @@ pub struct Builder {
 }
 
 impl Builder {
-    pub fn new(cfg: BuilderConfig, nix: Arc<dyn Nix>, store: Arc<dyn BlobStore>, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        cfg: BuilderConfig,
+        nix: Arc<dyn Nix>,
+        store: Arc<dyn BlobStore>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         let slots = tokio::sync::Semaphore::new(cfg.max_builds.max(1));
-        Arc::new(Builder { cfg, nix, store, metrics, cache: Default::default(), inflight: Default::default(), slots })
+        Arc::new(Builder {
+            cfg,
+            nix,
+            store,
+            metrics,
+            cache: Default::default(),
+            inflight: Default::default(),
+            slots,
+        })
     }
 
     pub fn source(&self) -> &Source {
@@ -157,11 +221,25 @@ impl Builder {
     /// Returns the image, building it unless cached; concurrent callers for
     /// one image share one build. `progress` follows the build this call
     /// starts (a caller that joins a running build sees only the result).
-    pub async fn get_or_build(self: &Arc<Self>, spec: ImageSpec, progress: Option<ProgressFn>) -> BuildResult {
-        let source = spec.source.clone().unwrap_or_else(|| self.cfg.source.clone());
+    pub async fn get_or_build(
+        self: &Arc<Self>,
+        spec: ImageSpec,
+        progress: Option<ProgressFn>,
+    ) -> BuildResult {
+        let source = spec
+            .source
+            .clone()
+            .unwrap_or_else(|| self.cfg.source.clone());
         if !source.tags_are_revisions() && spec.tag != "latest" {
-            let source_kind = if matches!(source, Source::Path(_)) { "local path" } else { "channel" };
-            return Err(Arc::new(BuildError::UnknownTag { tag: spec.tag.clone(), source_kind }));
+            let source_kind = if matches!(source, Source::Path(_)) {
+                "local path"
+            } else {
+                "channel"
+            };
+            return Err(Arc::new(BuildError::UnknownTag {
+                tag: spec.tag.clone(),
+                source_kind,
+            }));
         }
         let key = spec.key(&source);
         if let Some(img) = self.cache.lock().unwrap().get(&key) {
@@ -180,14 +258,24 @@ impl Builder {
                     let this = self.clone();
                     let k = key.clone();
                     let handle = tokio::spawn(async move {
-                        let result = this.build_limited(&k, &spec, &source, progress).await.map(Arc::new).map_err(Arc::new);
+                        let result = this
+                            .build_limited(&k, &spec, &source, progress)
+                            .await
+                            .map(Arc::new)
+                            .map_err(Arc::new);
                         if let Ok(img) = &result {
                             this.cache.lock().unwrap().insert(k.clone(), img.clone());
                         }
                         this.inflight.lock().unwrap().remove(&k);
                         result
                     });
-                    let f = async move { handle.await.unwrap_or_else(|e| Err(Arc::new(BuildError::Internal(e.to_string())))) }.boxed().shared();
+                    let f = async move {
+                        handle
+                            .await
+                            .unwrap_or_else(|e| Err(Arc::new(BuildError::Internal(e.to_string()))))
+                    }
+                    .boxed()
+                    .shared();
                     inflight.insert(key, f.clone());
                     f
                 }
@@ -197,7 +285,13 @@ impl Builder {
     }
 
     /// Waits for a build slot, then builds within the timeout.
-    async fn build_limited(&self, key: &str, spec: &ImageSpec, source: &Source, progress: Option<ProgressFn>) -> Result<BuiltImage, BuildError> {
+    async fn build_limited(
+        &self,
+        key: &str,
+        spec: &ImageSpec,
+        source: &Source,
+        progress: Option<ProgressFn>,
+    ) -> Result<BuiltImage, BuildError> {
         let report = move |p: Progress| {
             if let Some(f) = &progress {
                 f(p)
@@ -212,7 +306,9 @@ impl Builder {
         self.metrics.builds_running.inc();
         let started = Instant::now();
         let span = info_span!("build", image = %spec.packages.join("/"), tag = %spec.tag, arch = spec.arch.oci(), key = &key[..12]);
-        let result = tokio::time::timeout(self.cfg.timeout, self.build(key, spec, source, &report)).instrument(span.clone()).await;
+        let result = tokio::time::timeout(self.cfg.timeout, self.build(key, spec, source, &report))
+            .instrument(span.clone())
+            .await;
         self.metrics.builds_running.dec();
         let elapsed = started.elapsed();
         self.metrics.build_duration.observe(elapsed.as_secs_f64());
@@ -231,11 +327,20 @@ impl Builder {
         result
     }
 
-    async fn build(&self, key: &str, spec: &ImageSpec, source: &Source, report: &(dyn Fn(Progress) + Send + Sync)) -> Result<BuiltImage, BuildError> {
+    async fn build(
+        &self,
+        key: &str,
+        spec: &ImageSpec,
+        source: &Source,
+        report: &(dyn Fn(Progress) + Send + Sync),
+    ) -> Result<BuiltImage, BuildError> {
         let packages = spec.all_packages();
         report(Progress::Stage("evaluating"));
         let t = Instant::now();
-        let prepared = self.nix.prepare(source, &spec.tag, &packages, spec.arch.nix_system()).await?;
+        let prepared = self
+            .nix
+            .prepare(source, &spec.tag, &packages, spec.arch.nix_system())
+            .await?;
         info!(seconds = t.elapsed().as_secs_f64(), "evaluated");
         if !prepared.unknown.is_empty() {
             return Err(BuildError::UnknownPackages(prepared.unknown));
@@ -281,36 +386,54 @@ impl Builder {
             .collect();
         history.push("nixery: customisation layer".into());
 
-        let parallel = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let parallel = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
         let mut blobs: Vec<LayerBlob> = Vec::with_capacity(total);
-        let mut stream = futures::stream::iter(planned.into_iter().map(|l| self.store_path_layer(l.paths))).buffered(parallel);
+        let mut stream =
+            futures::stream::iter(planned.into_iter().map(|l| self.store_path_layer(l.paths)))
+                .buffered(parallel);
         while let Some(blob) = stream.next().await {
             blobs.push(blob?);
-            report(Progress::Layers { done: blobs.len(), total });
+            report(Progress::Layers {
+                done: blobs.len(),
+                total,
+            });
         }
         drop(stream);
         let store = self.store.clone();
         let roots_for_custom = roots.clone();
-        let (custom, bin) = tokio::task::spawn_blocking(move || -> Result<(LayerBlob, Vec<String>), BuildError> {
-            let c = oci::customisation(&roots_for_custom)?;
-            let (w, blob) = oci::pack_layer(&c.entries, store.writer()?)?;
-            w.commit(Some(&blob.digest))?;
-            Ok((blob, c.bin))
-        })
-        .await
-        .map_err(|e| BuildError::Internal(e.to_string()))??;
+        let (custom, bin) =
+            tokio::task::spawn_blocking(move || -> Result<(LayerBlob, Vec<String>), BuildError> {
+                let c = oci::customisation(&roots_for_custom)?;
+                let (w, blob) = oci::pack_layer(&c.entries, store.writer()?)?;
+                w.commit(Some(&blob.digest))?;
+                Ok((blob, c.bin))
+            })
+            .await
+            .map_err(|e| BuildError::Internal(e.to_string()))??;
         blobs.push(custom);
-        report(Progress::Layers { done: blobs.len(), total });
-        info!(seconds = t.elapsed().as_secs_f64(), layers = blobs.len(), "packed");
+        report(Progress::Layers {
+            done: blobs.len(),
+            total,
+        });
+        info!(
+            seconds = t.elapsed().as_secs_f64(),
+            layers = blobs.len(),
+            "packed"
+        );
 
         let mut run = spec.run.clone();
         if run.cmd.is_none() && run.entrypoint.is_none() {
             run.cmd = oci::default_cmd(&bin, &spec.packages);
         }
-        let config = oci::image_config(spec.arch, &blobs, &run, &history).map_err(|e| BuildError::Internal(e.to_string()))?;
+        let config = oci::image_config(spec.arch, &blobs, &run, &history)
+            .map_err(|e| BuildError::Internal(e.to_string()))?;
         self.store.put(&config)?;
-        let oci_manifest = oci::manifest(false, &config, &blobs).map_err(|e| BuildError::Internal(e.to_string()))?;
-        let docker_manifest = oci::manifest(true, &config, &blobs).map_err(|e| BuildError::Internal(e.to_string()))?;
+        let oci_manifest = oci::manifest(false, &config, &blobs)
+            .map_err(|e| BuildError::Internal(e.to_string()))?;
+        let docker_manifest = oci::manifest(true, &config, &blobs)
+            .map_err(|e| BuildError::Internal(e.to_string()))?;
         // Manifests are blobs too, so they can be served by digest after a restart.
         let oci_digest = self.store.put(&oci_manifest)?;
         let docker_digest = self.store.put(&docker_manifest)?;
@@ -338,7 +461,10 @@ impl Builder {
             let entries = oci::store_path_entries(&paths)?;
             let (w, blob) = oci::pack_layer(&entries, store.writer()?)?;
             w.commit(Some(&blob.digest))?;
-            crate::store::write_atomic(&cache_file, &serde_json::to_vec(&blob).expect("serialisable"))?;
+            crate::store::write_atomic(
+                &cache_file,
+                &serde_json::to_vec(&blob).expect("serialisable"),
+            )?;
             Ok(blob)
         })
         .await
@@ -355,7 +481,10 @@ impl Builder {
             h.update(p.as_bytes());
             h.update(b"\n");
         }
-        self.cfg.state_dir.join("layers").join(format!("{}.json", hex::encode(h.finalize())))
+        self.cfg
+            .state_dir
+            .join("layers")
+            .join(format!("{}.json", hex::encode(h.finalize())))
     }
 
     fn cached_layer(&self, file: &Path) -> Option<LayerBlob> {
@@ -366,6 +495,9 @@ impl Builder {
 
     /// Drops an image from the cache (used when its NixImage is deleted).
     pub fn forget(&self, img: &BuiltImage) {
-        self.cache.lock().unwrap().retain(|_, v| v.oci_digest != img.oci_digest);
+        self.cache
+            .lock()
+            .unwrap()
+            .retain(|_, v| v.oci_digest != img.oci_digest);
     }
 }

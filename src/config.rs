@@ -10,7 +10,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::nix::Source;
 
 #[derive(Debug, Parser)]
-#[command(name = "nixery", version, about = "Container images built by Nix on demand, served by an OCI registry")]
+#[command(
+    name = "nixery",
+    version,
+    about = "Container images built by Nix on demand, served by an OCI registry"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -119,25 +123,41 @@ impl CommonArgs {
             (None, Some(port)) => format!("0.0.0.0:{port}"),
             (None, None) => "127.0.0.1:5000".into(),
         };
-        let listen: SocketAddr = listen.parse().map_err(|e: std::net::AddrParseError| ConfigError::Listen(listen.clone(), e.to_string()))?;
-        let state_dir = self.state_dir.clone().or_else(|| env("STORAGE_PATH").map(PathBuf::from)).unwrap_or_else(|| PathBuf::from("/var/lib/nixery"));
+        let listen: SocketAddr = listen.parse().map_err(|e: std::net::AddrParseError| {
+            ConfigError::Listen(listen.clone(), e.to_string())
+        })?;
+        let state_dir = self
+            .state_dir
+            .clone()
+            .or_else(|| env("STORAGE_PATH").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("/var/lib/nixery"));
         let source = if let Some(p) = &self.pkgs_path {
-            let abs = std::path::absolute(p).map_err(|e| ConfigError::Invalid("--pkgs-path", e.to_string()))?;
+            let abs = std::path::absolute(p)
+                .map_err(|e| ConfigError::Invalid("--pkgs-path", e.to_string()))?;
             Source::Path(abs)
         } else if let Some(r) = &self.pkgs_repo {
             Source::Git { url: r.clone() }
         } else {
-            Source::Channel(self.pkgs_channel.clone().unwrap_or_else(|| "nixos-unstable".into()))
+            Source::Channel(
+                self.pkgs_channel
+                    .clone()
+                    .unwrap_or_else(|| "nixos-unstable".into()),
+            )
         };
         let timeout = match self.build_timeout {
             Some(t) => t,
             None => match env("NIX_TIMEOUT") {
-                Some(t) => t.parse().map_err(|_| ConfigError::Invalid("NIX_TIMEOUT", t))?,
+                Some(t) => t
+                    .parse()
+                    .map_err(|_| ConfigError::Invalid("NIX_TIMEOUT", t))?,
                 None => 600,
             },
         };
         if timeout == 0 {
-            return Err(ConfigError::Invalid("build timeout", "must be at least one second".into()));
+            return Err(ConfigError::Invalid(
+                "build timeout",
+                "must be at least one second".into(),
+            ));
         }
         if self.storage_backend != "filesystem" {
             return Err(ConfigError::Backend(self.storage_backend.clone()));
@@ -146,8 +166,12 @@ impl CommonArgs {
             None => None,
             Some(p) => {
                 let path = p.strip_prefix("file://").unwrap_or(p);
-                let bytes = std::fs::read(path).map_err(|e| ConfigError::Popularity(p.clone(), e.to_string()))?;
-                Some(serde_json::from_slice(&bytes).map_err(|e| ConfigError::Popularity(p.clone(), e.to_string()))?)
+                let bytes = std::fs::read(path)
+                    .map_err(|e| ConfigError::Popularity(p.clone(), e.to_string()))?;
+                Some(
+                    serde_json::from_slice(&bytes)
+                        .map_err(|e| ConfigError::Popularity(p.clone(), e.to_string()))?,
+                )
             }
         };
         let nix_options = self
@@ -155,7 +179,10 @@ impl CommonArgs {
             .iter()
             .map(|o| match o.split_once('=') {
                 Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-                _ => Err(ConfigError::Invalid("--nix-option", format!("'{o}' is not NAME=VALUE"))),
+                _ => Err(ConfigError::Invalid(
+                    "--nix-option",
+                    format!("'{o}' is not NAME=VALUE"),
+                )),
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Settings {
@@ -206,28 +233,64 @@ mod tests {
         assert_eq!(s.state_dir, PathBuf::from("/srv/nixery"));
         assert_eq!(s.build_timeout, Duration::from_secs(30));
         // Our own flags win over Nixery's names.
-        let s = parse(&["--listen", "127.0.0.1:1", "--build-timeout", "5"]).resolve(env).unwrap();
+        let s = parse(&["--listen", "127.0.0.1:1", "--build-timeout", "5"])
+            .resolve(env)
+            .unwrap();
         assert_eq!(s.listen.to_string(), "127.0.0.1:1");
         assert_eq!(s.build_timeout, Duration::from_secs(5));
     }
 
     #[test]
     fn one_package_source_at_most() {
-        let r = Cli::try_parse_from(["nixery", "serve", "--pkgs-path", "/a", "--pkgs-channel", "x"]);
+        let r = Cli::try_parse_from([
+            "nixery",
+            "serve",
+            "--pkgs-path",
+            "/a",
+            "--pkgs-channel",
+            "x",
+        ]);
         assert!(r.is_err());
-        let s = parse(&["--pkgs-repo", "file:///r"]).resolve(|_| None).unwrap();
-        assert_eq!(s.source, Source::Git { url: "file:///r".into() });
+        let s = parse(&["--pkgs-repo", "file:///r"])
+            .resolve(|_| None)
+            .unwrap();
+        assert_eq!(
+            s.source,
+            Source::Git {
+                url: "file:///r".into()
+            }
+        );
     }
 
     #[test]
     fn bad_values_are_errors() {
-        assert!(matches!(parse(&["--listen", "nonsense"]).resolve(|_| None), Err(ConfigError::Listen(..))));
-        assert!(matches!(parse(&["--storage-backend", "gcs"]).resolve(|_| None), Err(ConfigError::Backend(_))));
-        assert!(matches!(parse(&[]).resolve(|k| (k == "NIX_TIMEOUT").then(|| "soon".into())), Err(ConfigError::Invalid(..))));
+        assert!(matches!(
+            parse(&["--listen", "nonsense"]).resolve(|_| None),
+            Err(ConfigError::Listen(..))
+        ));
+        assert!(matches!(
+            parse(&["--storage-backend", "gcs"]).resolve(|_| None),
+            Err(ConfigError::Backend(_))
+        ));
+        assert!(matches!(
+            parse(&[]).resolve(|k| (k == "NIX_TIMEOUT").then(|| "soon".into())),
+            Err(ConfigError::Invalid(..))
+        ));
         assert!(Cli::try_parse_from(["nixery", "serve", "--max-layers", "1"]).is_err());
-        assert!(matches!(parse(&["--nix-option", "novalue"]).resolve(|_| None), Err(ConfigError::Invalid(..))));
-        let s = parse(&["--nix-option", "substituters="]).resolve(|_| None).unwrap();
-        assert_eq!(s.nix_options, vec![("substituters".to_string(), String::new())]);
-        assert!(matches!(parse(&["--popularity", "/does/not/exist"]).resolve(|_| None), Err(ConfigError::Popularity(..))));
+        assert!(matches!(
+            parse(&["--nix-option", "novalue"]).resolve(|_| None),
+            Err(ConfigError::Invalid(..))
+        ));
+        let s = parse(&["--nix-option", "substituters="])
+            .resolve(|_| None)
+            .unwrap();
+        assert_eq!(
+            s.nix_options,
+            vec![("substituters".to_string(), String::new())]
+        );
+        assert!(matches!(
+            parse(&["--popularity", "/does/not/exist"]).resolve(|_| None),
+            Err(ConfigError::Popularity(..))
+        ));
     }
 }

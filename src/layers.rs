@@ -32,7 +32,11 @@ pub type Popularity = HashMap<String, u64>;
 
 /// Plans the store-path layers. `budget` counts every layer of the image,
 /// including the customisation layer, so at most `budget - 1` are returned.
-pub fn plan(closure: &[PathInfo], budget: usize, popularity: Option<&Popularity>) -> Vec<PlannedLayer> {
+pub fn plan(
+    closure: &[PathInfo],
+    budget: usize,
+    popularity: Option<&Popularity>,
+) -> Vec<PlannedLayer> {
     let store_budget = budget.max(2) - 1;
     let by_path: BTreeMap<&str, &PathInfo> = closure.iter().map(|p| (p.path.as_str(), p)).collect();
     let local = closure_popularity(&by_path);
@@ -52,16 +56,26 @@ pub fn plan(closure: &[PathInfo], budget: usize, popularity: Option<&Popularity>
             .then(b.nar_size.cmp(&a.nar_size))
             .then(a.path.cmp(&b.path))
     });
-    let own = if ranked.len() <= store_budget { ranked.len() } else { store_budget - 1 };
+    let own = if ranked.len() <= store_budget {
+        ranked.len()
+    } else {
+        store_budget - 1
+    };
     let mut layers: Vec<PlannedLayer> = ranked[..own]
         .iter()
-        .map(|p| PlannedLayer { paths: vec![p.path.clone()], nar_size: p.nar_size })
+        .map(|p| PlannedLayer {
+            paths: vec![p.path.clone()],
+            nar_size: p.nar_size,
+        })
         .collect();
     if own < ranked.len() {
         let rest = &ranked[own..];
         let mut paths: Vec<String> = rest.iter().map(|p| p.path.clone()).collect();
         paths.sort();
-        layers.push(PlannedLayer { paths, nar_size: rest.iter().map(|p| p.nar_size).sum() });
+        layers.push(PlannedLayer {
+            paths,
+            nar_size: rest.iter().map(|p| p.nar_size).sum(),
+        });
     }
     layers
 }
@@ -152,7 +166,11 @@ mod tests {
     #[test]
     fn shared_paths_get_the_same_layer_in_different_images() {
         // Two images sharing glibc and lib000 but otherwise different.
-        let a = vec![info("g-glibc", 1000, &[]), info("l000-lib", 10, &["g-glibc"]), info("a-app", 1, &["l000-lib"])];
+        let a = vec![
+            info("g-glibc", 1000, &[]),
+            info("l000-lib", 10, &["g-glibc"]),
+            info("a-app", 1, &["l000-lib"]),
+        ];
         let b = vec![
             info("g-glibc", 1000, &[]),
             info("l000-lib", 10, &["g-glibc"]),
@@ -162,7 +180,12 @@ mod tests {
         let la = plan(&a, 100, None);
         let lb = plan(&b, 100, None);
         for shared in ["/nix/store/g-glibc", "/nix/store/l000-lib"] {
-            let find = |ls: &[PlannedLayer]| ls.iter().find(|l| l.paths.contains(&shared.to_string())).cloned().unwrap();
+            let find = |ls: &[PlannedLayer]| {
+                ls.iter()
+                    .find(|l| l.paths.contains(&shared.to_string()))
+                    .cloned()
+                    .unwrap()
+            };
             assert_eq!(find(&la), find(&lb));
             assert_eq!(find(&la).paths.len(), 1);
         }

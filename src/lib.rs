@@ -36,9 +36,13 @@ pub enum Error {
 
 /// Builds the shared state of a registry from settings.
 pub fn app_state(settings: &Settings) -> Result<AppState, Error> {
-    std::fs::create_dir_all(&settings.state_dir).map_err(|e| Error::StateDir(settings.state_dir.clone(), e))?;
+    std::fs::create_dir_all(&settings.state_dir)
+        .map_err(|e| Error::StateDir(settings.state_dir.clone(), e))?;
     let store = Arc::new(store::LocalStore::open(&settings.state_dir)?);
-    let nix = Arc::new(nix::NixCli::new(&settings.state_dir, settings.nix_options.clone()).map_err(|e| Error::StateDir(settings.state_dir.clone(), e))?);
+    let nix = Arc::new(
+        nix::NixCli::new(&settings.state_dir, settings.nix_options.clone())
+            .map_err(|e| Error::StateDir(settings.state_dir.clone(), e))?,
+    );
     let metrics = Arc::new(Metrics::default());
     let builder = Builder::new(
         BuilderConfig {
@@ -53,10 +57,22 @@ pub fn app_state(settings: &Settings) -> Result<AppState, Error> {
         store,
         metrics.clone(),
     );
-    Ok(AppState { builder, named: Arc::new(NamedImages::default()), metrics, ready: Arc::new(AtomicBool::new(true)) })
+    Ok(AppState {
+        builder,
+        named: Arc::new(NamedImages::default()),
+        metrics,
+        ready: Arc::new(AtomicBool::new(true)),
+    })
 }
 
 /// Serves the registry on an already-bound listener until `shutdown` resolves.
-pub async fn serve_on(listener: tokio::net::TcpListener, state: AppState, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), Error> {
-    axum::serve(listener, registry::router(state)).with_graceful_shutdown(shutdown).await.map_err(Error::Serve)
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    axum::serve(listener, registry::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(Error::Serve)
 }

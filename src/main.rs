@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use nixery::builder::{ImageSpec, Progress};
 use nixery::config::{Cli, Command, CommonArgs};
-use nixery::name::{self, Reference, Repository};
+use nixery::name::{self, Repository};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -28,10 +28,15 @@ fn env(key: &str) -> Option<String> {
 async fn serve(args: CommonArgs) -> anyhow::Result<()> {
     let settings = args.resolve(env)?;
     let state = nixery::app_state(&settings)?;
-    let listener = tokio::net::TcpListener::bind(settings.listen).await.with_context(|| format!("listening on {}", settings.listen))?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("listening on {}", settings.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, source = %settings.source.describe(), state_dir = %settings.state_dir.display(), "nixery registry listening");
-    eprintln!("nixery: serving images built from {} on http://{addr}", settings.source.describe());
+    eprintln!(
+        "nixery: serving images built from {} on http://{addr}",
+        settings.source.describe()
+    );
     eprintln!("nixery: try   docker run --rm {addr}/shell/hello hello");
     nixery::serve_on(listener, state, shutdown_signal()).await?;
     Ok(())
@@ -39,7 +44,8 @@ async fn serve(args: CommonArgs) -> anyhow::Result<()> {
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing SIGTERM handler");
     tokio::select! {
         _ = ctrl_c => {},
         _ = term.recv() => {},
@@ -58,14 +64,18 @@ async fn build(args: CommonArgs, image: &str) -> anyhow::Result<()> {
     let parts: Vec<&str> = path.split('/').collect();
     let img = match name::parse_repository(&parts)? {
         Repository::AdHoc(img) => img,
-        Repository::Named { .. } => anyhow::bail!("niximage/... names are built by the controller; `nixery build` takes package names"),
+        Repository::Named { .. } => anyhow::bail!(
+            "niximage/... names are built by the controller; `nixery build` takes package names"
+        ),
     };
-    let _ = Reference::Tag(tag.into());
     let state = nixery::app_state(&settings)?;
     let tty = std::io::stderr().is_terminal();
     let bar = indicatif::ProgressBar::new_spinner();
     if tty {
-        bar.set_style(indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("template"));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+                .expect("template"),
+        );
         bar.enable_steady_tick(std::time::Duration::from_millis(120));
     } else {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -92,7 +102,10 @@ async fn build(args: CommonArgs, image: &str) -> anyhow::Result<()> {
             }
         })
     };
-    let result = state.builder.get_or_build(ImageSpec::ad_hoc(&img, tag), Some(progress)).await;
+    let result = state
+        .builder
+        .get_or_build(ImageSpec::ad_hoc(&img, tag), Some(progress))
+        .await;
     bar.finish_and_clear();
     let built = result.map_err(|e| anyhow::anyhow!("{e}"))?;
     eprintln!(
@@ -102,6 +115,11 @@ async fn build(args: CommonArgs, image: &str) -> anyhow::Result<()> {
         built.layers,
         built.size as f64 / (1024.0 * 1024.0)
     );
-    println!("{}/{}:{tag}@{}", settings.listen, img.name(), built.oci_digest);
+    println!(
+        "{}/{}:{tag}@{}",
+        settings.listen,
+        img.name(),
+        built.oci_digest
+    );
     Ok(())
 }

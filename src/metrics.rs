@@ -61,21 +61,77 @@ impl Default for Metrics {
             registry: Registry::default(),
         };
         registry.register("builds", "Image builds started", m.builds.clone());
-        registry.register("build_failures", "Image builds that failed", m.build_failures.clone());
-        registry.register("build_duration_seconds", "Duration of image builds", m.build_duration.clone());
-        registry.register("builds_running", "Image builds running now", m.builds_running.clone());
-        registry.register("builds_queued", "Image builds waiting for a build slot", m.builds_queued.clone());
-        registry.register("cache_hits", "Manifest requests answered from the image cache", m.cache_hits.clone());
-        registry.register("cache_misses", "Manifest requests that started a build", m.cache_misses.clone());
-        registry.register("build_waits", "Manifest requests that joined a build already running", m.build_waits.clone());
-        registry.register("layers_packed", "Layers packed into tarballs", m.layers_packed.clone());
-        registry.register("layers_reused", "Layers found in the layer cache", m.layers_reused.clone());
-        registry.register("bytes_served", "Blob and manifest bytes sent to clients", m.bytes_served.clone());
-        registry.register("http_requests", "Registry requests by status", m.requests.clone());
+        registry.register(
+            "build_failures",
+            "Image builds that failed",
+            m.build_failures.clone(),
+        );
+        registry.register(
+            "build_duration_seconds",
+            "Duration of image builds",
+            m.build_duration.clone(),
+        );
+        registry.register(
+            "builds_running",
+            "Image builds running now",
+            m.builds_running.clone(),
+        );
+        registry.register(
+            "builds_queued",
+            "Image builds waiting for a build slot",
+            m.builds_queued.clone(),
+        );
+        registry.register(
+            "cache_hits",
+            "Manifest requests answered from the image cache",
+            m.cache_hits.clone(),
+        );
+        registry.register(
+            "cache_misses",
+            "Manifest requests that started a build",
+            m.cache_misses.clone(),
+        );
+        registry.register(
+            "build_waits",
+            "Manifest requests that joined a build already running",
+            m.build_waits.clone(),
+        );
+        registry.register(
+            "layers_packed",
+            "Layers packed into tarballs",
+            m.layers_packed.clone(),
+        );
+        registry.register(
+            "layers_reused",
+            "Layers found in the layer cache",
+            m.layers_reused.clone(),
+        );
+        registry.register(
+            "bytes_served",
+            "Blob and manifest bytes sent to clients",
+            m.bytes_served.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "Registry requests by status",
+            m.requests.clone(),
+        );
         registry.register("reconciles", "NixImage reconciles", m.reconciles.clone());
-        registry.register("reconcile_errors", "NixImage reconciles that failed", m.reconcile_errors.clone());
-        registry.register("reconcile_duration_seconds", "Duration of NixImage reconciles", m.reconcile_duration.clone());
-        registry.register("niximages", "NixImage objects by phase, as seen by this agent", m.objects_by_phase.clone());
+        registry.register(
+            "reconcile_errors",
+            "NixImage reconciles that failed",
+            m.reconcile_errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of NixImage reconciles",
+            m.reconcile_duration.clone(),
+        );
+        registry.register(
+            "niximages",
+            "NixImage objects by phase, as seen by this agent",
+            m.objects_by_phase.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -84,7 +140,8 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
         out
     }
 }
@@ -100,6 +157,9 @@ mod tests {
         m.requests.get_or_create(&StatusLabel { status: 404 }).inc();
         let text = m.render();
         assert!(text.contains("nixery_builds_total 1"), "{text}");
-        assert!(text.contains("nixery_http_requests_total{status=\"404\"} 1"), "{text}");
+        assert!(
+            text.contains("nixery_http_requests_total{status=\"404\"} 1"),
+            "{text}"
+        );
     }
 }

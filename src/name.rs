@@ -56,7 +56,11 @@ impl FromStr for Digest {
         let hex = s
             .strip_prefix("sha256:")
             .ok_or_else(|| NameError::InvalidDigest(printable(s)))?;
-        if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             Ok(Digest(s.to_string()))
         } else {
             Err(NameError::InvalidDigest(printable(s)))
@@ -148,7 +152,9 @@ impl Repository {
     pub fn name(&self) -> String {
         match self {
             Repository::AdHoc(img) => img.name(),
-            Repository::Named { namespace, name } => format!("{NIXIMAGE_PREFIX}/{namespace}/{name}"),
+            Repository::Named { namespace, name } => {
+                format!("{NIXIMAGE_PREFIX}/{namespace}/{name}")
+            }
         }
     }
 }
@@ -166,11 +172,21 @@ pub enum Route {
     Base,
     /// `/v2/_catalog`
     Catalog,
-    Manifest { repo: Repository, reference: Reference },
-    Blob { repo: Repository, digest: Digest },
+    Manifest {
+        repo: Repository,
+        reference: Reference,
+    },
+    Blob {
+        repo: Repository,
+        digest: Digest,
+    },
     /// `/v2/<name>/blobs/uploads/...`: pushes, which this registry refuses.
-    Upload { repo: Repository },
-    Tags { repo: Repository },
+    Upload {
+        repo: Repository,
+    },
+    Tags {
+        repo: Repository,
+    },
 }
 
 /// Parses the part of the path after `/v2/`.
@@ -196,11 +212,15 @@ pub fn parse_route(path: &str) -> Result<Route, NameError> {
     }
     if let Some(i) = parts.iter().rposition(|p| *p == "uploads") {
         if i >= 2 && parts[i - 1] == "blobs" {
-            return Ok(Route::Upload { repo: parse_repository(&parts[..i - 1])? });
+            return Ok(Route::Upload {
+                repo: parse_repository(&parts[..i - 1])?,
+            });
         }
     }
     if n >= 3 && parts[n - 2] == "tags" && parts[n - 1] == "list" {
-        return Ok(Route::Tags { repo: parse_repository(&parts[..n - 2])? });
+        return Ok(Route::Tags {
+            repo: parse_repository(&parts[..n - 2])?,
+        });
     }
     Err(NameError::NotFound)
 }
@@ -245,7 +265,11 @@ pub fn parse_repository(parts: &[&str]) -> Result<Repository, NameError> {
             ))),
         };
     }
-    let mut img = AdHocImage { packages: BTreeSet::new(), shell: false, arch: Arch::host() };
+    let mut img = AdHocImage {
+        packages: BTreeSet::new(),
+        shell: false,
+        arch: Arch::host(),
+    };
     for part in parts {
         if !is_attr_path(part) {
             return Err(NameError::InvalidName(format!(
@@ -273,7 +297,8 @@ pub fn is_attr_path(s: &str) -> bool {
         && s.split('.').all(|ident| {
             let mut bytes = ident.bytes();
             matches!(bytes.next(), Some(b) if b.is_ascii_alphanumeric() || b == b'_')
-                && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'\'' | b'+'))
+                && bytes
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'\'' | b'+'))
         })
 }
 
@@ -281,7 +306,8 @@ pub fn is_attr_path(s: &str) -> bool {
 pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -306,7 +332,10 @@ mod tests {
 
     fn adhoc(path: &str) -> AdHocImage {
         match parse_route(path).unwrap() {
-            Route::Manifest { repo: Repository::AdHoc(img), .. } => img,
+            Route::Manifest {
+                repo: Repository::AdHoc(img),
+                ..
+            } => img,
             other => panic!("{other:?}"),
         }
     }
@@ -344,28 +373,57 @@ mod tests {
             Route::Blob { digest, .. } => assert_eq!(digest.as_str(), d),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(parse_route("shell/blobs/uploads/").unwrap(), Route::Upload { .. }));
-        assert!(matches!(parse_route("shell/blobs/uploads/abc").unwrap(), Route::Upload { .. }));
-        assert!(matches!(parse_route("shell/tags/list").unwrap(), Route::Tags { .. }));
+        assert!(matches!(
+            parse_route("shell/blobs/uploads/").unwrap(),
+            Route::Upload { .. }
+        ));
+        assert!(matches!(
+            parse_route("shell/blobs/uploads/abc").unwrap(),
+            Route::Upload { .. }
+        ));
+        assert!(matches!(
+            parse_route("shell/tags/list").unwrap(),
+            Route::Tags { .. }
+        ));
         match parse_route(&format!("curl/manifests/{d}")).unwrap() {
-            Route::Manifest { reference: Reference::Digest(x), .. } => assert_eq!(x.as_str(), d),
+            Route::Manifest {
+                reference: Reference::Digest(x),
+                ..
+            } => assert_eq!(x.as_str(), d),
             other => panic!("{other:?}"),
         }
-        assert_eq!(parse_route("shell/nothing").unwrap_err(), NameError::NotFound);
+        assert_eq!(
+            parse_route("shell/nothing").unwrap_err(),
+            NameError::NotFound
+        );
     }
 
     #[test]
     fn niximage_names() {
         match parse_route("niximage/default/curl-and-jq/manifests/v1").unwrap() {
-            Route::Manifest { repo: Repository::Named { namespace, name }, reference } => {
-                assert_eq!((namespace.as_str(), name.as_str()), ("default", "curl-and-jq"));
+            Route::Manifest {
+                repo: Repository::Named { namespace, name },
+                reference,
+            } => {
+                assert_eq!(
+                    (namespace.as_str(), name.as_str()),
+                    ("default", "curl-and-jq")
+                );
                 assert_eq!(reference, Reference::Tag("v1".into()));
             }
             other => panic!("{other:?}"),
         }
         // `niximage` is reserved: never a package, whatever follows.
-        for bad in ["niximage/manifests/latest", "niximage/a/manifests/latest", "niximage/a/b/c/manifests/x", "niximage/A/b/manifests/x"] {
-            assert!(matches!(parse_route(bad), Err(NameError::InvalidName(_))), "{bad}");
+        for bad in [
+            "niximage/manifests/latest",
+            "niximage/a/manifests/latest",
+            "niximage/a/b/c/manifests/x",
+            "niximage/A/b/manifests/x",
+        ] {
+            assert!(
+                matches!(parse_route(bad), Err(NameError::InvalidName(_))),
+                "{bad}"
+            );
         }
     }
 
@@ -387,7 +445,10 @@ mod tests {
             "curl//manifests/latest",
             "/manifests/latest",
         ] {
-            assert!(matches!(parse_route(bad), Err(NameError::InvalidName(_))), "{bad:?} should be invalid");
+            assert!(
+                matches!(parse_route(bad), Err(NameError::InvalidName(_))),
+                "{bad:?} should be invalid"
+            );
         }
         let long = format!("{}/manifests/latest", "a".repeat(300));
         assert!(matches!(parse_route(&long), Err(NameError::InvalidName(_))));
@@ -396,10 +457,31 @@ mod tests {
     #[test]
     fn bad_digests_and_tags() {
         // A digest with a slash never reaches the digest parser: not a route.
-        assert_eq!(parse_route("curl/blobs/sha256:../../etc/passwd").unwrap_err(), NameError::NotFound);
-        for bad in ["sha256:xyz", "sha512:00", "md5:aa", "sha256:..", &format!("sha256:{}", "A".repeat(64))] {
-            assert!(matches!(parse_route(&format!("curl/blobs/{bad}")), Err(NameError::InvalidDigest(_))), "{bad}");
-            assert!(matches!(parse_route(&format!("curl/manifests/{bad}")), Err(NameError::InvalidDigest(_))), "{bad}");
+        assert_eq!(
+            parse_route("curl/blobs/sha256:../../etc/passwd").unwrap_err(),
+            NameError::NotFound
+        );
+        for bad in [
+            "sha256:xyz",
+            "sha512:00",
+            "md5:aa",
+            "sha256:..",
+            &format!("sha256:{}", "A".repeat(64)),
+        ] {
+            assert!(
+                matches!(
+                    parse_route(&format!("curl/blobs/{bad}")),
+                    Err(NameError::InvalidDigest(_))
+                ),
+                "{bad}"
+            );
+            assert!(
+                matches!(
+                    parse_route(&format!("curl/manifests/{bad}")),
+                    Err(NameError::InvalidDigest(_))
+                ),
+                "{bad}"
+            );
         }
         for bad in [".x", "-x", "a/b", &"t".repeat(129), "ta g"] {
             assert!(parse_reference(bad).is_err(), "{bad}");

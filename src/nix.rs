@@ -69,11 +69,17 @@ impl Source {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum NixError {
     #[error("could not start {program}: {message}")]
-    Spawn { program: &'static str, message: String },
+    Spawn {
+        program: &'static str,
+        message: String,
+    },
     #[error("{stage} failed: {log}")]
     Failed { stage: &'static str, log: String },
     #[error("{stage} returned data we could not read: {message}")]
-    BadOutput { stage: &'static str, message: String },
+    BadOutput {
+        stage: &'static str,
+        message: String,
+    },
 }
 
 /// What prepare-image.nix answers.
@@ -89,8 +95,19 @@ pub type LogSink = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// The Nix boundary, as the builder sees it.
 pub trait Nix: Send + Sync + 'static {
-    fn prepare<'a>(&'a self, source: &'a Source, tag: &'a str, packages: &'a [String], system: &'a str) -> BoxFuture<'a, Result<Prepared, NixError>>;
-    fn realise<'a>(&'a self, drvs: &'a [String], gcroot: &'a Path, log: LogSink) -> BoxFuture<'a, Result<(), NixError>>;
+    fn prepare<'a>(
+        &'a self,
+        source: &'a Source,
+        tag: &'a str,
+        packages: &'a [String],
+        system: &'a str,
+    ) -> BoxFuture<'a, Result<Prepared, NixError>>;
+    fn realise<'a>(
+        &'a self,
+        drvs: &'a [String],
+        gcroot: &'a Path,
+        log: LogSink,
+    ) -> BoxFuture<'a, Result<(), NixError>>;
     fn closure<'a>(&'a self, outs: &'a [String]) -> BoxFuture<'a, Result<Vec<PathInfo>, NixError>>;
 }
 
@@ -106,7 +123,10 @@ impl NixCli {
     pub fn new(state_dir: &Path, options: Vec<(String, String)>) -> std::io::Result<Self> {
         let prepare_file = state_dir.join("nix/prepare-image.nix");
         crate::store::write_atomic(&prepare_file, PREPARE_IMAGE_NIX.as_bytes())?;
-        Ok(Self { prepare_file, options })
+        Ok(Self {
+            prepare_file,
+            options,
+        })
     }
 
     fn with_options<'a>(&'a self, mut args: Vec<&'a str>) -> Vec<&'a str> {
@@ -146,12 +166,21 @@ fn descendant_groups(root: i32) -> Vec<i32> {
     let mut procs: Vec<(i32, i32, i32)> = Vec::new(); // (pid, ppid, pgid)
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                continue;
+            };
             // Fields after the command name, which is in parentheses.
-            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+                continue;
+            };
             let f: Vec<&str> = rest.split_whitespace().collect();
-            if let (Some(ppid), Some(pgid)) = (f.get(1).and_then(|x| x.parse().ok()), f.get(2).and_then(|x| x.parse().ok())) {
+            if let (Some(ppid), Some(pgid)) = (
+                f.get(1).and_then(|x| x.parse().ok()),
+                f.get(2).and_then(|x| x.parse().ok()),
+            ) {
                 procs.push((pid, ppid, pgid));
             }
         }
@@ -175,10 +204,22 @@ fn descendant_groups(root: i32) -> Vec<i32> {
 }
 
 /// Runs a Nix tool, streaming stderr lines to `log`, and returns stdout.
-async fn run(program: &'static str, args: &[&str], stage: &'static str, log: Option<LogSink>) -> Result<String, NixError> {
+async fn run(
+    program: &'static str,
+    args: &[&str],
+    stage: &'static str,
+    log: Option<LogSink>,
+) -> Result<String, NixError> {
     let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
-    let mut child = cmd.spawn().map_err(|e| NixError::Spawn { program, message: e.to_string() })?;
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd.spawn().map_err(|e| NixError::Spawn {
+        program,
+        message: e.to_string(),
+    })?;
     let mut guard = ProcessGuard(child.id().map(|p| p as i32));
     let mut stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
@@ -201,53 +242,102 @@ async fn run(program: &'static str, args: &[&str], stage: &'static str, log: Opt
         tail
     };
     let (out, tail) = tokio::join!(read_out, read_err);
-    let status = child.wait().await.map_err(|e| NixError::Spawn { program, message: e.to_string() })?;
+    let status = child.wait().await.map_err(|e| NixError::Spawn {
+        program,
+        message: e.to_string(),
+    })?;
     guard.0 = None;
-    let out = out.map_err(|e| NixError::BadOutput { stage, message: e.to_string() })?;
+    let out = out.map_err(|e| NixError::BadOutput {
+        stage,
+        message: e.to_string(),
+    })?;
     if status.success() {
         Ok(out)
     } else {
         let log: Vec<String> = tail.into_iter().filter(|l| !l.trim().is_empty()).collect();
-        Err(NixError::Failed { stage, log: log.join("\n") })
+        Err(NixError::Failed {
+            stage,
+            log: log.join("\n"),
+        })
     }
 }
 
 impl Nix for NixCli {
-    fn prepare<'a>(&'a self, source: &'a Source, tag: &'a str, packages: &'a [String], system: &'a str) -> BoxFuture<'a, Result<Prepared, NixError>> {
+    fn prepare<'a>(
+        &'a self,
+        source: &'a Source,
+        tag: &'a str,
+        packages: &'a [String],
+        system: &'a str,
+    ) -> BoxFuture<'a, Result<Prepared, NixError>> {
         Box::pin(async move {
             let (src_type, src_args) = source.nix_args(tag);
             let packages = serde_json::to_string(packages).expect("strings serialise");
             let file = self.prepare_file.to_string_lossy();
             let args = self.with_options(vec![
-                    "--eval", "--strict", "--json", "--read-write-mode", &file,
-                    "--argstr", "srcType", src_type,
-                    "--argstr", "srcArgs", &src_args,
-                    "--argstr", "packages", &packages,
-                    "--argstr", "system", system,
-                ]);
+                "--eval",
+                "--strict",
+                "--json",
+                "--read-write-mode",
+                &file,
+                "--argstr",
+                "srcType",
+                src_type,
+                "--argstr",
+                "srcArgs",
+                &src_args,
+                "--argstr",
+                "packages",
+                &packages,
+                "--argstr",
+                "system",
+                system,
+            ]);
             let out = run("nix-instantiate", &args, "evaluating the package set", None).await?;
-            serde_json::from_str(&out).map_err(|e| NixError::BadOutput { stage: "evaluating the package set", message: e.to_string() })
+            serde_json::from_str(&out).map_err(|e| NixError::BadOutput {
+                stage: "evaluating the package set",
+                message: e.to_string(),
+            })
         })
     }
 
-    fn realise<'a>(&'a self, drvs: &'a [String], gcroot: &'a Path, log: LogSink) -> BoxFuture<'a, Result<(), NixError>> {
+    fn realise<'a>(
+        &'a self,
+        drvs: &'a [String],
+        gcroot: &'a Path,
+        log: LogSink,
+    ) -> BoxFuture<'a, Result<(), NixError>> {
         Box::pin(async move {
             if let Some(dir) = gcroot.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| NixError::Spawn { program: "nix-store", message: format!("creating {}: {e}", dir.display()) })?;
+                std::fs::create_dir_all(dir).map_err(|e| NixError::Spawn {
+                    program: "nix-store",
+                    message: format!("creating {}: {e}", dir.display()),
+                })?;
             }
             let root = gcroot.to_string_lossy();
             let mut args = self.with_options(vec!["--realise", "--add-root", &root, "--indirect"]);
             args.extend(drvs.iter().map(String::as_str));
-            run("nix-store", &args, "building the packages", Some(log)).await.map(|_| ())
+            run("nix-store", &args, "building the packages", Some(log))
+                .await
+                .map(|_| ())
         })
     }
 
     fn closure<'a>(&'a self, outs: &'a [String]) -> BoxFuture<'a, Result<Vec<PathInfo>, NixError>> {
         Box::pin(async move {
-            let mut args = self.with_options(vec!["--extra-experimental-features", "nix-command", "path-info", "--json", "--recursive"]);
+            let mut args = self.with_options(vec![
+                "--extra-experimental-features",
+                "nix-command",
+                "path-info",
+                "--json",
+                "--recursive",
+            ]);
             args.extend(outs.iter().map(String::as_str));
             let out = run("nix", &args, "reading the closure", None).await?;
-            serde_json::from_str(&out).map_err(|e| NixError::BadOutput { stage: "reading the closure", message: e.to_string() })
+            serde_json::from_str(&out).map_err(|e| NixError::BadOutput {
+                stage: "reading the closure",
+                message: e.to_string(),
+            })
         })
     }
 }
@@ -258,12 +348,20 @@ mod tests {
 
     #[test]
     fn git_tags_choose_ref_or_rev() {
-        let s = Source::Git { url: "file:///repo".into() };
+        let s = Source::Git {
+            url: "file:///repo".into(),
+        };
         let (_, args) = s.nix_args("main");
-        assert_eq!(serde_json::from_str::<serde_json::Value>(&args).unwrap()["ref"], "main");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&args).unwrap()["ref"],
+            "main"
+        );
         let commit = "0123456789abcdef0123456789abcdef01234567";
         let (_, args) = s.nix_args(commit);
-        assert_eq!(serde_json::from_str::<serde_json::Value>(&args).unwrap()["rev"], commit);
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&args).unwrap()["rev"],
+            commit
+        );
     }
 
     #[test]

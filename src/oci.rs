@@ -42,10 +42,18 @@ pub struct HashingWriter<W> {
 
 impl<W: Write> HashingWriter<W> {
     pub fn new(inner: W) -> Self {
-        Self { inner, hasher: sha2::Sha256::new(), count: 0 }
+        Self {
+            inner,
+            hasher: sha2::Sha256::new(),
+            count: 0,
+        }
     }
     pub fn finish(self) -> (W, Digest, u64) {
-        (self.inner, Digest::from_sha256(self.hasher.finalize().into()), self.count)
+        (
+            self.inner,
+            Digest::from_sha256(self.hasher.finalize().into()),
+            self.count,
+        )
     }
 }
 
@@ -64,17 +72,34 @@ impl<W: Write> Write for HashingWriter<W> {
 /// One entry of a layer tarball, in archive order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
-    Dir { path: String, mode: u32 },
+    Dir {
+        path: String,
+        mode: u32,
+    },
     /// Contents are read from `source` when the tarball is written.
-    File { path: String, mode: u32, source: PathBuf },
-    Inline { path: String, mode: u32, data: Vec<u8> },
-    Symlink { path: String, target: String },
+    File {
+        path: String,
+        mode: u32,
+        source: PathBuf,
+    },
+    Inline {
+        path: String,
+        mode: u32,
+        data: Vec<u8>,
+    },
+    Symlink {
+        path: String,
+        target: String,
+    },
 }
 
 impl Entry {
     pub fn path(&self) -> &str {
         match self {
-            Entry::Dir { path, .. } | Entry::File { path, .. } | Entry::Inline { path, .. } | Entry::Symlink { path, .. } => path,
+            Entry::Dir { path, .. }
+            | Entry::File { path, .. }
+            | Entry::Inline { path, .. }
+            | Entry::Symlink { path, .. } => path,
         }
     }
 }
@@ -82,8 +107,14 @@ impl Entry {
 /// Lists store paths as tar entries (`nix/store/...`), sorted by path.
 pub fn store_path_entries(paths: &[String]) -> io::Result<Vec<Entry>> {
     let mut entries = vec![
-        Entry::Dir { path: "nix".into(), mode: 0o755 },
-        Entry::Dir { path: "nix/store".into(), mode: 0o755 },
+        Entry::Dir {
+            path: "nix".into(),
+            mode: 0o755,
+        },
+        Entry::Dir {
+            path: "nix/store".into(),
+            mode: 0o755,
+        },
     ];
     for p in paths {
         let rel = p.trim_start_matches('/').to_string();
@@ -99,18 +130,38 @@ fn walk(src: &Path, rel: &str, out: &mut Vec<Entry>) -> io::Result<()> {
     let ft = meta.file_type();
     if ft.is_symlink() {
         let target = std::fs::read_link(src)?;
-        out.push(Entry::Symlink { path: rel.into(), target: target.to_string_lossy().into_owned() });
+        out.push(Entry::Symlink {
+            path: rel.into(),
+            target: target.to_string_lossy().into_owned(),
+        });
     } else if ft.is_dir() {
-        out.push(Entry::Dir { path: rel.into(), mode: 0o555 });
-        let mut names: Vec<_> = std::fs::read_dir(src)?.map(|e| e.map(|e| e.file_name())).collect::<io::Result<_>>()?;
+        out.push(Entry::Dir {
+            path: rel.into(),
+            mode: 0o555,
+        });
+        let mut names: Vec<_> = std::fs::read_dir(src)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<io::Result<_>>()?;
         names.sort();
         for name in names {
-            walk(&src.join(&name), &format!("{rel}/{}", name.to_string_lossy()), out)?;
+            walk(
+                &src.join(&name),
+                &format!("{rel}/{}", name.to_string_lossy()),
+                out,
+            )?;
         }
     } else {
         // The store keeps only the executable bit; so do we.
-        let mode = if meta.permissions().mode() & 0o111 != 0 { 0o555 } else { 0o444 };
-        out.push(Entry::File { path: rel.into(), mode, source: src.to_path_buf() });
+        let mode = if meta.permissions().mode() & 0o111 != 0 {
+            0o555
+        } else {
+            0o444
+        };
+        out.push(Entry::File {
+            path: rel.into(),
+            mode,
+            source: src.to_path_buf(),
+        });
     }
     Ok(())
 }
@@ -160,14 +211,24 @@ pub fn write_tar<W: Write>(entries: &[Entry], w: W) -> io::Result<W> {
 /// use does not depend on the layer's size.
 pub fn pack_layer<W: Write>(entries: &[Entry], w: W) -> io::Result<(W, LayerBlob)> {
     let compressed = HashingWriter::new(io::BufWriter::with_capacity(256 * 1024, w));
-    let gz = flate2::GzBuilder::new().mtime(0).operating_system(255).write(compressed, flate2::Compression::new(GZIP_LEVEL));
+    let gz = flate2::GzBuilder::new()
+        .mtime(0)
+        .operating_system(255)
+        .write(compressed, flate2::Compression::new(GZIP_LEVEL));
     let tar_side = HashingWriter::new(gz);
     let tar_side = write_tar(entries, tar_side)?;
     let (gz, diff_id, _) = tar_side.finish();
     let compressed: HashingWriter<io::BufWriter<W>> = GzEncoder::finish(gz)?;
     let (buf, digest, size) = compressed.finish();
     let w = buf.into_inner().map_err(|e| e.into_error())?;
-    Ok((w, LayerBlob { digest, diff_id, size }))
+    Ok((
+        w,
+        LayerBlob {
+            digest,
+            diff_id,
+            size,
+        },
+    ))
 }
 
 /// What the customisation layer holds, and what the config derives from it.
@@ -200,7 +261,9 @@ pub fn customisation(roots: &[PathBuf]) -> io::Result<Customisation> {
                 continue;
             }
             if path.is_dir() {
-                let node = top.entry(name).or_insert_with(|| Node::Dir(BTreeMap::new()));
+                let node = top
+                    .entry(name)
+                    .or_insert_with(|| Node::Dir(BTreeMap::new()));
                 if let Node::Dir(children) = node {
                     for (n, p) in sorted_children(&path)? {
                         merge(children, n, p)?;
@@ -215,7 +278,9 @@ pub fn customisation(roots: &[PathBuf]) -> io::Result<Customisation> {
         Some(Node::Dir(children)) => children.keys().cloned().collect(),
         _ => vec![],
     };
-    let etc = top.entry("etc".into()).or_insert_with(|| Node::Dir(BTreeMap::new()));
+    let etc = top
+        .entry("etc".into())
+        .or_insert_with(|| Node::Dir(BTreeMap::new()));
     let mut extra = Vec::new();
     if let Node::Dir(children) = etc {
         if !children.contains_key("passwd") {
@@ -226,17 +291,33 @@ pub fn customisation(roots: &[PathBuf]) -> io::Result<Customisation> {
             });
         }
         if !children.contains_key("group") {
-            extra.push(Entry::Inline { path: "etc/group".into(), mode: 0o644, data: b"root:x:0:\nnogroup:x:65534:\n".to_vec() });
+            extra.push(Entry::Inline {
+                path: "etc/group".into(),
+                mode: 0o644,
+                data: b"root:x:0:\nnogroup:x:65534:\n".to_vec(),
+            });
         }
     }
     let mut entries = Vec::new();
     flatten(&top, "", &mut entries);
     entries.extend(extra);
-    entries.push(Entry::Dir { path: "tmp".into(), mode: 0o1777 });
+    entries.push(Entry::Dir {
+        path: "tmp".into(),
+        mode: 0o1777,
+    });
     if bin.iter().any(|b| b == "env") && !top.contains_key("usr") {
-        entries.push(Entry::Dir { path: "usr".into(), mode: 0o755 });
-        entries.push(Entry::Dir { path: "usr/bin".into(), mode: 0o755 });
-        entries.push(Entry::Symlink { path: "usr/bin/env".into(), target: "/bin/env".into() });
+        entries.push(Entry::Dir {
+            path: "usr".into(),
+            mode: 0o755,
+        });
+        entries.push(Entry::Dir {
+            path: "usr/bin".into(),
+            mode: 0o755,
+        });
+        entries.push(Entry::Symlink {
+            path: "usr/bin/env".into(),
+            target: "/bin/env".into(),
+        });
     }
     entries.sort_by(|a, b| a.path().as_bytes().cmp(b.path().as_bytes()));
     Ok(Customisation { entries, bin })
@@ -261,7 +342,9 @@ fn merge(map: &mut BTreeMap<String, Node>, name: String, src: PathBuf) -> io::Re
             }
         }
         Some(node @ Node::Link(_)) => {
-            let Node::Link(existing) = &*node else { unreachable!() };
+            let Node::Link(existing) = &*node else {
+                unreachable!()
+            };
             if existing.is_dir() && src.is_dir() {
                 let mut children = BTreeMap::new();
                 for (n, p) in sorted_children(existing)? {
@@ -281,13 +364,23 @@ fn merge(map: &mut BTreeMap<String, Node>, name: String, src: PathBuf) -> io::Re
 
 fn flatten(map: &BTreeMap<String, Node>, prefix: &str, out: &mut Vec<Entry>) {
     for (name, node) in map {
-        let path = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
+        let path = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}/{name}")
+        };
         match node {
             Node::Dir(children) => {
-                out.push(Entry::Dir { path: path.clone(), mode: 0o755 });
+                out.push(Entry::Dir {
+                    path: path.clone(),
+                    mode: 0o755,
+                });
                 flatten(children, &path, out);
             }
-            Node::Link(target) => out.push(Entry::Symlink { path, target: target.to_string_lossy().into_owned() }),
+            Node::Link(target) => out.push(Entry::Symlink {
+                path,
+                target: target.to_string_lossy().into_owned(),
+            }),
         }
     }
 }
@@ -322,18 +415,29 @@ pub fn default_cmd(bin: &[String], packages: &[String]) -> Option<Vec<String>> {
 
 /// The base environment every image gets; user entries override by name.
 pub fn base_env() -> Vec<String> {
-    vec!["PATH=/bin:/usr/bin:/sbin".into(), "SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt".into()]
+    vec![
+        "PATH=/bin:/usr/bin:/sbin".into(),
+        "SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt".into(),
+    ]
 }
 
 fn merge_env(base: Vec<String>, user: &[String]) -> Vec<String> {
     let key = |e: &str| e.split('=').next().unwrap_or("").to_string();
-    let mut out: Vec<String> = base.into_iter().filter(|b| !user.iter().any(|u| key(u) == key(b))).collect();
+    let mut out: Vec<String> = base
+        .into_iter()
+        .filter(|b| !user.iter().any(|u| key(u) == key(b)))
+        .collect();
     out.extend(user.iter().cloned());
     out
 }
 
 /// The image config JSON: reproducible (fixed `created`, no host data).
-pub fn image_config(arch: Arch, layers: &[LayerBlob], run: &RunConfig, history: &[String]) -> Result<Vec<u8>, oci_spec::OciSpecError> {
+pub fn image_config(
+    arch: Arch,
+    layers: &[LayerBlob],
+    run: &RunConfig,
+    history: &[String],
+) -> Result<Vec<u8>, oci_spec::OciSpecError> {
     let mut cfg = spec::ConfigBuilder::default()
         .env(merge_env(base_env(), &run.env))
         .working_dir(run.working_dir.clone().unwrap_or_else(|| "/".into()))
@@ -349,11 +453,21 @@ pub fn image_config(arch: Arch, layers: &[LayerBlob], run: &RunConfig, history: 
     }
     let rootfs = spec::RootFsBuilder::default()
         .typ("layers")
-        .diff_ids(layers.iter().map(|l| l.diff_id.to_string()).collect::<Vec<_>>())
+        .diff_ids(
+            layers
+                .iter()
+                .map(|l| l.diff_id.to_string())
+                .collect::<Vec<_>>(),
+        )
         .build()?;
     let history = history
         .iter()
-        .map(|h| spec::HistoryBuilder::default().created(CREATED).created_by(h.clone()).build())
+        .map(|h| {
+            spec::HistoryBuilder::default()
+                .created(CREATED)
+                .created_by(h.clone())
+                .build()
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let config = spec::ImageConfigurationBuilder::default()
         .created(CREATED)
@@ -370,19 +484,32 @@ pub fn image_config(arch: Arch, layers: &[LayerBlob], run: &RunConfig, history: 
 }
 
 /// The manifest JSON for an image, in OCI or Docker schema2 media types.
-pub fn manifest(docker: bool, config: &[u8], layers: &[LayerBlob]) -> Result<Vec<u8>, oci_spec::OciSpecError> {
+pub fn manifest(
+    docker: bool,
+    config: &[u8],
+    layers: &[LayerBlob],
+) -> Result<Vec<u8>, oci_spec::OciSpecError> {
     let (m, c, l) = if docker {
         (DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LAYER_GZIP)
     } else {
         (OCI_MANIFEST, OCI_CONFIG, OCI_LAYER_GZIP)
     };
-    let digest = |d: &Digest| -> Result<spec::Digest, oci_spec::OciSpecError> {
-        d.as_str().parse()
-    };
-    let config_desc = spec::Descriptor::new(spec::MediaType::Other(c.into()), config.len() as u64, digest(&Digest::of(config))?);
+    let digest =
+        |d: &Digest| -> Result<spec::Digest, oci_spec::OciSpecError> { d.as_str().parse() };
+    let config_desc = spec::Descriptor::new(
+        spec::MediaType::Other(c.into()),
+        config.len() as u64,
+        digest(&Digest::of(config))?,
+    );
     let layers = layers
         .iter()
-        .map(|b| Ok(spec::Descriptor::new(spec::MediaType::Other(l.into()), b.size, digest(&b.digest)?)))
+        .map(|b| {
+            Ok(spec::Descriptor::new(
+                spec::MediaType::Other(l.into()),
+                b.size,
+                digest(&b.digest)?,
+            ))
+        })
         .collect::<Result<Vec<_>, oci_spec::OciSpecError>>()?;
     let manifest = spec::ImageManifestBuilder::default()
         .schema_version(2u32)
@@ -439,7 +566,8 @@ mod tests {
     #[test]
     fn tarballs_are_reproducible_and_hashes_are_right() {
         let dir = fixture();
-        let entries = store_path_entries(&[dir.path().join("pkg-a").to_string_lossy().into_owned()]).unwrap();
+        let entries =
+            store_path_entries(&[dir.path().join("pkg-a").to_string_lossy().into_owned()]).unwrap();
         let (bytes1, blob1) = pack(&entries);
         // Touch the files: mtimes must not matter.
         std::fs::write(dir.path().join("pkg-a/bin/bash"), b"#!a").unwrap();
@@ -449,7 +577,11 @@ mod tests {
         assert_eq!(blob1.digest, Digest::of(&bytes1));
         assert_eq!(blob1.size, bytes1.len() as u64);
         let mut tar = Vec::new();
-        io::Read::read_to_end(&mut flate2::read::GzDecoder::new(bytes1.as_slice()), &mut tar).unwrap();
+        io::Read::read_to_end(
+            &mut flate2::read::GzDecoder::new(bytes1.as_slice()),
+            &mut tar,
+        )
+        .unwrap();
         assert_eq!(blob1.diff_id, Digest::of(&tar));
         // Entries are sorted, owned by root, with the fixed mtime.
         let mut archive = tar::Archive::new(tar.as_slice());
@@ -473,13 +605,31 @@ mod tests {
         let c = customisation(&roots).unwrap();
         let find = |p: &str| c.entries.iter().find(|e| e.path() == p).cloned();
         // First package wins a conflict.
-        assert_eq!(find("bin/bash"), Some(Entry::Symlink { path: "bin/bash".into(), target: roots[0].join("bin/bash").to_string_lossy().into() }));
+        assert_eq!(
+            find("bin/bash"),
+            Some(Entry::Symlink {
+                path: "bin/bash".into(),
+                target: roots[0].join("bin/bash").to_string_lossy().into()
+            })
+        );
         assert!(matches!(find("bin/curl"), Some(Entry::Symlink { .. })));
         // A directory present in both packages becomes a real directory.
         assert!(matches!(find("share/doc"), Some(Entry::Dir { .. })));
         assert!(matches!(find("share/doc/a"), Some(Entry::Symlink { .. })));
-        assert_eq!(find("tmp"), Some(Entry::Dir { path: "tmp".into(), mode: 0o1777 }));
-        assert_eq!(find("usr/bin/env"), Some(Entry::Symlink { path: "usr/bin/env".into(), target: "/bin/env".into() }));
+        assert_eq!(
+            find("tmp"),
+            Some(Entry::Dir {
+                path: "tmp".into(),
+                mode: 0o1777
+            })
+        );
+        assert_eq!(
+            find("usr/bin/env"),
+            Some(Entry::Symlink {
+                path: "usr/bin/env".into(),
+                target: "/bin/env".into()
+            })
+        );
         assert!(matches!(find("etc/passwd"), Some(Entry::Inline { .. })));
         assert_eq!(c.bin, vec!["bash", "curl", "env", "sh"]);
     }
@@ -487,28 +637,70 @@ mod tests {
     #[test]
     fn cmd_prefers_a_shell() {
         let bin = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(default_cmd(&bin(&["bash", "curl"]), &bin(&["curl"])), Some(vec!["bash".to_string()]));
-        assert_eq!(default_cmd(&bin(&["curl"]), &bin(&["curl"])), Some(vec!["curl".to_string()]));
-        assert_eq!(default_cmd(&bin(&["jq", "curl"]), &bin(&["jq", "curl"])), None);
+        assert_eq!(
+            default_cmd(&bin(&["bash", "curl"]), &bin(&["curl"])),
+            Some(vec!["bash".to_string()])
+        );
+        assert_eq!(
+            default_cmd(&bin(&["curl"]), &bin(&["curl"])),
+            Some(vec!["curl".to_string()])
+        );
+        assert_eq!(
+            default_cmd(&bin(&["jq", "curl"]), &bin(&["jq", "curl"])),
+            None
+        );
     }
 
     #[test]
     fn config_and_manifests() {
-        let layer = LayerBlob { digest: Digest::of(b"l"), diff_id: Digest::of(b"d"), size: 1 };
-        let run = RunConfig { cmd: Some(vec!["bash".into()]), env: vec!["PATH=/custom".into(), "FOO=1".into()], ..Default::default() };
-        let cfg = image_config(Arch::Amd64, std::slice::from_ref(&layer), &run, &["nixery".into()]).unwrap();
+        let layer = LayerBlob {
+            digest: Digest::of(b"l"),
+            diff_id: Digest::of(b"d"),
+            size: 1,
+        };
+        let run = RunConfig {
+            cmd: Some(vec!["bash".into()]),
+            env: vec!["PATH=/custom".into(), "FOO=1".into()],
+            ..Default::default()
+        };
+        let cfg = image_config(
+            Arch::Amd64,
+            std::slice::from_ref(&layer),
+            &run,
+            &["nixery".into()],
+        )
+        .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&cfg).unwrap();
         assert_eq!(v["created"], CREATED);
         assert_eq!(v["architecture"], "amd64");
         assert_eq!(v["config"]["User"], "0:0");
         assert_eq!(v["config"]["Cmd"][0], "bash");
-        let env: Vec<&str> = v["config"]["Env"].as_array().unwrap().iter().map(|e| e.as_str().unwrap()).collect();
-        assert_eq!(env, vec!["SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt", "PATH=/custom", "FOO=1"]);
+        let env: Vec<&str> = v["config"]["Env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            env,
+            vec![
+                "SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt",
+                "PATH=/custom",
+                "FOO=1"
+            ]
+        );
         assert_eq!(v["rootfs"]["diff_ids"][0], layer.diff_id.as_str());
         for docker in [false, true] {
-            let m = manifest(docker, &cfg, &[layer.clone()]).unwrap();
+            let m = manifest(docker, &cfg, std::slice::from_ref(&layer)).unwrap();
             let mt = manifest_media_type(&m).unwrap();
-            assert_eq!(mt, if docker { DOCKER_MANIFEST } else { OCI_MANIFEST });
+            assert_eq!(
+                mt,
+                if docker {
+                    DOCKER_MANIFEST
+                } else {
+                    OCI_MANIFEST
+                }
+            );
             let v: serde_json::Value = serde_json::from_slice(&m).unwrap();
             assert_eq!(v["config"]["digest"], Digest::of(&cfg).as_str());
             assert_eq!(v["config"]["size"], cfg.len());

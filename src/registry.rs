@@ -17,7 +17,7 @@ use axum::Router;
 use futures::StreamExt;
 use tracing::{info_span, Instrument};
 
-use crate::builder::{BuildError, BuiltImage, Builder, ImageSpec};
+use crate::builder::{BuildError, Builder, BuiltImage, ImageSpec};
 use crate::metrics::{Metrics, StatusLabel};
 use crate::name::{self, Digest, NameError, Reference, Repository, Route};
 use crate::oci;
@@ -32,7 +32,10 @@ pub enum RegistryError {
     #[error("{0}")]
     NameUnknown(String),
     #[error("{message}")]
-    ManifestUnknown { message: String, detail: serde_json::Value },
+    ManifestUnknown {
+        message: String,
+        detail: serde_json::Value,
+    },
     #[error("{0}")]
     BlobUnknown(String),
     #[error("{0}")]
@@ -57,7 +60,9 @@ impl RegistryError {
             RegistryError::ManifestUnknown { .. } => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
             RegistryError::BlobUnknown(_) => (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"),
             RegistryError::DigestInvalid(_) => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
-            RegistryError::RangeInvalid { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID"),
+            RegistryError::RangeInvalid { .. } => {
+                (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID")
+            }
             RegistryError::Unsupported(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
             RegistryError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
             RegistryError::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
@@ -74,12 +79,21 @@ impl IntoResponse for RegistryError {
             _ => serde_json::Value::Null,
         };
         let body = serde_json::json!({ "errors": [{ "code": code, "message": self.to_string(), "detail": detail }] });
-        let mut resp = (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
+        let mut resp = (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response();
         if let RegistryError::RangeInvalid { size, .. } = self {
-            resp.headers_mut().insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"));
+            resp.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
+            );
         }
         if matches!(self, RegistryError::Unsupported(_)) {
-            resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         }
         resp
     }
@@ -88,7 +102,9 @@ impl IntoResponse for RegistryError {
 impl From<NameError> for RegistryError {
     fn from(e: NameError) -> Self {
         match e {
-            NameError::InvalidName(_) | NameError::InvalidTag(_) => RegistryError::NameInvalid(e.to_string()),
+            NameError::InvalidName(_) | NameError::InvalidTag(_) => {
+                RegistryError::NameInvalid(e.to_string())
+            }
             NameError::InvalidDigest(_) => RegistryError::DigestInvalid(e.to_string()),
             NameError::NotFound => RegistryError::NotFound("no such registry endpoint".into()),
         }
@@ -102,7 +118,10 @@ impl From<&BuildError> for RegistryError {
                 message: e.to_string(),
                 detail: serde_json::json!({ "unknownPackages": names }),
             },
-            BuildError::UnknownTag { .. } => RegistryError::ManifestUnknown { message: e.to_string(), detail: serde_json::Value::Null },
+            BuildError::UnknownTag { .. } => RegistryError::ManifestUnknown {
+                message: e.to_string(),
+                detail: serde_json::Value::Null,
+            },
             BuildError::Timeout(_) => RegistryError::Unavailable(e.to_string()),
             other => RegistryError::Unknown(format!("building the image failed: {other}")),
         }
@@ -118,22 +137,43 @@ pub struct NamedImages {
 #[derive(Clone, Debug)]
 pub enum NamedEntry {
     /// The object exists; its image is not built yet (or its build failed).
-    Pending { tag: String, message: String },
-    Ready { tag: String, image: Arc<BuiltImage> },
+    Pending {
+        tag: String,
+        message: String,
+    },
+    Ready {
+        tag: String,
+        image: Arc<BuiltImage>,
+    },
 }
 
 impl NamedImages {
     pub fn set(&self, namespace: &str, name: &str, entry: NamedEntry) {
-        self.inner.write().unwrap().insert((namespace.into(), name.into()), entry);
+        self.inner
+            .write()
+            .unwrap()
+            .insert((namespace.into(), name.into()), entry);
     }
     pub fn remove(&self, namespace: &str, name: &str) -> Option<NamedEntry> {
-        self.inner.write().unwrap().remove(&(namespace.into(), name.into()))
+        self.inner
+            .write()
+            .unwrap()
+            .remove(&(namespace.into(), name.into()))
     }
     pub fn get(&self, namespace: &str, name: &str) -> Option<NamedEntry> {
-        self.inner.read().unwrap().get(&(namespace.into(), name.into())).cloned()
+        self.inner
+            .read()
+            .unwrap()
+            .get(&(namespace.into(), name.into()))
+            .cloned()
     }
     pub fn names(&self) -> Vec<String> {
-        self.inner.read().unwrap().keys().map(|(ns, n)| format!("{}/{ns}/{n}", name::NIXIMAGE_PREFIX)).collect()
+        self.inner
+            .read()
+            .unwrap()
+            .keys()
+            .map(|(ns, n)| format!("{}/{ns}/{n}", name::NIXIMAGE_PREFIX))
+            .collect()
     }
 }
 
@@ -165,25 +205,42 @@ async fn observe(State(app): State<AppState>, req: Request, next: Next) -> Respo
     let span = info_span!("request", method = %req.method(), path = %req.uri().path());
     let resp = next.run(req).instrument(span.clone()).await;
     let status = resp.status().as_u16();
-    app.metrics.requests.get_or_create(&StatusLabel { status }).inc();
+    app.metrics
+        .requests
+        .get_or_create(&StatusLabel { status })
+        .inc();
     span.in_scope(|| tracing::info!(status, ms = started.elapsed().as_secs_f64() * 1e3, "served"));
     resp
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], app.metrics.render()).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn readyz(State(app): State<AppState>) -> Response {
     if app.ready.load(Ordering::SeqCst) {
         "ready\n".into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: waiting for the controller's watch to sync\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: waiting for the controller's watch to sync\n",
+        )
+            .into_response()
     }
 }
 
 fn api_version_headers(resp: &mut Response) {
-    resp.headers_mut().insert("Docker-Distribution-API-Version", HeaderValue::from_static("registry/2.0"));
+    resp.headers_mut().insert(
+        "Docker-Distribution-API-Version",
+        HeaderValue::from_static("registry/2.0"),
+    );
 }
 
 async fn v2_base(method: Method) -> Response {
@@ -196,9 +253,19 @@ async fn v2_base(method: Method) -> Response {
     resp
 }
 
-async fn v2(State(app): State<AppState>, method: Method, headers: HeaderMap, req: Request) -> Response {
+async fn v2(
+    State(app): State<AppState>,
+    method: Method,
+    headers: HeaderMap,
+    req: Request,
+) -> Response {
     // The raw path: percent-escapes stay escaped and so fail validation.
-    let path = req.uri().path().strip_prefix("/v2/").unwrap_or("").to_string();
+    let path = req
+        .uri()
+        .path()
+        .strip_prefix("/v2/")
+        .unwrap_or("")
+        .to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let mut resp = match handle(&app, &method, &headers, &path, &query).await {
         Ok(r) => r,
@@ -208,7 +275,13 @@ async fn v2(State(app): State<AppState>, method: Method, headers: HeaderMap, req
     resp
 }
 
-async fn handle(app: &AppState, method: &Method, headers: &HeaderMap, path: &str, query: &str) -> Result<Response, RegistryError> {
+async fn handle(
+    app: &AppState,
+    method: &Method,
+    headers: &HeaderMap,
+    path: &str,
+    query: &str,
+) -> Result<Response, RegistryError> {
     let route = name::parse_route(path)?;
     let head = *method == Method::HEAD;
     if *method != Method::GET && !head {
@@ -220,7 +293,9 @@ async fn handle(app: &AppState, method: &Method, headers: &HeaderMap, path: &str
             let names = app.named.names();
             Ok(paginated("repositories", None, names, query))
         }
-        Route::Upload { .. } => Err(RegistryError::Unsupported("pushes are not supported: this registry is read-only".into())),
+        Route::Upload { .. } => Err(RegistryError::Unsupported(
+            "pushes are not supported: this registry is read-only".into(),
+        )),
         Route::Tags { repo } => {
             let tags = match &repo {
                 Repository::AdHoc(_) if app.builder.source().tags_are_revisions() => vec![],
@@ -228,7 +303,11 @@ async fn handle(app: &AppState, method: &Method, headers: &HeaderMap, path: &str
                 Repository::Named { namespace, name } => match app.named.get(namespace, name) {
                     Some(NamedEntry::Ready { tag, .. }) => vec![tag],
                     Some(NamedEntry::Pending { .. }) => vec![],
-                    None => return Err(RegistryError::NameUnknown(format!("no NixImage {namespace}/{name}"))),
+                    None => {
+                        return Err(RegistryError::NameUnknown(format!(
+                            "no NixImage {namespace}/{name}"
+                        )))
+                    }
                 },
             };
             Ok(paginated("tags", Some(repo.name()), tags, query))
@@ -263,13 +342,21 @@ fn paginated(key: &str, name: Option<String>, mut items: Vec<String>, query: &st
         body.insert("name".into(), name.clone().into());
     }
     body.insert(key.into(), items.clone().into());
-    let mut resp = ([(header::CONTENT_TYPE, "application/json")], serde_json::Value::Object(body).to_string()).into_response();
+    let mut resp = (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::Value::Object(body).to_string(),
+    )
+        .into_response();
     if more {
         let base = match &name {
             Some(name) => format!("/v2/{name}/tags/list"),
             None => "/v2/_catalog".into(),
         };
-        let link = format!("<{base}?n={}&last={}>; rel=\"next\"", n.unwrap_or(0), items.last().cloned().unwrap_or_default());
+        let link = format!(
+            "<{base}?n={}&last={}>; rel=\"next\"",
+            n.unwrap_or(0),
+            items.last().cloned().unwrap_or_default()
+        );
         if let Ok(v) = HeaderValue::from_str(&link) {
             resp.headers_mut().insert(header::LINK, v);
         }
@@ -279,34 +366,76 @@ fn paginated(key: &str, name: Option<String>, mut items: Vec<String>, query: &st
 
 /// Docker schema2 only for clients that accept it and not OCI.
 fn wants_docker(headers: &HeaderMap) -> bool {
-    let accept: String = headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(",");
+    let accept: String = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
     accept.contains(oci::DOCKER_MANIFEST) && !accept.contains(oci::OCI_MANIFEST)
 }
 
-fn manifest_response(app: &AppState, head: bool, media_type: &str, digest: &Digest, bytes: bytes::Bytes) -> Response {
+fn manifest_response(
+    app: &AppState,
+    head: bool,
+    media_type: &str,
+    digest: &Digest,
+    bytes: bytes::Bytes,
+) -> Response {
     let len = bytes.len();
-    let body = if head { Body::empty() } else { Body::from(bytes) };
+    let body = if head {
+        Body::empty()
+    } else {
+        Body::from(bytes)
+    };
     if !head {
         app.metrics.bytes_served.inc_by(len as u64);
     }
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_str(media_type).expect("ascii"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(media_type).expect("ascii"),
+    );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    h.insert("Docker-Content-Digest", HeaderValue::from_str(digest.as_str()).expect("ascii"));
-    h.insert(header::ETAG, HeaderValue::from_str(&format!("\"{digest}\"")).expect("ascii"));
+    h.insert(
+        "Docker-Content-Digest",
+        HeaderValue::from_str(digest.as_str()).expect("ascii"),
+    );
+    h.insert(
+        header::ETAG,
+        HeaderValue::from_str(&format!("\"{digest}\"")).expect("ascii"),
+    );
     resp
 }
 
 fn serve_built(app: &AppState, headers: &HeaderMap, head: bool, img: &BuiltImage) -> Response {
     if wants_docker(headers) {
-        manifest_response(app, head, oci::DOCKER_MANIFEST, &img.docker_digest, img.docker_manifest.clone())
+        manifest_response(
+            app,
+            head,
+            oci::DOCKER_MANIFEST,
+            &img.docker_digest,
+            img.docker_manifest.clone(),
+        )
     } else {
-        manifest_response(app, head, oci::OCI_MANIFEST, &img.oci_digest, img.oci_manifest.clone())
+        manifest_response(
+            app,
+            head,
+            oci::OCI_MANIFEST,
+            &img.oci_digest,
+            img.oci_manifest.clone(),
+        )
     }
 }
 
-async fn manifest(app: &AppState, headers: &HeaderMap, head: bool, repo: Repository, reference: Reference) -> Result<Response, RegistryError> {
+async fn manifest(
+    app: &AppState,
+    headers: &HeaderMap,
+    head: bool,
+    repo: Repository,
+    reference: Reference,
+) -> Result<Response, RegistryError> {
     match (repo, reference) {
         (_, Reference::Digest(digest)) => {
             let store = app.builder.store().clone();
@@ -318,33 +447,58 @@ async fn manifest(app: &AppState, headers: &HeaderMap, head: bool, repo: Reposit
                     tracing::error!(error = %e, "reading a manifest");
                     RegistryError::Unknown("the registry could not read its storage".into())
                 })?;
-            let unknown = || RegistryError::ManifestUnknown { message: format!("manifest {digest} is unknown"), detail: serde_json::Value::Null };
+            let unknown = || RegistryError::ManifestUnknown {
+                message: format!("manifest {digest} is unknown"),
+                detail: serde_json::Value::Null,
+            };
             let bytes = bytes.ok_or_else(unknown)?;
             let media_type = oci::manifest_media_type(&bytes).ok_or_else(unknown)?;
-            Ok(manifest_response(app, head, media_type, &digest, bytes.into()))
+            Ok(manifest_response(
+                app,
+                head,
+                media_type,
+                &digest,
+                bytes.into(),
+            ))
         }
         (Repository::AdHoc(img), Reference::Tag(tag)) => {
-            let built = app.builder.get_or_build(ImageSpec::ad_hoc(&img, &tag), None).await.map_err(|e| RegistryError::from(e.as_ref()))?;
+            let built = app
+                .builder
+                .get_or_build(ImageSpec::ad_hoc(&img, &tag), None)
+                .await
+                .map_err(|e| RegistryError::from(e.as_ref()))?;
             Ok(serve_built(app, headers, head, &built))
         }
-        (Repository::Named { namespace, name }, Reference::Tag(tag)) => match app.named.get(&namespace, &name) {
-            None => Err(RegistryError::NameUnknown(format!("no NixImage {namespace}/{name}"))),
-            Some(NamedEntry::Ready { tag: t, image }) if t == tag => Ok(serve_built(app, headers, head, &image)),
-            Some(NamedEntry::Ready { tag: t, .. }) => Err(RegistryError::ManifestUnknown {
-                message: format!("NixImage {namespace}/{name} has tag '{t}', not '{tag}'"),
-                detail: serde_json::Value::Null,
-            }),
-            Some(NamedEntry::Pending { message, .. }) => Err(RegistryError::ManifestUnknown {
-                message: format!("NixImage {namespace}/{name} is not built yet: {message}"),
-                detail: serde_json::Value::Null,
-            }),
-        },
+        (Repository::Named { namespace, name }, Reference::Tag(tag)) => {
+            match app.named.get(&namespace, &name) {
+                None => Err(RegistryError::NameUnknown(format!(
+                    "no NixImage {namespace}/{name}"
+                ))),
+                Some(NamedEntry::Ready { tag: t, image }) if t == tag => {
+                    Ok(serve_built(app, headers, head, &image))
+                }
+                Some(NamedEntry::Ready { tag: t, .. }) => Err(RegistryError::ManifestUnknown {
+                    message: format!("NixImage {namespace}/{name} has tag '{t}', not '{tag}'"),
+                    detail: serde_json::Value::Null,
+                }),
+                Some(NamedEntry::Pending { message, .. }) => Err(RegistryError::ManifestUnknown {
+                    message: format!("NixImage {namespace}/{name} is not built yet: {message}"),
+                    detail: serde_json::Value::Null,
+                }),
+            }
+        }
     }
 }
 
 /// Parses a single `bytes=` range against a blob size: (start, end exclusive).
 pub fn parse_range(value: &str, size: u64) -> Result<(u64, u64), RegistryError> {
-    let bad = || RegistryError::RangeInvalid { message: format!("invalid or unsatisfiable range '{}'", name::printable(value)), size };
+    let bad = || RegistryError::RangeInvalid {
+        message: format!(
+            "invalid or unsatisfiable range '{}'",
+            name::printable(value)
+        ),
+        size,
+    };
     let spec = value.trim().strip_prefix("bytes=").ok_or_else(bad)?;
     if spec.contains(',') {
         return Err(bad());
@@ -359,7 +513,14 @@ pub fn parse_range(value: &str, size: u64) -> Result<(u64, u64), RegistryError> 
         (size.saturating_sub(suffix), size)
     } else {
         let start: u64 = a.parse().map_err(|_| bad())?;
-        let end = if b.is_empty() { size } else { b.parse::<u64>().map_err(|_| bad())?.saturating_add(1).min(size) };
+        let end = if b.is_empty() {
+            size
+        } else {
+            b.parse::<u64>()
+                .map_err(|_| bad())?
+                .saturating_add(1)
+                .min(size)
+        };
         (start, end)
     };
     if range.0 >= range.1 || range.0 >= size {
@@ -368,14 +529,22 @@ pub fn parse_range(value: &str, size: u64) -> Result<(u64, u64), RegistryError> 
     Ok(range)
 }
 
-async fn blob(app: &AppState, headers: &HeaderMap, head: bool, digest: Digest) -> Result<Response, RegistryError> {
+async fn blob(
+    app: &AppState,
+    headers: &HeaderMap,
+    head: bool,
+    digest: Digest,
+) -> Result<Response, RegistryError> {
     let store = app.builder.store().clone();
     let unknown = || RegistryError::BlobUnknown(format!("blob {digest} is unknown"));
     let storage_error = |e: crate::store::StoreError| {
         tracing::error!(error = %e, "reading a blob");
         RegistryError::Unknown("the registry could not read its storage".into())
     };
-    let size = store.stat(&digest).map_err(storage_error)?.ok_or_else(unknown)?;
+    let size = store
+        .stat(&digest)
+        .map_err(storage_error)?
+        .ok_or_else(unknown)?;
     let range = match headers.get(header::RANGE) {
         Some(v) => Some(parse_range(v.to_str().unwrap_or(""), size)?),
         None => None,
@@ -384,7 +553,11 @@ async fn blob(app: &AppState, headers: &HeaderMap, head: bool, digest: Digest) -
     let mut resp = if head {
         Response::new(Body::empty())
     } else {
-        let stream = store.read(&digest, (start, end)).await.map_err(storage_error)?.ok_or_else(unknown)?;
+        let stream = store
+            .read(&digest, (start, end))
+            .await
+            .map_err(storage_error)?
+            .ok_or_else(unknown)?;
         let metrics = app.metrics.clone();
         let counted = stream.inspect(move |chunk| {
             if let Ok(c) = chunk {
@@ -394,14 +567,29 @@ async fn blob(app: &AppState, headers: &HeaderMap, head: bool, digest: Digest) -
         Response::new(Body::from_stream(counted))
     };
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert("Docker-Content-Digest", HeaderValue::from_str(digest.as_str()).expect("ascii"));
-    h.insert(header::ETAG, HeaderValue::from_str(&format!("\"{digest}\"")).expect("ascii"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("max-age=31536000, immutable"));
+    h.insert(
+        "Docker-Content-Digest",
+        HeaderValue::from_str(digest.as_str()).expect("ascii"),
+    );
+    h.insert(
+        header::ETAG,
+        HeaderValue::from_str(&format!("\"{digest}\"")).expect("ascii"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("max-age=31536000, immutable"),
+    );
     if range.is_some() {
-        h.insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes {start}-{}/{size}", end - 1)).expect("ascii"));
+        h.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&format!("bytes {start}-{}/{size}", end - 1)).expect("ascii"),
+        );
         *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
     }
     Ok(resp)
@@ -417,8 +605,24 @@ mod tests {
         assert_eq!(parse_range("bytes=90-", 100).unwrap(), (90, 100));
         assert_eq!(parse_range("bytes=-10", 100).unwrap(), (90, 100));
         assert_eq!(parse_range("bytes=95-200", 100).unwrap(), (95, 100));
-        for bad in ["bytes=100-", "bytes=10-5", "bytes=a-b", "items=0-1", "bytes=0-1,5-6", "bytes=-0", "bytes=", "bytes=-", ""] {
-            assert!(matches!(parse_range(bad, 100), Err(RegistryError::RangeInvalid { .. })), "{bad}");
+        for bad in [
+            "bytes=100-",
+            "bytes=10-5",
+            "bytes=a-b",
+            "items=0-1",
+            "bytes=0-1,5-6",
+            "bytes=-0",
+            "bytes=",
+            "bytes=-",
+            "",
+        ] {
+            assert!(
+                matches!(
+                    parse_range(bad, 100),
+                    Err(RegistryError::RangeInvalid { .. })
+                ),
+                "{bad}"
+            );
         }
     }
 }

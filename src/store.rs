@@ -26,7 +26,10 @@ pub enum StoreError {
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io { path: path.to_path_buf(), source }
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
@@ -44,14 +47,23 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Starts writing a new blob.
     fn writer(&self) -> Result<Box<dyn BlobWriter>, StoreError>;
     /// Reads `range` (start, end exclusive) of a blob, or None if absent.
-    fn read(&self, digest: &Digest, range: (u64, u64)) -> Pin<Box<dyn std::future::Future<Output = Result<Option<ByteStream>, StoreError>> + Send + '_>>;
+    fn read(
+        &self,
+        digest: &Digest,
+        range: (u64, u64),
+    ) -> Pin<
+        Box<dyn std::future::Future<Output = Result<Option<ByteStream>, StoreError>> + Send + '_>,
+    >;
     /// Reads a whole small blob (manifests, configs) into memory.
     fn read_small(&self, digest: &Digest, limit: u64) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// Stores bytes already in memory.
     fn put(&self, bytes: &[u8]) -> Result<Digest, StoreError> {
         let mut w = self.writer()?;
-        w.write_all(bytes).map_err(|e| StoreError::Io { path: "<blob writer>".into(), source: e })?;
+        w.write_all(bytes).map_err(|e| StoreError::Io {
+            path: "<blob writer>".into(),
+            source: e,
+        })?;
         Ok(w.commit(Some(&Digest::of(bytes)))?.0)
     }
 }
@@ -98,16 +110,25 @@ impl BlobWriter for LocalWriter {
     fn commit(self: Box<Self>, expected: Option<&Digest>) -> Result<(Digest, u64), StoreError> {
         let LocalWriter { inner, blobs } = *self;
         let (buf, digest, size) = inner.finish();
-        let file = buf.into_inner().map_err(|e| StoreError::Io { path: blobs.clone(), source: e.into_error() })?;
+        let file = buf.into_inner().map_err(|e| StoreError::Io {
+            path: blobs.clone(),
+            source: e.into_error(),
+        })?;
         if let Some(expected) = expected {
             if *expected != digest {
-                return Err(StoreError::DigestMismatch { expected: expected.clone(), actual: digest });
+                return Err(StoreError::DigestMismatch {
+                    expected: expected.clone(),
+                    actual: digest,
+                });
             }
         }
         let tmp_path = file.path().to_path_buf();
         file.as_file().sync_all().map_err(io_at(&tmp_path))?;
         let dest = blobs.join(digest.hex());
-        file.persist(&dest).map_err(|e| StoreError::Io { path: dest.clone(), source: e.error })?;
+        file.persist(&dest).map_err(|e| StoreError::Io {
+            path: dest.clone(),
+            source: e.error,
+        })?;
         // Make the rename itself durable.
         if let Ok(dir) = std::fs::File::open(&blobs) {
             let _ = dir.sync_all();
@@ -127,14 +148,23 @@ impl BlobStore for LocalStore {
     }
 
     fn writer(&self) -> Result<Box<dyn BlobWriter>, StoreError> {
-        let file = tempfile::Builder::new().prefix("blob-").tempfile_in(&self.tmp).map_err(io_at(&self.tmp))?;
+        let file = tempfile::Builder::new()
+            .prefix("blob-")
+            .tempfile_in(&self.tmp)
+            .map_err(io_at(&self.tmp))?;
         Ok(Box::new(LocalWriter {
             inner: HashingWriter::new(io::BufWriter::with_capacity(256 * 1024, file)),
             blobs: self.blobs.clone(),
         }))
     }
 
-    fn read(&self, digest: &Digest, (start, end): (u64, u64)) -> Pin<Box<dyn std::future::Future<Output = Result<Option<ByteStream>, StoreError>> + Send + '_>> {
+    fn read(
+        &self,
+        digest: &Digest,
+        (start, end): (u64, u64),
+    ) -> Pin<
+        Box<dyn std::future::Future<Output = Result<Option<ByteStream>, StoreError>> + Send + '_>,
+    > {
         let p = self.blob_path(digest);
         Box::pin(async move {
             use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -144,9 +174,12 @@ impl BlobStore for LocalStore {
                 Err(e) => return Err(io_at(&p)(e)),
             };
             if start > 0 {
-                f.seek(io::SeekFrom::Start(start)).await.map_err(io_at(&p))?;
+                f.seek(io::SeekFrom::Start(start))
+                    .await
+                    .map_err(io_at(&p))?;
             }
-            let stream = tokio_util::io::ReaderStream::with_capacity(f.take(end - start), 256 * 1024);
+            let stream =
+                tokio_util::io::ReaderStream::with_capacity(f.take(end - start), 256 * 1024);
             Ok(Some(Box::pin(stream) as ByteStream))
         })
     }
@@ -194,7 +227,10 @@ mod tests {
         let d = store.put(&data).unwrap();
         assert_eq!(d, Digest::of(&data));
         assert_eq!(store.stat(&d).unwrap(), Some(data.len() as u64));
-        assert_eq!(read_all(store, &d, (0, data.len() as u64)).await.unwrap(), data);
+        assert_eq!(
+            read_all(store, &d, (0, data.len() as u64)).await.unwrap(),
+            data
+        );
         assert_eq!(read_all(store, &d, (6, 10)).await.unwrap(), b"blob");
         assert_eq!(store.read_small(&d, 1024).unwrap().unwrap(), data);
         assert_eq!(store.read_small(&d, 3).unwrap(), None);
@@ -205,7 +241,10 @@ mod tests {
         let mut w = store.writer().unwrap();
         w.write_all(b"other bytes").unwrap();
         let wrong = Digest::of(b"something else");
-        assert!(matches!(w.commit(Some(&wrong)), Err(StoreError::DigestMismatch { .. })));
+        assert!(matches!(
+            w.commit(Some(&wrong)),
+            Err(StoreError::DigestMismatch { .. })
+        ));
         assert_eq!(store.stat(&wrong).unwrap(), None);
         assert_eq!(store.stat(&Digest::of(b"other bytes")).unwrap(), None);
 
@@ -214,7 +253,9 @@ mod tests {
         w.write_all(b"abandoned").unwrap();
         drop(w);
         assert_eq!(store.stat(&Digest::of(b"abandoned")).unwrap(), None);
-        assert!(read_all(store, &Digest::of(b"absent"), (0, 1)).await.is_none());
+        assert!(read_all(store, &Digest::of(b"absent"), (0, 1))
+            .await
+            .is_none());
     }
 
     #[tokio::test]
@@ -222,7 +263,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path()).unwrap();
         conformance(&store).await;
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "no temporaries left");
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0,
+            "no temporaries left"
+        );
     }
 
     #[test]
@@ -231,6 +276,9 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
         std::fs::write(dir.path().join("tmp/blob-half-written"), b"partial").unwrap();
         LocalStore::open(dir.path()).unwrap();
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
     }
 }

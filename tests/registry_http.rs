@@ -19,14 +19,20 @@ async fn base_health_and_metrics() {
     let app = state(dir.path());
     let r = get(&app, "/v2/").await;
     assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(r.header("docker-distribution-api-version"), Some("registry/2.0"));
+    assert_eq!(
+        r.header("docker-distribution-api-version"),
+        Some("registry/2.0")
+    );
     assert_eq!(get(&app, "/v2").await.status, StatusCode::OK);
     assert_eq!(get(&app, "/healthz").await.status, StatusCode::OK);
     assert_eq!(get(&app, "/readyz").await.status, StatusCode::OK);
     let m = get(&app, "/metrics").await;
     assert!(String::from_utf8_lossy(&m.body).contains("nixery_builds_total 0"));
     let r = get(&app, "/nothing/here").await;
-    assert_eq!((r.status, r.error_code().as_str()), (StatusCode::NOT_FOUND, "NOT_FOUND"));
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::NOT_FOUND, "NOT_FOUND")
+    );
 }
 
 #[tokio::test]
@@ -35,27 +41,59 @@ async fn manifests_blobs_and_negotiation() {
     let app = state(dir.path());
 
     // OCI by default and when accepted.
-    let oci = request(&app, Method::GET, "/v2/shell/hello/manifests/latest", &[("accept", OCI_MANIFEST)]).await;
-    assert_eq!(oci.status, StatusCode::OK, "{}", String::from_utf8_lossy(&oci.body));
+    let oci = request(
+        &app,
+        Method::GET,
+        "/v2/shell/hello/manifests/latest",
+        &[("accept", OCI_MANIFEST)],
+    )
+    .await;
+    assert_eq!(
+        oci.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&oci.body)
+    );
     assert_eq!(oci.header("content-type"), Some(OCI_MANIFEST));
     let digest = oci.header("docker-content-digest").unwrap().to_string();
     assert_eq!(digest, nixery::name::Digest::of(&oci.body).to_string());
-    assert_eq!(oci.header("content-length").unwrap(), oci.body.len().to_string());
+    assert_eq!(
+        oci.header("content-length").unwrap(),
+        oci.body.len().to_string()
+    );
 
     // Docker schema2 for a client that accepts only that; a different digest.
-    let docker = request(&app, Method::GET, "/v2/hello/shell/manifests/latest", &[("accept", DOCKER_MANIFEST)]).await;
+    let docker = request(
+        &app,
+        Method::GET,
+        "/v2/hello/shell/manifests/latest",
+        &[("accept", DOCKER_MANIFEST)],
+    )
+    .await;
     assert_eq!(docker.header("content-type"), Some(DOCKER_MANIFEST));
     assert_ne!(docker.header("docker-content-digest").unwrap(), digest);
     let dm = docker.json();
-    assert_eq!(dm["config"]["mediaType"], "application/vnd.docker.container.image.v1+json");
-    assert_eq!(dm["layers"][0]["mediaType"], "application/vnd.docker.image.rootfs.diff.tar.gzip");
+    assert_eq!(
+        dm["config"]["mediaType"],
+        "application/vnd.docker.container.image.v1+json"
+    );
+    assert_eq!(
+        dm["layers"][0]["mediaType"],
+        "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    );
     // Both answers come from one build (names are sorted first).
     let m = String::from_utf8_lossy(&get(&app, "/metrics").await.body).into_owned();
     assert_eq!(metric(&m, "nixery_builds_total"), 1.0);
     assert_eq!(metric(&m, "nixery_cache_hits_total"), 1.0);
 
     // HEAD answers exactly as GET, without a body.
-    let head = request(&app, Method::HEAD, "/v2/shell/hello/manifests/latest", &[("accept", OCI_MANIFEST)]).await;
+    let head = request(
+        &app,
+        Method::HEAD,
+        "/v2/shell/hello/manifests/latest",
+        &[("accept", OCI_MANIFEST)],
+    )
+    .await;
     assert_eq!(head.status, StatusCode::OK);
     assert!(head.body.is_empty());
     for h in ["content-type", "content-length", "docker-content-digest"] {
@@ -67,45 +105,104 @@ async fn manifests_blobs_and_negotiation() {
     assert_eq!(by_digest.status, StatusCode::OK);
     assert_eq!(by_digest.body, oci.body);
     assert_eq!(by_digest.header("content-type"), Some(OCI_MANIFEST));
-    let head = request(&app, Method::HEAD, &format!("/v2/shell/hello/manifests/{digest}"), &[]).await;
-    assert_eq!((head.status, head.header("docker-content-digest")), (StatusCode::OK, Some(digest.as_str())));
+    let head = request(
+        &app,
+        Method::HEAD,
+        &format!("/v2/shell/hello/manifests/{digest}"),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (head.status, head.header("docker-content-digest")),
+        (StatusCode::OK, Some(digest.as_str()))
+    );
 
     // The config blob: full, HEAD, ranges.
     let manifest = oci.json();
     let config_digest = manifest["config"]["digest"].as_str().unwrap();
     let config = get(&app, &format!("/v2/shell/hello/blobs/{config_digest}")).await;
     assert_eq!(config.status, StatusCode::OK);
-    assert_eq!(nixery::name::Digest::of(&config.body).as_str(), config_digest);
+    assert_eq!(
+        nixery::name::Digest::of(&config.body).as_str(),
+        config_digest
+    );
     assert_eq!(config.header("docker-content-digest"), Some(config_digest));
     let cfg = config.json();
     assert_eq!(cfg["config"]["Cmd"][0], "bash");
-    assert!(cfg["config"]["Env"].as_array().unwrap().iter().any(|e| e.as_str().unwrap().starts_with("SSL_CERT_FILE=")));
-    assert_eq!(cfg["rootfs"]["diff_ids"].as_array().unwrap().len(), manifest["layers"].as_array().unwrap().len());
+    assert!(cfg["config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e.as_str().unwrap().starts_with("SSL_CERT_FILE=")));
+    assert_eq!(
+        cfg["rootfs"]["diff_ids"].as_array().unwrap().len(),
+        manifest["layers"].as_array().unwrap().len()
+    );
 
-    let head = request(&app, Method::HEAD, &format!("/v2/x/blobs/{config_digest}"), &[]).await;
-    assert_eq!(head.header("content-length").unwrap(), config.body.len().to_string());
+    let head = request(
+        &app,
+        Method::HEAD,
+        &format!("/v2/x/blobs/{config_digest}"),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        head.header("content-length").unwrap(),
+        config.body.len().to_string()
+    );
     assert!(head.body.is_empty());
 
-    let part = request(&app, Method::GET, &format!("/v2/shell/hello/blobs/{config_digest}"), &[("range", "bytes=2-11")]).await;
+    let part = request(
+        &app,
+        Method::GET,
+        &format!("/v2/shell/hello/blobs/{config_digest}"),
+        &[("range", "bytes=2-11")],
+    )
+    .await;
     assert_eq!(part.status, StatusCode::PARTIAL_CONTENT);
     assert_eq!(part.body, config.body[2..12]);
-    assert_eq!(part.header("content-range").unwrap(), format!("bytes 2-11/{}", config.body.len()));
+    assert_eq!(
+        part.header("content-range").unwrap(),
+        format!("bytes 2-11/{}", config.body.len())
+    );
     for bad in ["bytes=999999-", "bytes=z-1", "lines=1-2", "bytes=5-2"] {
-        let r = request(&app, Method::GET, &format!("/v2/shell/hello/blobs/{config_digest}"), &[("range", bad)]).await;
-        assert_eq!((r.status, r.error_code().as_str()), (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID"), "{bad}");
-        assert_eq!(r.header("content-range").unwrap(), format!("bytes */{}", config.body.len()));
+        let r = request(
+            &app,
+            Method::GET,
+            &format!("/v2/shell/hello/blobs/{config_digest}"),
+            &[("range", bad)],
+        )
+        .await;
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID"),
+            "{bad}"
+        );
+        assert_eq!(
+            r.header("content-range").unwrap(),
+            format!("bytes */{}", config.body.len())
+        );
     }
 
     // A layer blob is not a manifest.
     let layer = manifest["layers"][0]["digest"].as_str().unwrap();
     let r = get(&app, &format!("/v2/shell/hello/manifests/{layer}")).await;
-    assert_eq!((r.status, r.error_code().as_str()), (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"));
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN")
+    );
 
     let absent = format!("sha256:{}", "0".repeat(64));
     let r = get(&app, &format!("/v2/shell/hello/blobs/{absent}")).await;
-    assert_eq!((r.status, r.error_code().as_str()), (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"));
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::NOT_FOUND, "BLOB_UNKNOWN")
+    );
     let r = get(&app, &format!("/v2/shell/hello/manifests/{absent}")).await;
-    assert_eq!((r.status, r.error_code().as_str()), (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"));
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN")
+    );
 
     let m = String::from_utf8_lossy(&get(&app, "/metrics").await.body).into_owned();
     assert!(metric(&m, "nixery_bytes_served_total") > 0.0);
@@ -115,11 +212,24 @@ async fn manifests_blobs_and_negotiation() {
 async fn unknown_packages_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let app = state(dir.path());
-    let r = get(&app, "/v2/shell/nosuchpkg/alsomissing.attr/manifests/latest").await;
-    assert_eq!((r.status, r.error_code().as_str()), (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"));
+    let r = get(
+        &app,
+        "/v2/shell/nosuchpkg/alsomissing.attr/manifests/latest",
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN")
+    );
     let msg = r.error_message();
-    assert!(msg.contains("nosuchpkg") && msg.contains("alsomissing.attr"), "{msg}");
-    assert_eq!(r.json()["errors"][0]["detail"]["unknownPackages"], serde_json::json!(["alsomissing.attr", "nosuchpkg"]));
+    assert!(
+        msg.contains("nosuchpkg") && msg.contains("alsomissing.attr"),
+        "{msg}"
+    );
+    assert_eq!(
+        r.json()["errors"][0]["detail"]["unknownPackages"],
+        serde_json::json!(["alsomissing.attr", "nosuchpkg"])
+    );
     // An attribute that exists but is not a package is unknown too.
     let r = get(&app, "/v2/hostLibs/manifests/latest").await;
     assert!(r.error_message().contains("hostLibs"));
@@ -148,11 +258,25 @@ async fn invalid_and_hostile_names() {
         "/v2/shell/manifests/-bad",
     ] {
         let r = get(&app, path).await;
-        assert_eq!((r.status, r.error_code().as_str()), (StatusCode::BAD_REQUEST, "NAME_INVALID"), "{path}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (StatusCode::BAD_REQUEST, "NAME_INVALID"),
+            "{path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
     }
-    for path in ["/v2/shell/blobs/sha256:1234", "/v2/shell/blobs/md5:abc", "/v2/shell/manifests/sha256:%2e%2e", "/v2/shell/blobs/sha256:%00"] {
+    for path in [
+        "/v2/shell/blobs/sha256:1234",
+        "/v2/shell/blobs/md5:abc",
+        "/v2/shell/manifests/sha256:%2e%2e",
+        "/v2/shell/blobs/sha256:%00",
+    ] {
         let r = get(&app, path).await;
-        assert_eq!((r.status, r.error_code().as_str()), (StatusCode::BAD_REQUEST, "DIGEST_INVALID"), "{path}");
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
+            "{path}"
+        );
     }
     // Nothing was built or evaluated for any of them.
     let m = String::from_utf8_lossy(&get(&app, "/metrics").await.body).into_owned();
@@ -169,12 +293,22 @@ async fn pushes_and_deletes_are_refused() {
         (Method::DELETE, "/v2/curl/manifests/latest".to_string()),
         (Method::DELETE, format!("/v2/curl/blobs/{d}")),
         (Method::POST, "/v2/curl/blobs/uploads/".to_string()),
-        (Method::PATCH, "/v2/curl/blobs/uploads/some-session".to_string()),
-        (Method::PUT, "/v2/curl/blobs/uploads/some-session".to_string()),
+        (
+            Method::PATCH,
+            "/v2/curl/blobs/uploads/some-session".to_string(),
+        ),
+        (
+            Method::PUT,
+            "/v2/curl/blobs/uploads/some-session".to_string(),
+        ),
         (Method::POST, "/v2/".to_string()),
     ] {
         let r = request(&app, method.clone(), &path, &[]).await;
-        assert_eq!((r.status, r.error_code().as_str()), (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"), "{method} {path}");
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
+            "{method} {path}"
+        );
         assert_eq!(r.header("allow"), Some("GET, HEAD"));
     }
 }
@@ -184,16 +318,25 @@ async fn tags_catalog_and_named_images() {
     let dir = tempfile::tempdir().unwrap();
     let app = state(dir.path());
     let r = get(&app, "/v2/shell/curl/tags/list").await;
-    assert_eq!(r.json(), serde_json::json!({"name": "curl/shell", "tags": ["latest"]}));
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"name": "curl/shell", "tags": ["latest"]})
+    );
     let r = get(&app, "/v2/_catalog").await;
     assert_eq!(r.json(), serde_json::json!({"repositories": []}));
     // A tag other than `latest` with a local package source.
     let r = get(&app, "/v2/hello/manifests/v1").await;
-    assert_eq!((r.status, r.error_code().as_str()), (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"));
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN")
+    );
     assert!(r.error_message().contains("'v1'"));
     // No such NixImage.
     let r = get(&app, "/v2/niximage/default/missing/manifests/v1").await;
-    assert_eq!((r.status, r.error_code().as_str()), (StatusCode::NOT_FOUND, "NAME_UNKNOWN"));
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::NOT_FOUND, "NAME_UNKNOWN")
+    );
     let r = get(&app, "/v2/niximage/default/missing/tags/list").await;
     assert_eq!(r.error_code(), "NAME_UNKNOWN");
 }
@@ -204,10 +347,21 @@ async fn failing_build_says_why_and_is_retried() {
     let app = state(dir.path());
     for attempt in 1..=2 {
         let r = get(&app, "/v2/broken/manifests/latest").await;
-        assert_eq!((r.status, r.error_code().as_str()), (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"));
-        assert!(r.error_message().contains("fails to build on purpose"), "{}", r.error_message());
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN")
+        );
+        assert!(
+            r.error_message().contains("fails to build on purpose"),
+            "{}",
+            r.error_message()
+        );
         let m = String::from_utf8_lossy(&get(&app, "/metrics").await.body).into_owned();
-        assert_eq!(metric(&m, "nixery_builds_total"), attempt as f64, "a failure is not cached");
+        assert_eq!(
+            metric(&m, "nixery_builds_total"),
+            attempt as f64,
+            "a failure is not cached"
+        );
         assert_eq!(metric(&m, "nixery_build_failures_total"), attempt as f64);
     }
 }
@@ -219,15 +373,32 @@ async fn build_past_its_timeout_is_stopped() {
     s.build_timeout = Duration::from_secs(3);
     let app = nixery::app_state(&s).unwrap();
     let r = get(&app, "/v2/slow/manifests/latest").await;
-    assert_eq!((r.status, r.error_code().as_str()), (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"));
-    assert!(r.error_message().contains("timeout of 3s"), "{}", r.error_message());
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")
+    );
+    assert!(
+        r.error_message().contains("timeout of 3s"),
+        "{}",
+        r.error_message()
+    );
     // Nothing of the build is left running (Nix's builders run as nixbld users).
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let ps = std::process::Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    let ps = std::process::Command::new("ps")
+        .args(["-eo", "args"])
+        .output()
+        .unwrap();
     let ps = String::from_utf8_lossy(&ps.stdout);
-    assert!(!ps.lines().any(|l| l.contains("slow: sleeping") || l.trim() == "sleep 20"), "the slow builder survived its timeout:\n{ps}");
+    assert!(
+        !ps.lines()
+            .any(|l| l.contains("slow: sleeping") || l.trim() == "sleep 20"),
+        "the slow builder survived its timeout:\n{ps}"
+    );
     // The registry still serves other images.
-    assert_eq!(get(&app, "/v2/hello/manifests/latest").await.status, StatusCode::OK);
+    assert_eq!(
+        get(&app, "/v2/hello/manifests/latest").await.status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
@@ -239,8 +410,16 @@ async fn concurrent_first_pulls_share_one_build() {
         tokio::spawn(async move { get(&app, "/v2/jq/shell/manifests/latest").await })
     });
     let results = futures::future::join_all(reqs).await;
-    let digests: std::collections::BTreeSet<String> =
-        results.iter().map(|r| r.as_ref().unwrap().header("docker-content-digest").unwrap().to_string()).collect();
+    let digests: std::collections::BTreeSet<String> = results
+        .iter()
+        .map(|r| {
+            r.as_ref()
+                .unwrap()
+                .header("docker-content-digest")
+                .unwrap()
+                .to_string()
+        })
+        .collect();
     assert_eq!(digests.len(), 1);
     let m = String::from_utf8_lossy(&get(&app, "/metrics").await.body).into_owned();
     assert_eq!(metric(&m, "nixery_builds_total"), 1.0);
@@ -253,7 +432,10 @@ async fn same_image_in_fresh_state_dirs_has_the_same_digest() {
     let ra = get(&state(a.path()), "/v2/shell/curl/manifests/latest").await;
     let rb = get(&state(b.path()), "/v2/curl/shell/manifests/latest").await;
     assert_eq!(ra.status, StatusCode::OK);
-    assert_eq!(ra.header("docker-content-digest"), rb.header("docker-content-digest"));
+    assert_eq!(
+        ra.header("docker-content-digest"),
+        rb.header("docker-content-digest")
+    );
     assert_eq!(ra.body, rb.body);
 }
 
@@ -262,7 +444,12 @@ async fn images_that_share_dependencies_share_layers() {
     let dir = tempfile::tempdir().unwrap();
     let app = state(dir.path());
     let layers = |r: &Resp| -> std::collections::BTreeSet<String> {
-        r.json()["layers"].as_array().unwrap().iter().map(|l| l["digest"].as_str().unwrap().to_string()).collect()
+        r.json()["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string())
+            .collect()
     };
     let a = layers(&get(&app, "/v2/appA/manifests/latest").await);
     let b = layers(&get(&app, "/v2/appB/manifests/latest").await);
@@ -283,7 +470,12 @@ async fn closures_larger_than_the_budget_fit_it() {
     s.max_layers = 20;
     let app = nixery::app_state(&s).unwrap();
     let r = get(&app, "/v2/deep/manifests/latest").await;
-    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
     assert_eq!(r.json()["layers"].as_array().unwrap().len(), 20);
     let r = get(&app, "/v2/wide/manifests/latest").await;
     assert_eq!(r.json()["layers"].as_array().unwrap().len(), 20);

@@ -49,31 +49,60 @@ pub struct Resp {
 
 impl Resp {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
     /// The registry error code of an error response.
     pub fn error_code(&self) -> String {
-        assert_eq!(self.header("content-type"), Some("application/json"), "errors are JSON");
-        self.json()["errors"][0]["code"].as_str().unwrap_or_default().to_string()
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/json"),
+            "errors are JSON"
+        );
+        self.json()["errors"][0]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
     pub fn error_message(&self) -> String {
-        self.json()["errors"][0]["message"].as_str().unwrap_or_default().to_string()
+        self.json()["errors"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 }
 
-pub async fn request(state: &AppState, method: Method, uri: &str, headers: &[(&str, &str)]) -> Resp {
+pub async fn request(
+    state: &AppState,
+    method: Method,
+    uri: &str,
+    headers: &[(&str, &str)],
+) -> Resp {
     let mut req = Request::builder().method(method).uri(uri);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = nixery::registry::router(state.clone()).oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+    let resp = nixery::registry::router(state.clone())
+        .oneshot(req.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
     let status = resp.status();
     let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
-    Resp { status, headers, body }
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    Resp {
+        status,
+        headers,
+        body,
+    }
 }
 
 pub async fn get(state: &AppState, uri: &str) -> Resp {
@@ -83,7 +112,11 @@ pub async fn get(state: &AppState, uri: &str) -> Resp {
 /// Reads a counter from the Prometheus text.
 pub fn metric(text: &str, name: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).map(|v| v.trim().parse().unwrap()))
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .map(|v| v.trim().parse().unwrap())
+        })
         .unwrap_or_else(|| panic!("metric {name} missing"))
 }
 
@@ -99,23 +132,39 @@ impl Server {
     /// plus `extra` arguments; waits until it listens.
     pub fn start(state_dir: &Path, extra: &[&str]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixery"));
-        cmd.arg("serve").arg("--listen").arg("127.0.0.1:0").arg("--state-dir").arg(state_dir).arg("--nix-option").arg("substituters=");
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--state-dir")
+            .arg(state_dir)
+            .arg("--nix-option")
+            .arg("substituters=");
         if !extra.iter().any(|a| a.starts_with("--pkgs-")) {
             cmd.arg("--pkgs-path").arg(offline_pkgs());
         }
-        cmd.args(extra).env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawning nixery");
         let stderr = child.stderr.take().unwrap();
         let mut lines = BufReader::new(stderr).lines();
         let addr = loop {
-            let line = lines.next().expect("nixery exited before listening").unwrap();
+            let line = lines
+                .next()
+                .expect("nixery exited before listening")
+                .unwrap();
             if let Some(rest) = line.split("on http://").nth(1) {
                 break rest.trim().to_string();
             }
         };
         // Keep draining stderr so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Server { child, addr, state_dir: state_dir.to_path_buf() }
+        Server {
+            child,
+            addr,
+            state_dir: state_dir.to_path_buf(),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -136,14 +185,26 @@ impl Drop for Server {
 
 /// Runs a command, returning (success, stdout, stderr).
 pub fn run(cmd: &mut Command) -> (bool, String, String) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Whether a tool is installed; tests that need it skip, saying so, when not,
 /// except under CI, where `.ci/run` installs every tool and a missing one fails.
 pub fn have_tool(tool: &str, test: &str) -> bool {
-    let ok = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     if !ok {
         if std::env::var("CI").is_ok() {
             panic!("{test}: {tool} is not installed, and CI must run this test");
@@ -161,7 +222,12 @@ pub fn assert_blobs_verify(state_dir: &Path) -> usize {
         let e = e.unwrap();
         let bytes = std::fs::read(e.path()).unwrap();
         let d = nixery::name::Digest::of(&bytes);
-        assert_eq!(d.hex(), e.file_name().to_string_lossy(), "blob {} does not match its digest", e.path().display());
+        assert_eq!(
+            d.hex(),
+            e.file_name().to_string_lossy(),
+            "blob {} does not match its digest",
+            e.path().display()
+        );
         n += 1;
     }
     n

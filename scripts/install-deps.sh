@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what nixery, its offline package set and its tests need on Debian 12:
+# Nix (single-user, no daemon), the host programs that nix/offline-pkgs wraps,
+# and the real registry clients the tests drive. Idempotent; run as root.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+packages=(
+  nix-bin busybox-static patchelf          # Nix and the offline set's build tools
+  hello curl jq less ca-certificates netbase # programs and data the offline set wraps
+  skopeo umoci git                         # real clients used by the tests
+  docker-registry wrk pigz hyperfine       # benchmarks (benches/registry.sh)
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  apt-get update -q >/dev/null
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if ! command -v docker >/dev/null || ! docker info >/dev/null 2>&1; then
+  echo "warning: no Docker engine is reachable; the docker tests need one" >&2
+fi

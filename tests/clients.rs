@@ -1,0 +1,321 @@
+//! The built `nixery` binary against real clients (skopeo, umoci, docker),
+//! real Nix, real package sources (a path, a git repository, a tarball), and
+//! real failures (a kill mid-build, a full disk).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn http_get(url: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}", url])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[test]
+fn skopeo_copy_then_umoci_unpack_runs_hello() {
+    if !have_tool("skopeo", "skopeo_copy_then_umoci_unpack_runs_hello")
+        || !have_tool("umoci", "skopeo_copy_then_umoci_unpack_runs_hello")
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("state"), &[]);
+    let layout = dir.path().join("layout");
+    let (ok, _, err) = run(Command::new("skopeo").args([
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{}/shell/hello:latest", server.addr),
+        &format!("oci:{}:latest", layout.display()),
+    ]));
+    assert!(ok, "skopeo copy failed: {err}");
+    let bundle = dir.path().join("bundle");
+    let (ok, _, err) = run(Command::new("umoci").args([
+        "unpack",
+        "--image",
+        &format!("{}:latest", layout.display()),
+        bundle.to_str().unwrap(),
+    ]));
+    assert!(ok, "umoci unpack failed: {err}");
+    let rootfs = bundle.join("rootfs");
+    assert!(rootfs.join("tmp").is_dir());
+    let (ok, out, err) = run(Command::new("chroot").arg(&rootfs).args(["/bin/hello"]));
+    assert!(ok, "hello failed in the unpacked image: {err}");
+    assert_eq!(out.trim(), "Hello, world!");
+    // The image's config from umoci's view: PATH and a shell Cmd.
+    let (ok, out, _) = run(Command::new("chroot").arg(&rootfs).args([
+        "/bin/bash",
+        "-c",
+        "echo $0; /usr/bin/env true && echo env-ok",
+    ]));
+    assert!(ok && out.contains("env-ok"), "{out}");
+}
+
+#[test]
+fn docker_pull_and_run() {
+    if !have_tool("docker", "docker_pull_and_run") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("state"), &[]);
+    let hello = format!("{}/shell/hello", server.addr);
+    let curl = format!("{}/shell/curl", server.addr);
+    let (ok, _, err) = run(Command::new("docker").args(["pull", "-q", &hello]));
+    assert!(ok, "docker pull failed: {err}");
+    let (ok, out, err) = run(Command::new("docker").args(["run", "--rm", &hello, "hello"]));
+    assert!(ok, "docker run hello failed: {err}");
+    assert_eq!(out.trim(), "Hello, world!");
+    let (ok, out, err) =
+        run(Command::new("docker").args(["run", "--rm", &curl, "curl", "--version"]));
+    assert!(ok, "docker run curl failed: {err}");
+    assert!(out.starts_with("curl "), "{out}");
+    // The default Cmd is the shell, and /tmp is writable by anyone.
+    let (ok, out, err) = run(Command::new("docker").args([
+        "run",
+        "--rm",
+        "--user",
+        "65534",
+        &hello,
+        "bash",
+        "-c",
+        "touch /tmp/x && echo ok",
+    ]));
+    assert!(ok && out.trim() == "ok", "{out} {err}");
+    let _ = run(Command::new("docker").args(["rmi", "-f", &hello, &curl]));
+}
+
+#[test]
+fn killed_during_a_build_then_restarted_serves_only_whole_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut server = Server::start(&state, &[]);
+    let url = server.url("/v2/big/manifests/latest");
+    let req = std::thread::spawn(move || http_get(&url));
+    // Wait until a temporary blob is being written (the 64 MiB layer), then kill.
+    let tmp = state.join("tmp");
+    let started = Instant::now();
+    let mut seen_partial = false;
+    while started.elapsed() < Duration::from_secs(120) {
+        let partial = std::fs::read_dir(&tmp)
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.metadata().map(|m| m.len() > 1 << 20).unwrap_or(false))
+            })
+            .unwrap_or(false);
+        if partial {
+            seen_partial = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(seen_partial, "never saw the big layer being written");
+    server.kill();
+    let _ = req.join();
+    assert!(
+        std::fs::read_dir(&tmp).unwrap().count() > 0,
+        "the kill left a partial temporary file behind"
+    );
+    assert_blobs_verify(&state);
+
+    // Restart on the same state: temporaries are gone, the image builds and
+    // every blob it serves is whole.
+    let server = Server::start(&state, &[]);
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "temporaries were not cleaned on start"
+    );
+    let (code, body) = http_get(&server.url("/v2/big/manifests/latest"));
+    assert_eq!(code, 200, "{body}");
+    let manifest: serde_json::Value = serde_json::from_str(&body).unwrap();
+    for layer in manifest["layers"].as_array().unwrap() {
+        let digest = layer["digest"].as_str().unwrap();
+        let out = Command::new("curl")
+            .args(["-sf", &server.url(&format!("/v2/big/blobs/{digest}"))])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        assert_eq!(nixery::name::Digest::of(&out.stdout).as_str(), digest);
+    }
+    assert_blobs_verify(&state);
+}
+
+/// A git repository holding the offline package set, with a branch and a tag.
+fn git_repo(root: &Path) -> (String, String) {
+    let repo = root.join("pkgs-repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    for f in ["default.nix", "host.json"] {
+        std::fs::copy(offline_pkgs().join(f), repo.join(f)).unwrap();
+    }
+    let git = |args: &[&str]| {
+        let (ok, out, err) = run(Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args(args)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@t")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@t"));
+        assert!(ok, "git {args:?}: {err}");
+        out
+    };
+    git(&["init", "-q", "-b", "main"]);
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "offline package set"]);
+    let commit = git(&["rev-parse", "HEAD"]).trim().to_string();
+    (format!("file://{}", repo.display()), commit)
+}
+
+#[test]
+fn git_package_source_tags_name_revisions() {
+    if !have_tool("git", "git_package_source_tags_name_revisions") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (url, commit) = git_repo(dir.path());
+    let server = Server::start(&dir.path().join("state"), &["--pkgs-repo", &url]);
+    let (code, by_branch) = http_get(&server.url("/v2/hello/manifests/main"));
+    assert_eq!(code, 200, "{by_branch}");
+    let (code, by_commit) = http_get(&server.url(&format!("/v2/hello/manifests/{commit}")));
+    assert_eq!(code, 200, "{by_commit}");
+    // Same revision, same packages: the same image.
+    assert_eq!(by_branch, by_commit);
+    let (code, body) = http_get(&server.url("/v2/hello/manifests/no-such-branch"));
+    assert_eq!(code, 500, "{body}");
+    assert!(body.contains("no-such-branch"), "{body}");
+}
+
+#[test]
+fn channel_package_source_from_a_tarball() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("nixpkgs-offline");
+    std::fs::create_dir_all(&src).unwrap();
+    for f in ["default.nix", "host.json"] {
+        std::fs::copy(offline_pkgs().join(f), src.join(f)).unwrap();
+    }
+    let tarball = dir.path().join("channel.tar.gz");
+    let (ok, _, err) = run(Command::new("tar")
+        .arg("-C")
+        .arg(dir.path())
+        .arg("-czf")
+        .arg(&tarball)
+        .arg("nixpkgs-offline"));
+    assert!(ok, "{err}");
+    let server = Server::start(
+        &dir.path().join("state"),
+        &["--pkgs-channel", &format!("file://{}", tarball.display())],
+    );
+    let (code, body) = http_get(&server.url("/v2/jq/manifests/latest"));
+    assert_eq!(code, 200, "{body}");
+    let (code, _) = http_get(&server.url("/v2/jq/manifests/v2"));
+    assert_eq!(code, 404);
+}
+
+#[test]
+fn nixery_build_prints_reference_and_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_nixery"))
+        .args([
+            "build",
+            "--state-dir",
+            dir.path().to_str().unwrap(),
+            "--nix-option",
+            "substituters=",
+            "--pkgs-path",
+            offline_pkgs().to_str().unwrap(),
+            "jq/shell",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // Reference with digest on stdout; plain progress lines on a non-TTY stderr.
+    assert!(
+        stdout
+            .trim()
+            .starts_with("127.0.0.1:5000/jq/shell:latest@sha256:"),
+        "{stdout}"
+    );
+    for stage in [
+        "evaluating",
+        "building",
+        "packing layers 1/",
+        "built jq/shell",
+    ] {
+        assert!(
+            stderr.contains(stage),
+            "no '{stage}' in progress:\n{stderr}"
+        );
+    }
+    // A bad package name is an error that names it, with a non-zero exit.
+    let out = Command::new(env!("CARGO_BIN_EXE_nixery"))
+        .args([
+            "build",
+            "--state-dir",
+            dir.path().to_str().unwrap(),
+            "--nix-option",
+            "substituters=",
+            "--pkgs-path",
+            offline_pkgs().to_str().unwrap(),
+            "nosuchthing",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown packages: nosuchthing"));
+}
+
+#[test]
+fn full_disk_is_a_clear_error_and_leaves_no_partial_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let (ok, _, err) = run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&state));
+    if !ok {
+        if std::env::var("CI").is_ok() {
+            panic!("mounting a tmpfs failed under CI: {err}");
+        }
+        eprintln!("SKIPPED full_disk_is_a_clear_error_and_leaves_no_partial_blob: cannot mount a tmpfs here ({err})");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&state);
+    let server = Server::start(&state, &[]);
+    let (code, body) = http_get(&server.url("/v2/shell/curl/manifests/latest"));
+    assert_eq!(code, 500, "{body}");
+    assert!(body.contains("No space left on device"), "{body}");
+    assert!(
+        !body.contains(state.to_str().unwrap()),
+        "the error leaks a server path: {body}"
+    );
+    assert_eq!(
+        std::fs::read_dir(state.join("tmp")).unwrap().count(),
+        0,
+        "a partial blob was left behind"
+    );
+    assert_blobs_verify(&state);
+    // The failure is not cached: a retry builds again and fails the same way,
+    // and the server stays healthy.
+    let (code, body) = http_get(&server.url("/v2/shell/curl/manifests/latest"));
+    assert_eq!(code, 500, "{body}");
+    assert!(body.contains("No space left on device"), "{body}");
+    let (_, metrics) = http_get(&server.url("/metrics"));
+    assert_eq!(metric(&metrics, "nixery_builds_total"), 2.0);
+    assert_eq!(http_get(&server.url("/healthz")).0, 200);
+}
