@@ -3,6 +3,8 @@
 
 pub mod builder;
 pub mod config;
+pub mod controller;
+pub mod crd;
 pub mod layers;
 pub mod metrics;
 pub mod name;

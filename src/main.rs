@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use nixery::builder::{ImageSpec, Progress};
-use nixery::config::{Cli, Command, CommonArgs};
+use nixery::config::{AgentArgs, Cli, Command, CommonArgs};
 use nixery::name::{self, Repository};
 
 fn main() -> anyhow::Result<()> {
@@ -17,7 +17,11 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => rt.block_on(serve(args)),
         Command::Build(args) => rt.block_on(build(args.common, &args.image)),
-        Command::Agent(_) | Command::Crd => anyhow::bail!("this subcommand is not available yet"),
+        Command::Agent(args) => rt.block_on(agent(args)),
+        Command::Crd => {
+            print!("{}", nixery::crd::crd_yaml());
+            Ok(())
+        }
     }
 }
 
@@ -39,6 +43,52 @@ async fn serve(args: CommonArgs) -> anyhow::Result<()> {
     );
     eprintln!("nixery: try   docker run --rm {addr}/shell/hello hello");
     nixery::serve_on(listener, state, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// `nixery agent`: the registry plus the NixImage controller for this node.
+async fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    let settings = args.common.resolve(env)?;
+    let state = nixery::app_state(&settings)?;
+    state
+        .ready
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("listening on {}", settings.listen))?;
+    let addr = listener.local_addr()?;
+    let public_host = args
+        .public_host
+        .unwrap_or_else(|| format!("127.0.0.1:{}", addr.port()));
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in cluster, or KUBECONFIG)")?;
+    let recorder = kube::runtime::events::Recorder::new(
+        client.clone(),
+        kube::runtime::events::Reporter {
+            controller: nixery::controller::FIELD_MANAGER.into(),
+            instance: Some(args.node_name.clone()),
+        },
+    );
+    let ctx = Arc::new(nixery::controller::Context {
+        client,
+        builder: state.builder.clone(),
+        named: state.named.clone(),
+        metrics: state.metrics.clone(),
+        recorder,
+        node: args.node_name.clone(),
+        public_host,
+        progress_interval: std::time::Duration::from_secs(2),
+        failures: Default::default(),
+    });
+    eprintln!(
+        "nixery: agent on node {} serving on http://{addr}",
+        args.node_name
+    );
+    let ready = state.ready.clone();
+    let server = tokio::spawn(nixery::serve_on(listener, state, shutdown_signal()));
+    nixery::controller::run(ctx, ready).await?;
+    server.abort();
     Ok(())
 }
 

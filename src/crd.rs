@@ -1,0 +1,218 @@
+//! The NixImage custom resource (`k8s.nixos.org/v1alpha1`): a package list
+//! and image config in `spec`, per-node and aggregate build state in `status`.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A nixpkgs attribute path, as `name::is_attr_path` accepts.
+pub const ATTR_PATTERN: &str = r"^[A-Za-z0-9_][A-Za-z0-9_'+-]*(\.[A-Za-z0-9_][A-Za-z0-9_'+-]*)*$";
+/// An OCI tag.
+pub const TAG_PATTERN: &str = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$";
+
+/// A container image built by Nix from a list of packages, served by the
+/// nixery agent on every node as `niximage/<namespace>/<name>:<tag>`.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "k8s.nixos.org",
+    version = "v1alpha1",
+    kind = "NixImage",
+    plural = "niximages",
+    shortname = "nimg",
+    namespaced,
+    status = "NixImageStatus",
+    printcolumn = r#"{"name":"Tag","type":"string","jsonPath":".spec.tag"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Nodes","type":"string","jsonPath":".status.readyNodes"}"#,
+    printcolumn = r#"{"name":"Image","type":"string","jsonPath":".status.image"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NixImageSpec {
+    /// Package attribute paths (e.g. `curl`, `python3Packages.requests`);
+    /// `shell` adds bash, coreutils and the usual interactive tools.
+    #[schemars(
+        length(min = 1, max = 64),
+        inner(length(max = 255), pattern(ATTR_PATTERN))
+    )]
+    pub contents: Vec<String>,
+    /// The image tag; with a git package source it also names the revision.
+    #[serde(default = "default_tag")]
+    #[schemars(pattern(TAG_PATTERN))]
+    pub tag: String,
+    /// Overrides the agent's package source for this image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<PackageSource>,
+    /// Image config: entrypoint, cmd, env, workingDir, user, exposedPorts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<ImageConfig>,
+}
+
+fn default_tag() -> String {
+    "latest".into()
+}
+
+/// One of `path`, `repo` or `channel`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PackageSource {
+    /// A nixpkgs-shaped directory on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// A git repository URL; `spec.tag` names the revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    /// A nixpkgs channel name or tarball URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Ports as `8080/tcp`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(pattern(r"^[0-9]{1,5}(/(tcp|udp|sctp))?$")))]
+    pub exposed_ports: Vec<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct EnvVar {
+    #[schemars(pattern(r"^[^=]+$"))]
+    pub name: String,
+    #[serde(default)]
+    pub value: String,
+}
+
+/// Build state: one entry per node (each agent writes its own), and an
+/// aggregate that says whether the image is ready everywhere.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NixImageStatus {
+    /// The generation every node has built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Pending, Building, Ready, Failed or Inconsistent (nodes disagree on the digest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// A pullable reference with digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<i64>,
+    /// Compressed size in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<i64>,
+    /// `ready/total` nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_nodes: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["node"]))]
+    pub nodes: Vec<NodeStatus>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// One node's build of the image.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub node: String,
+    /// Building, Ready or Failed.
+    pub phase: String,
+    pub observed_generation: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The CRD as YAML, as `nixery crd` prints it and `crds/niximage.yaml` holds.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    serde_yaml::to_string(&NixImage::crd()).expect("the CRD serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attr_pattern_agrees_with_the_name_parser() {
+        // The API server enforces ATTR_PATTERN; the registry enforces is_attr_path.
+        let re = |s: &str| {
+            // A tiny matcher for this one pattern: identifiers joined by dots.
+            s.split('.').all(|id| {
+                let mut b = id.bytes();
+                matches!(b.next(), Some(c) if c.is_ascii_alphanumeric() || c == b'_')
+                    && b.all(|c| {
+                        c.is_ascii_alphanumeric() || matches!(c, b'_' | b'\'' | b'+' | b'-')
+                    })
+            })
+        };
+        for s in [
+            "curl",
+            "python3Packages.requests",
+            "iana-etc",
+            "a.b.c",
+            "gtk+3",
+            "",
+            "a..b",
+            ".a",
+            "a b",
+            "$(x)",
+            "a/b",
+        ] {
+            assert_eq!(re(s), crate::name::is_attr_path(s), "{s:?}");
+        }
+        assert!(ATTR_PATTERN.contains(r"[A-Za-z0-9_'+-]"));
+    }
+
+    #[test]
+    fn crd_has_the_contracted_names_and_columns() {
+        let yaml = crd_yaml();
+        let crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition = serde_yaml::from_str(&yaml).unwrap();
+        assert_eq!(
+            crd.metadata.name.as_deref(),
+            Some("niximages.k8s.nixos.org")
+        );
+        assert_eq!(crd.spec.names.kind, "NixImage");
+        assert_eq!(crd.spec.names.short_names, Some(vec!["nimg".to_string()]));
+        assert_eq!(crd.spec.scope, "Namespaced");
+        let v = &crd.spec.versions[0];
+        assert_eq!(v.name, "v1alpha1");
+        assert!(v.subresources.as_ref().unwrap().status.is_some());
+        let cols: Vec<&str> = v
+            .additional_printer_columns
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        for c in ["Tag", "Phase", "Image", "Age"] {
+            assert!(cols.contains(&c), "{cols:?}");
+        }
+        // Validation the API server enforces.
+        assert!(yaml.contains("minItems: 1"), "{yaml}");
+        assert!(yaml.contains(TAG_PATTERN));
+        assert!(yaml.contains("x-kubernetes-list-map-keys"));
+    }
+}
