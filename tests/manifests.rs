@@ -1,0 +1,341 @@
+//! Generated and hand-written manifests are tested: the checked-in CRD equals
+//! `nixery crd`, every YAML in deploy/ and examples/ parses into its typed
+//! struct, and they agree with each other and with the code.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::repo_root;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use nixery::crd::NixImage;
+use nixery::name::{parse_route, Reference, Repository, Route};
+use serde::Deserialize;
+
+#[derive(Default)]
+struct Docs {
+    namespaces: Vec<Namespace>,
+    service_accounts: Vec<ServiceAccount>,
+    roles: Vec<ClusterRole>,
+    bindings: Vec<ClusterRoleBinding>,
+    daemonsets: Vec<DaemonSet>,
+    crds: Vec<CustomResourceDefinition>,
+    niximages: Vec<NixImage>,
+    pods: Vec<(String, PodSpec)>,
+}
+
+/// Parses every document of every YAML file in `dir` into its typed struct.
+fn load(dir: &Path) -> Docs {
+    let mut docs = Docs::default();
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    for path in files {
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml")
+            || path.file_name().unwrap() == "kustomization.yaml"
+        {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value = serde_yaml::Value::deserialize(doc).unwrap();
+            let kind = value["kind"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{}: a document without kind", path.display()))
+                .to_string();
+            let ctx = format!("{} ({kind})", path.display());
+            macro_rules! parse {
+                () => {
+                    serde_yaml::from_value(value.clone()).unwrap_or_else(|e| panic!("{ctx}: {e}"))
+                };
+            }
+            match kind.as_str() {
+                "Namespace" => docs.namespaces.push(parse!()),
+                "ServiceAccount" => docs.service_accounts.push(parse!()),
+                "ClusterRole" => docs.roles.push(parse!()),
+                "ClusterRoleBinding" => docs.bindings.push(parse!()),
+                "DaemonSet" => docs.daemonsets.push(parse!()),
+                "CustomResourceDefinition" => docs.crds.push(parse!()),
+                "NixImage" => docs.niximages.push(parse!()),
+                "Pod" => {
+                    let pod: Pod = parse!();
+                    docs.pods.push((ctx, pod.spec.unwrap()));
+                }
+                "Deployment" => {
+                    let d: Deployment = parse!();
+                    docs.pods.push((ctx, d.spec.template.spec.unwrap()));
+                }
+                other => panic!("{ctx}: unexpected kind {other}"),
+            }
+        }
+    }
+    docs
+}
+
+fn kustomization_resources(dir: &Path) -> Vec<String> {
+    let k: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap())
+            .unwrap();
+    k["resources"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn checked_in_crd_equals_nixery_crd() {
+    let on_disk = std::fs::read_to_string(repo_root().join("crds/niximage.yaml")).unwrap();
+    assert_eq!(
+        on_disk,
+        nixery::crd::crd_yaml(),
+        "crds/niximage.yaml drifted: run `cargo run -- crd > crds/niximage.yaml`"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nixery"))
+        .arg("crd")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), on_disk);
+    assert_eq!(
+        kustomization_resources(&repo_root().join("crds")),
+        vec!["niximage.yaml"]
+    );
+}
+
+#[test]
+fn deploy_manifests_parse_and_agree() {
+    let dir = repo_root().join("deploy");
+    let docs = load(&dir);
+    // The kustomization lists every file, and the CRD through ../crds.
+    let mut listed = kustomization_resources(&dir);
+    listed.sort();
+    let mut present: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|f| f.ends_with(".yaml") && f != "kustomization.yaml")
+        .collect();
+    present.push("../crds".into());
+    present.sort();
+    assert_eq!(listed, present);
+
+    let ns = docs.namespaces[0].metadata.name.clone().unwrap();
+    let sa = &docs.service_accounts[0];
+    let sa_name = sa.metadata.name.clone().unwrap();
+    assert_eq!(sa.metadata.namespace.as_deref(), Some(ns.as_str()));
+
+    // RBAC: the binding grants the role to the agent's service account.
+    let role = &docs.roles[0];
+    let binding = &docs.bindings[0];
+    assert_eq!(binding.role_ref.name, role.metadata.name.clone().unwrap());
+    let subject = &binding.subjects.as_ref().unwrap()[0];
+    assert_eq!(
+        (subject.name.as_str(), subject.namespace.as_deref()),
+        (sa_name.as_str(), Some(ns.as_str()))
+    );
+    let crd = nixery::crd::crd_yaml();
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&crd).unwrap();
+    let rules = role.rules.as_ref().unwrap();
+    let grants = |group: &str, resource: &str, verb: &str| {
+        rules.iter().any(|r| {
+            r.api_groups.as_ref().unwrap().iter().any(|g| g == group)
+                && r.resources.as_ref().unwrap().iter().any(|x| x == resource)
+                && r.verbs.iter().any(|v| v == verb)
+        })
+    };
+    for verb in ["get", "list", "watch", "patch"] {
+        assert!(
+            grants(&crd.spec.group, &crd.spec.names.plural, verb),
+            "{verb} niximages"
+        );
+    }
+    assert!(grants(
+        &crd.spec.group,
+        &format!("{}/status", crd.spec.names.plural),
+        "patch"
+    ));
+    assert!(grants("events.k8s.io", "events", "create"));
+    // Least privilege: no wildcards, no secrets, no deletes.
+    for r in rules {
+        assert!(!r.verbs.iter().any(|v| v == "*" || v == "delete"), "{r:?}");
+        assert!(
+            !r.resources
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|x| x == "*" || x == "secrets"),
+            "{r:?}"
+        );
+    }
+
+    // The DaemonSet: service account, node name, host /nix, probes on the
+    // registry's port, and the registry on the node's loopback.
+    let ds = &docs.daemonsets[0];
+    let pod = ds.spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some(sa_name.as_str()));
+    assert_eq!(pod.host_network, Some(true));
+    let c = &pod.containers[0];
+    let args = c.args.clone().unwrap_or_default();
+    let listen = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--listen="))
+        .expect("--listen");
+    let port: i32 = listen.rsplit(':').next().unwrap().parse().unwrap();
+    assert!(
+        listen.starts_with("127.0.0.1:"),
+        "the registry listens on the node's loopback"
+    );
+    assert_eq!(c.command.as_ref().unwrap()[1], "agent");
+    // The flags are ones `nixery agent` accepts.
+    let mut argv = vec![
+        "nixery".to_string(),
+        "agent".to_string(),
+        "--node-name=n".to_string(),
+    ];
+    argv.extend(args.iter().cloned());
+    <nixery::config::Cli as clap::Parser>::try_parse_from(argv)
+        .expect("the DaemonSet's args parse");
+    let env: BTreeMap<String, _> = c
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|e| (e.name.clone(), e.clone()))
+        .collect();
+    assert_eq!(
+        env["NODE_NAME"]
+            .value_from
+            .as_ref()
+            .unwrap()
+            .field_ref
+            .as_ref()
+            .unwrap()
+            .field_path,
+        "spec.nodeName"
+    );
+    assert_eq!(c.ports.as_ref().unwrap()[0].container_port, port);
+    for (probe, path) in [
+        (&c.readiness_probe, "/readyz"),
+        (&c.liveness_probe, "/healthz"),
+    ] {
+        let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(port)
+        );
+        assert_eq!(get.host.as_deref(), Some("127.0.0.1"));
+    }
+    let mounts: BTreeMap<String, String> = c
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|m| (m.mount_path.clone(), m.name.clone()))
+        .collect();
+    let volumes: BTreeMap<String, _> = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|v| (v.name.clone(), v.clone()))
+        .collect();
+    assert_eq!(
+        volumes[&mounts["/nix"]].host_path.as_ref().unwrap().path,
+        "/nix"
+    );
+    let state_dir = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--state-dir="))
+        .unwrap();
+    assert!(
+        mounts.contains_key(state_dir),
+        "the state directory is a volume"
+    );
+    assert!(c.resources.as_ref().unwrap().requests.is_some());
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.privileged, None, "not privileged");
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert!(sc
+        .capabilities
+        .as_ref()
+        .unwrap()
+        .drop
+        .as_ref()
+        .unwrap()
+        .contains(&"ALL".to_string()));
+    assert_eq!(pod.init_containers.as_ref().unwrap()[0].image, c.image);
+}
+
+#[test]
+fn examples_parse_and_refer_to_real_images() {
+    let docs = load(&repo_root().join("examples"));
+    let deploy = load(&repo_root().join("deploy"));
+    let c = &deploy.daemonsets[0]
+        .spec
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
+    let listen = c
+        .args
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find_map(|a| a.strip_prefix("--listen="))
+        .unwrap()
+        .to_string();
+    assert!(docs
+        .niximages
+        .iter()
+        .any(|n| n.metadata.name.as_deref() == Some("curl-and-jq")));
+    for img in &docs.niximages {
+        assert!(
+            nixery::controller::image_spec(&img.spec, &nixery::nix::Source::Channel("x".into()))
+                .is_ok(),
+            "{:?}",
+            img.metadata.name
+        );
+    }
+    assert!(docs.pods.len() >= 3);
+    for (ctx, spec) in &docs.pods {
+        for container in &spec.containers {
+            let image = container.image.as_deref().unwrap();
+            let (host, rest) = image.split_once('/').unwrap();
+            assert_eq!(
+                host, listen,
+                "{ctx}: pods pull from the agent on their node"
+            );
+            let (path, tag) = rest.rsplit_once(':').unwrap_or((rest, "latest"));
+            match parse_route(&format!("{path}/manifests/{tag}"))
+                .unwrap_or_else(|e| panic!("{ctx}: {image}: {e}"))
+            {
+                Route::Manifest {
+                    repo: Repository::Named { namespace, name },
+                    reference: Reference::Tag(t),
+                } => {
+                    let found = docs.niximages.iter().any(|n| {
+                        n.metadata.namespace.as_deref() == Some(namespace.as_str())
+                            && n.metadata.name.as_deref() == Some(name.as_str())
+                            && n.spec.tag == t
+                    });
+                    assert!(found, "{ctx}: {image} names no NixImage in examples/");
+                }
+                Route::Manifest {
+                    repo: Repository::AdHoc(_),
+                    ..
+                } => {}
+                other => panic!("{ctx}: {other:?}"),
+            }
+        }
+    }
+}
