@@ -160,6 +160,7 @@ async fn end_to_end_against_a_real_cluster() {
     };
     assert_eq!(code, "404");
     let _ = agent.kill();
+    let _ = agent.wait();
 
     let nodes: Api<Node> = Api::all(client.clone());
     let schedulable = nodes
