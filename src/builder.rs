@@ -390,17 +390,41 @@ impl Builder {
             .map(|n| n.get())
             .unwrap_or(2);
         let mut blobs: Vec<LayerBlob> = Vec::with_capacity(total);
-        let mut stream =
-            futures::stream::iter(planned.into_iter().map(|l| self.store_path_layer(l.paths)))
-                .buffered(parallel);
-        while let Some(blob) = stream.next().await {
-            blobs.push(blob?);
-            report(Progress::Layers {
-                done: blobs.len(),
-                total,
-            });
+        // After a failure no new layer starts, and the error is returned only
+        // once the layers already packing have stopped: nothing of a failed
+        // build goes on writing after its error is reported.
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let mut first_error: Option<BuildError> = None;
+        let jobs = planned.into_iter().map(|l| {
+            let failed = &failed;
+            async move {
+                if failed.load(std::sync::atomic::Ordering::SeqCst) {
+                    return None;
+                }
+                Some(self.store_path_layer(l.paths).await)
+            }
+        });
+        let mut stream = futures::stream::iter(jobs).buffered(parallel);
+        while let Some(result) = stream.next().await {
+            match result {
+                Some(Ok(blob)) => {
+                    blobs.push(blob);
+                    report(Progress::Layers {
+                        done: blobs.len(),
+                        total,
+                    });
+                }
+                Some(Err(e)) => {
+                    failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                    first_error.get_or_insert(e);
+                }
+                None => {}
+            }
         }
         drop(stream);
+        if let Some(e) = first_error {
+            return Err(e);
+        }
         let store = self.store.clone();
         let roots_for_custom = roots.clone();
         let (custom, bin) =

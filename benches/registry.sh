@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark, in one run on one machine, reported as ratios:
+#   1. nixery vs the CNCF reference registry (Debian's docker-registry, logging
+#      off) serving the same image (shell/curl, copied with skopeo):
+#      warm manifest by digest (requests/s, p99) and the largest layer (MB/s);
+#   2. packing the same closure: nixery (fresh state dir) vs tar|gzip -6 and
+#      tar|pigz -6 (MB/s of input, output size);
+#   3. cold-to-ready (store paths present, layers not packed), and 20
+#      concurrent cold pulls against one;
+#   4. the server's peak RSS.
+# Writes benches/results.md. Usage: benches/registry.sh [seconds per load run]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION="${1:-10}"
+bash scripts/install-deps.sh >/dev/null
+cargo build --release --quiet
+BIN=$PWD/target/release/nixery
+WORK=$(mktemp -d)
+OURS=127.0.0.1:5100
+REF=127.0.0.1:5101
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+serve() { # serve STATE_DIR ADDR -> pid in $server
+  "$BIN" serve --listen "$2" --state-dir "$1" --pkgs-path nix/offline-pkgs --nix-option substituters= 2>"$1.log" &
+  server=$!
+  pids+=("$server")
+  for _ in $(seq 100); do curl -sf "http://$2/v2/" >/dev/null && return; sleep 0.1; done
+  echo "server on $2 did not start" >&2; exit 1
+}
+seconds() { python3 -c "import sys,time; t=time.time(); import subprocess; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); print(f'{time.time()-t:.3f}')" "$@"; }
+wrk_rps() { awk '/Requests\/sec/ {print $2}' "$1"; }
+wrk_p99() { awk '$1=="99%" {print $2}' "$1"; }
+wrk_mbs() { awk '/Transfer\/sec/ {v=$2; if (v ~ /GB/) {sub("GB","",v); v*=1024} else if (v ~ /MB/) {sub("MB","",v)} else if (v ~ /KB/) {sub("KB","",v); v/=1024}; print v}' "$1"; }
+to_ms() { python3 -c "import sys; v=sys.argv[1]; u=''.join(c for c in v if c.isalpha()); n=float(v[:len(v)-len(u)]); print(n*{'us':0.001,'ms':1,'s':1000,'m':60000}[u])" "$1"; }
+ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'{a/b:.2f}' if b else 'n/a')" "$1" "$2"; }
+
+echo "== starting nixery and the reference registry"
+serve "$WORK/ours" "$OURS"
+ours_pid=$server
+curl -sf -o /dev/null "http://$OURS/v2/shell/curl/manifests/latest"
+cat > "$WORK/ref.yml" <<EOF
+version: 0.1
+log: { level: error, accesslog: { disabled: true } }
+storage: { filesystem: { rootdirectory: $WORK/ref-data }, cache: { blobdescriptor: inmemory } }
+http: { addr: $REF }
+EOF
+docker-registry serve "$WORK/ref.yml" >"$WORK/ref.log" 2>&1 &
+pids+=("$!")
+for _ in $(seq 100); do curl -sf "http://$REF/v2/" >/dev/null && break; sleep 0.1; done
+skopeo copy -q --preserve-digests --src-tls-verify=false --dest-tls-verify=false \
+  "docker://$OURS/shell/curl:latest" "docker://$REF/shell/curl:latest"
+
+ACCEPT="Accept: application/vnd.oci.image.manifest.v1+json"
+digest=$(curl -sf -H "$ACCEPT" -D - -o "$WORK/manifest.json" "http://$OURS/v2/shell/curl/manifests/latest" | awk -F': ' 'tolower($1)=="docker-content-digest" {print $2}' | tr -d '\r')
+layer=$(python3 -c "import json,sys; m=json.load(open(sys.argv[1])); l=max(m['layers'], key=lambda l: l['size']); print(l['digest'], l['size'])" "$WORK/manifest.json")
+layer_digest=${layer% *}; layer_size=${layer#* }
+echo "manifest $digest, largest layer $layer_digest ($layer_size bytes)"
+
+echo "== 1. warm manifest by digest and largest blob, ${DURATION}s each"
+for who in ours ref; do
+  addr=$OURS; [ $who = ref ] && addr=$REF
+  wrk -t2 -c32 -d"${DURATION}s" --latency -H "$ACCEPT" "http://$addr/v2/shell/curl/manifests/$digest" >"$WORK/$who-manifest.txt"
+  wrk -t2 -c8 -d"${DURATION}s" "http://$addr/v2/shell/curl/blobs/$layer_digest" >"$WORK/$who-blob.txt"
+done
+m_ours=$(wrk_rps "$WORK/ours-manifest.txt"); m_ref=$(wrk_rps "$WORK/ref-manifest.txt")
+p_ours=$(to_ms "$(wrk_p99 "$WORK/ours-manifest.txt")"); p_ref=$(to_ms "$(wrk_p99 "$WORK/ref-manifest.txt")")
+b_ours=$(wrk_mbs "$WORK/ours-blob.txt"); b_ref=$(wrk_mbs "$WORK/ref-blob.txt")
+
+echo "== 2. packing the closure of shell/curl/jq"
+outs=$(nix-instantiate --eval --strict --json --read-write-mode nix/prepare-image.nix --option substituters "" \
+  --argstr srcType path --argstr srcArgs "{\"path\":\"$PWD/nix/offline-pkgs\"}" \
+  --argstr packages '["bashInteractive","cacert","coreutils","curl","findutils","gnugrep","gnused","iana-etc","jq","less"]' \
+  --argstr system x86_64-linux | python3 -c "import json,sys; print(' '.join(json.load(sys.stdin)['outs']))")
+paths=$(nix-store -qR $outs)
+input=$(du -sbc $paths | tail -1 | cut -f1)
+pack_ours=$(for i in 1 2 3; do rm -rf "$WORK/pack"; seconds "$BIN" build --state-dir "$WORK/pack" --pkgs-path nix/offline-pkgs --nix-option substituters= shell/curl/jq; done | sort -n | head -1)
+size_ours=$(du -sbc "$WORK"/pack/blobs/sha256/* | tail -1 | cut -f1)
+pack_gzip=$(for i in 1 2 3; do seconds sh -c "tar -cf - $paths 2>/dev/null | gzip -6 > $WORK/gz.out"; done | sort -n | head -1)
+size_gzip=$(stat -c %s "$WORK/gz.out")
+pack_pigz=$(for i in 1 2 3; do seconds sh -c "tar -cf - $paths 2>/dev/null | pigz -6 > $WORK/pigz.out"; done | sort -n | head -1)
+size_pigz=$(stat -c %s "$WORK/pigz.out")
+mbs() { python3 -c "import sys; print(f'{int(sys.argv[1])/float(sys.argv[2])/1e6:.1f}')" "$1" "$2"; }
+
+echo "== 3. cold to ready, and 20 concurrent cold pulls"
+serve "$WORK/cold1" 127.0.0.1:5102
+cold_one=$(seconds curl -sf -o /dev/null "http://127.0.0.1:5102/v2/shell/curl/jq/manifests/latest")
+serve "$WORK/cold20" 127.0.0.1:5103
+cold_twenty=$(python3 - <<EOF
+import concurrent.futures, subprocess, time
+def pull(_):
+    t = time.time()
+    subprocess.run(["curl", "-sf", "-o", "/dev/null", "http://127.0.0.1:5103/v2/shell/curl/jq/manifests/latest"], check=True)
+    return time.time() - t
+with concurrent.futures.ThreadPoolExecutor(20) as ex:
+    print(f"{max(ex.map(pull, range(20))):.3f}")
+EOF
+)
+builds20=$(curl -s http://127.0.0.1:5103/metrics | awk '$1=="nixery_builds_total" {print $2}')
+
+echo "== 4. peak RSS"
+rss_ours=$(awk '/VmHWM/ {print $2}' /proc/$ours_pid/status)
+
+cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
+{
+  echo "# Benchmark results"
+  echo
+  echo "Run $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores ($cpu), $(free -g | awk '/Mem:/ {print $2}') GiB; ${DURATION}s per load run; image shell/curl; load from wrk on loopback."
+  echo
+  echo "| measure | nixery | reference | ratio (ours/ref) |"
+  echo "|---|---|---|---|"
+  echo "| warm manifest by digest, requests/s (wrk -c32) | $m_ours | $m_ref (docker-registry) | $(ratio "$m_ours" "$m_ref") |"
+  echo "| warm manifest by digest, p99 latency ms | $p_ours | $p_ref (docker-registry) | $(ratio "$p_ours" "$p_ref") |"
+  echo "| largest layer ($layer_size B), MB/s (wrk -c8) | $b_ours | $b_ref (docker-registry) | $(ratio "$b_ours" "$b_ref") |"
+  echo "| packing shell/curl/jq ($input B in), MB/s | $(mbs "$input" "$pack_ours") | $(mbs "$input" "$pack_gzip") (tar, gzip -6) | $(ratio "$pack_gzip" "$pack_ours") |"
+  echo "| packing, MB/s vs pigz | $(mbs "$input" "$pack_ours") | $(mbs "$input" "$pack_pigz") (tar, pigz -6) | $(ratio "$pack_pigz" "$pack_ours") |"
+  echo "| packed size, bytes | $size_ours | $size_gzip (gzip -6) | $(ratio "$size_ours" "$size_gzip") |"
+  echo "| cold to ready (paths in store, nothing packed), s | $cold_one | $pack_gzip (tar, gzip -6 alone) | $(ratio "$cold_one" "$pack_gzip") |"
+  echo "| 20 concurrent cold pulls: slowest, s (builds: $builds20) | $cold_twenty | $cold_one (one cold pull) | $(ratio "$cold_twenty" "$cold_one") |"
+  echo "| server peak RSS after all of the above, MiB | $((rss_ours / 1024)) | | |"
+  echo
+  echo "Packing times include Nix's evaluation of the package set and writing the"
+  echo "blobs (nixery build), the best of three runs each."
+} | tee benches/results.md
