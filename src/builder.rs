@@ -187,6 +187,8 @@ pub struct Builder {
     store: Arc<dyn BlobStore>,
     metrics: Arc<Metrics>,
     cache: Mutex<HashMap<String, Arc<BuiltImage>>>,
+    /// Manifests of built images by digest, so GETs by digest skip the disk.
+    manifests: Mutex<HashMap<Digest, (&'static str, bytes::Bytes)>>,
     inflight: Mutex<HashMap<String, Shared<BoxFuture<'static, BuildResult>>>>,
     slots: tokio::sync::Semaphore,
 }
@@ -205,6 +207,7 @@ impl Builder {
             store,
             metrics,
             cache: Default::default(),
+            manifests: Default::default(),
             inflight: Default::default(),
             slots,
         })
@@ -265,6 +268,15 @@ impl Builder {
                             .map_err(Arc::new);
                         if let Ok(img) = &result {
                             this.cache.lock().unwrap().insert(k.clone(), img.clone());
+                            let mut manifests = this.manifests.lock().unwrap();
+                            manifests.insert(
+                                img.oci_digest.clone(),
+                                (oci::OCI_MANIFEST, img.oci_manifest.clone()),
+                            );
+                            manifests.insert(
+                                img.docker_digest.clone(),
+                                (oci::DOCKER_MANIFEST, img.docker_manifest.clone()),
+                            );
                         }
                         this.inflight.lock().unwrap().remove(&k);
                         result
@@ -515,6 +527,11 @@ impl Builder {
         let blob: LayerBlob = serde_json::from_slice(&std::fs::read(file).ok()?).ok()?;
         // Trust the record only while its blob is really there.
         (self.store.stat(&blob.digest).ok()?? == blob.size).then_some(blob)
+    }
+
+    /// A manifest this builder built, by digest, with its media type.
+    pub fn manifest(&self, digest: &Digest) -> Option<(&'static str, bytes::Bytes)> {
+        self.manifests.lock().unwrap().get(digest).cloned()
     }
 
     /// Drops an image from the cache (used when its NixImage is deleted).

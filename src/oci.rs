@@ -23,7 +23,7 @@ pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.ta
 pub const EPOCH_MTIME: u64 = 1;
 pub const CREATED: &str = "1970-01-01T00:00:01Z";
 /// gzip level for layers; see benches/ for how it was chosen.
-pub const GZIP_LEVEL: u32 = 6;
+pub const GZIP_LEVEL: u32 = 5;
 
 /// A layer as stored: compressed digest, uncompressed digest, compressed size.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -210,11 +210,16 @@ pub fn write_tar<W: Write>(entries: &[Entry], w: W) -> io::Result<W> {
 /// Streams entries through tar and gzip into `w`, hashing both sides; memory
 /// use does not depend on the layer's size.
 pub fn pack_layer<W: Write>(entries: &[Entry], w: W) -> io::Result<(W, LayerBlob)> {
+    pack_layer_at(entries, w, GZIP_LEVEL)
+}
+
+/// `pack_layer` at a given gzip level (for benches/pack.rs, which chose ours).
+pub fn pack_layer_at<W: Write>(entries: &[Entry], w: W, level: u32) -> io::Result<(W, LayerBlob)> {
     let compressed = HashingWriter::new(io::BufWriter::with_capacity(256 * 1024, w));
     let gz = flate2::GzBuilder::new()
         .mtime(0)
         .operating_system(255)
-        .write(compressed, flate2::Compression::new(GZIP_LEVEL));
+        .write(compressed, flate2::Compression::new(level));
     let tar_side = HashingWriter::new(gz);
     let tar_side = write_tar(entries, tar_side)?;
     let (gz, diff_id, _) = tar_side.finish();

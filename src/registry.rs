@@ -209,7 +209,15 @@ async fn observe(State(app): State<AppState>, req: Request, next: Next) -> Respo
         .requests
         .get_or_create(&StatusLabel { status })
         .inc();
-    span.in_scope(|| tracing::info!(status, ms = started.elapsed().as_secs_f64() * 1e3, "served"));
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    // Every request at debug (a pull is dozens); server errors always.
+    span.in_scope(|| {
+        if status >= 500 {
+            tracing::warn!(status, ms, "served");
+        } else {
+            tracing::debug!(status, ms, "served");
+        }
+    });
     resp
 }
 
@@ -438,6 +446,9 @@ async fn manifest(
 ) -> Result<Response, RegistryError> {
     match (repo, reference) {
         (_, Reference::Digest(digest)) => {
+            if let Some((media_type, bytes)) = app.builder.manifest(&digest) {
+                return Ok(manifest_response(app, head, media_type, &digest, bytes));
+            }
             let store = app.builder.store().clone();
             let d = digest.clone();
             let bytes = tokio::task::spawn_blocking(move || store.read_small(&d, MAX_MANIFEST))

@@ -62,38 +62,66 @@ impl Server {
                 .await
                 .unwrap_or_else(|_| panic!("call {} of {n} never came; so far: {calls:#?}", i + 1))
                 .expect("service not called");
-            let method = req.method().to_string();
-            let path = req.uri().path().to_string();
-            let query: HashMap<String, String> = req
-                .uri()
-                .query()
-                .unwrap_or("")
-                .split('&')
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_string(), v.replace("%2F", "/")))
-                .collect();
-            let bytes = req.into_body().collect_bytes().await.unwrap();
-            let body: Value = if bytes.is_empty() {
-                Value::Null
-            } else {
-                serde_json::from_slice(&bytes).unwrap()
-            };
-            let call = Call {
-                method,
-                path,
-                query,
-                body,
-            };
-            let response = self.apply(&call);
-            send.send_response(
-                Response::builder()
-                    .status(200)
-                    .body(Body::from(serde_json::to_vec(&response).unwrap()))
-                    .unwrap(),
-            );
-            calls.push(call);
+            calls.push(self.respond(req, send).await);
         }
         calls
+    }
+
+    /// Records one call, applies it to the object, and answers with the object.
+    async fn respond(
+        &self,
+        req: Request<Body>,
+        send: tower_test::mock::SendResponse<Response<Body>>,
+    ) -> Call {
+        let method = req.method().to_string();
+        let path = req.uri().path().to_string();
+        let query: HashMap<String, String> = req
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.replace("%2F", "/")))
+            .collect();
+        let bytes = req.into_body().collect_bytes().await.unwrap();
+        let body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        let call = Call {
+            method,
+            path,
+            query,
+            body,
+        };
+        let response = self.apply(&call);
+        send.send_response(
+            Response::builder()
+                .status(200)
+                .body(Body::from(serde_json::to_vec(&response).unwrap()))
+                .unwrap(),
+        );
+        call
+    }
+
+    /// Answers every call until `done` finishes; returns the calls.
+    async fn answer_until<T>(
+        &self,
+        handle: &mut Handle,
+        done: tokio::task::JoinHandle<T>,
+    ) -> (T, Vec<Call>) {
+        let mut calls = Vec::new();
+        tokio::pin!(done);
+        loop {
+            tokio::select! {
+                r = &mut done => return (r.unwrap(), calls),
+                next = handle.next_request() => {
+                    let (req, send) = next.expect("service not called");
+                    calls.push(self.respond(req, send).await);
+                }
+            }
+        }
     }
 
     /// Asserts that no call arrives within `wait`.
@@ -490,6 +518,61 @@ async fn two_agents_share_one_object_without_fighting() {
     assert!(calls.is_empty());
     let (_, calls) = reconcile(&server, &b, &mut hb, 0).await;
     assert!(calls.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_build_shows_how_far_it_got() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = nixery::app_state(&settings(dir.path())).unwrap();
+    let (ctx, mut handle) = context("node-a", &state);
+    // Report every stage change at once.
+    let ctx = Arc::new(Context {
+        progress_interval: Duration::ZERO,
+        ..Arc::try_unwrap(ctx).ok().unwrap()
+    });
+    let server = Server::new(niximage(
+        "curl-and-jq",
+        1,
+        &["curl", "jq", "shell"],
+        &["k8s.nixos.org/nixery-node-a"],
+    ));
+    let obj = Arc::new(server.object());
+    let task = tokio::spawn(controller::reconcile(obj, ctx.clone()));
+    let (result, calls) =
+        tokio::time::timeout(BUILD_TIMEOUT, server.answer_until(&mut handle, task))
+            .await
+            .expect("reconcile hung");
+    assert!(result.is_ok(), "{result:?}");
+    let messages: Vec<String> = calls
+        .iter()
+        .filter(|c| {
+            c.manager() == "nixery.k8s.nixos.org/node-a"
+                && c.body["status"]["nodes"][0]["phase"] == "Building"
+        })
+        .map(|c| {
+            c.body["status"]["nodes"][0]["message"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("packing layers") || m == "evaluating" || m == "building"),
+        "no progress in status: {messages:?}"
+    );
+    // The last node write is the final Ready, never a late progress message.
+    let last = calls
+        .iter()
+        .rev()
+        .find(|c| c.manager() == "nixery.k8s.nixos.org/node-a")
+        .unwrap();
+    assert_eq!(last.body["status"]["nodes"][0]["phase"], "Ready");
+    assert_eq!(
+        server.object().status.unwrap().phase.as_deref(),
+        Some("Ready")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
