@@ -226,16 +226,7 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
     let spec = match image_spec(&obj.spec, ctx.builder.source()) {
         Ok(s) => s,
         Err(message) => {
-            let node = NodeStatus {
-                node: ctx.node.clone(),
-                phase: PHASE_FAILED.into(),
-                observed_generation: generation,
-                message: Some(message.clone()),
-                ..Default::default()
-            };
-            let updated = patch_node(api, &name, ctx, &node).await?;
-            ensure_aggregate(api, &updated, ctx).await?;
-            publish(ctx, &obj, EventType::Warning, "InvalidSpec", &message).await;
+            report_failure(api, &obj, ctx, "InvalidSpec", &message).await?;
             return Ok(Action::await_change());
         }
     };
@@ -327,31 +318,43 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
                     message: message.clone(),
                 },
             );
-            let node = NodeStatus {
-                node: ctx.node.clone(),
-                phase: PHASE_FAILED.into(),
-                observed_generation: generation,
-                message: Some(message.clone()),
-                ..Default::default()
-            };
-            let updated = patch_node(api, &name, ctx, &node).await?;
-            ensure_aggregate(api, &updated, ctx).await?;
             let reason = if matches!(e.as_ref(), BuildError::UnknownPackages(_)) {
                 "UnknownPackages"
             } else {
                 "BuildFailed"
             };
-            publish(
-                ctx,
-                &obj,
-                EventType::Warning,
-                reason,
-                &format!("on {}: {message}", ctx.node),
-            )
-            .await;
+            report_failure(api, &obj, ctx, reason, &message).await?;
             Err(Error::Build(message))
         }
     }
+}
+
+/// Marks this node's entry Failed, updates the aggregate, records a warning.
+async fn report_failure(
+    api: &Api<NixImage>,
+    obj: &NixImage,
+    ctx: &Context,
+    reason: &str,
+    message: &str,
+) -> Result<(), Error> {
+    let node = NodeStatus {
+        node: ctx.node.clone(),
+        phase: PHASE_FAILED.into(),
+        observed_generation: obj.metadata.generation.unwrap_or(0),
+        message: Some(message.to_string()),
+        ..Default::default()
+    };
+    let updated = patch_node(api, &obj.name_any(), ctx, &node).await?;
+    ensure_aggregate(api, &updated, ctx).await?;
+    publish(
+        ctx,
+        obj,
+        EventType::Warning,
+        reason,
+        &format!("on {}: {message}", ctx.node),
+    )
+    .await;
+    Ok(())
 }
 
 /// Forwards build progress into this node's status entry, at most once per

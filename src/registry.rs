@@ -372,6 +372,16 @@ fn paginated(key: &str, name: Option<String>, mut items: Vec<String>, query: &st
     resp
 }
 
+/// `Docker-Content-Digest` and a strong `ETag`, for anything served by digest.
+fn digest_headers(h: &mut HeaderMap, digest: &Digest) {
+    let value = HeaderValue::from_str(digest.as_str()).expect("a digest is ASCII");
+    h.insert("Docker-Content-Digest", value);
+    h.insert(
+        header::ETAG,
+        HeaderValue::from_str(&format!("\"{digest}\"")).expect("a digest is ASCII"),
+    );
+}
+
 /// Docker schema2 only for clients that accept it and not OCI.
 fn wants_docker(headers: &HeaderMap) -> bool {
     let accept: String = headers
@@ -406,14 +416,7 @@ fn manifest_response(
         HeaderValue::from_str(media_type).expect("ascii"),
     );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    h.insert(
-        "Docker-Content-Digest",
-        HeaderValue::from_str(digest.as_str()).expect("ascii"),
-    );
-    h.insert(
-        header::ETAG,
-        HeaderValue::from_str(&format!("\"{digest}\"")).expect("ascii"),
-    );
+    digest_headers(h, digest);
     resp
 }
 
@@ -584,14 +587,7 @@ async fn blob(
     );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(
-        "Docker-Content-Digest",
-        HeaderValue::from_str(digest.as_str()).expect("ascii"),
-    );
-    h.insert(
-        header::ETAG,
-        HeaderValue::from_str(&format!("\"{digest}\"")).expect("ascii"),
-    );
+    digest_headers(h, &digest);
     h.insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static("max-age=31536000, immutable"),

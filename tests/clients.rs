@@ -219,22 +219,23 @@ fn channel_package_source_from_a_tarball() {
     assert_eq!(code, 404);
 }
 
+/// `nixery build IMAGE` on the offline package set, stderr not a TTY.
+fn nixery_build(state_dir: &Path, image: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_nixery"))
+        .arg("build")
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(["--nix-option", "substituters=", "--pkgs-path"])
+        .arg(offline_pkgs())
+        .arg(image)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn nixery_build_prints_reference_and_progress() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_nixery"))
-        .args([
-            "build",
-            "--state-dir",
-            dir.path().to_str().unwrap(),
-            "--nix-option",
-            "substituters=",
-            "--pkgs-path",
-            offline_pkgs().to_str().unwrap(),
-            "jq/shell",
-        ])
-        .output()
-        .unwrap();
+    let out = nixery_build(dir.path(), "jq/shell");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -257,19 +258,7 @@ fn nixery_build_prints_reference_and_progress() {
         );
     }
     // A bad package name is an error that names it, with a non-zero exit.
-    let out = Command::new(env!("CARGO_BIN_EXE_nixery"))
-        .args([
-            "build",
-            "--state-dir",
-            dir.path().to_str().unwrap(),
-            "--nix-option",
-            "substituters=",
-            "--pkgs-path",
-            offline_pkgs().to_str().unwrap(),
-            "nosuchthing",
-        ])
-        .output()
-        .unwrap();
+    let out = nixery_build(dir.path(), "nosuchthing");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown packages: nosuchthing"));
 }
