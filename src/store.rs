@@ -80,10 +80,21 @@ impl LocalStore {
         let blobs = root.join("blobs/sha256");
         let tmp = root.join("tmp");
         std::fs::create_dir_all(&blobs).map_err(io_at(&blobs))?;
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(io_at(&tmp))?;
-        }
         std::fs::create_dir_all(&tmp).map_err(io_at(&tmp))?;
+        // Temporaries are named blob-<pid>-...: those of a process that is
+        // gone were cut off by a crash; those of a live one (a `nixery build`
+        // next to a running server) are still being written.
+        for entry in std::fs::read_dir(&tmp).map_err(io_at(&tmp))?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix("blob-")
+                .and_then(|r| r.split('-').next())
+                .and_then(|p| p.parse::<i32>().ok());
+            if !pid.is_some_and(process_alive) {
+                let path = entry.path();
+                std::fs::remove_file(&path).map_err(io_at(&path))?;
+            }
+        }
         Ok(Self { blobs, tmp })
     }
 
@@ -149,7 +160,7 @@ impl BlobStore for LocalStore {
 
     fn writer(&self) -> Result<Box<dyn BlobWriter>, StoreError> {
         let file = tempfile::Builder::new()
-            .prefix("blob-")
+            .prefix(&format!("blob-{}-", std::process::id()))
             .tempfile_in(&self.tmp)
             .map_err(io_at(&self.tmp))?;
         Ok(Box::new(LocalWriter {
@@ -194,6 +205,13 @@ impl BlobStore for LocalStore {
             }
         }
     }
+}
+
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
 }
 
 /// Writes a small file atomically (temp file, fsync, rename).
@@ -271,14 +289,25 @@ mod tests {
     }
 
     #[test]
-    fn leftover_temporaries_are_removed_on_open() {
+    fn temporaries_of_dead_processes_are_removed_on_open() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
-        std::fs::write(dir.path().join("tmp/blob-half-written"), b"partial").unwrap();
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        // A process that is gone, and a name we did not write.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        std::fs::write(tmp.join(format!("blob-{dead}-abc")), b"partial").unwrap();
+        std::fs::write(tmp.join("blob-half-written"), b"partial").unwrap();
+        // A live writer's temporary (this process) is left alone.
+        let live = tmp.join(format!("blob-{}-xyz", std::process::id()));
+        std::fs::write(&live, b"in progress").unwrap();
         LocalStore::open(dir.path()).unwrap();
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
-            0
-        );
+        let left: Vec<_> = std::fs::read_dir(&tmp)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert_eq!(left, vec![live]);
     }
 }

@@ -275,7 +275,7 @@ fn full_disk_is_a_clear_error_and_leaves_no_partial_blob() {
         if std::env::var("CI").is_ok() {
             panic!("mounting a tmpfs failed under CI: {err}");
         }
-        eprintln!("SKIPPED full_disk_is_a_clear_error_and_leaves_no_partial_blob: cannot mount a tmpfs here ({err})");
+        skip(&format!("full_disk_is_a_clear_error_and_leaves_no_partial_blob: cannot mount a tmpfs here ({err})"));
         return;
     }
     struct Unmount<'a>(&'a Path);
@@ -307,4 +307,43 @@ fn full_disk_is_a_clear_error_and_leaves_no_partial_blob() {
     let (_, metrics) = http_get(&server.url("/metrics"));
     assert_eq!(metric(&metrics, "nixery_builds_total"), 2.0);
     assert_eq!(http_get(&server.url("/healthz")).0, 200);
+}
+
+#[test]
+fn containerd_pull_and_run() {
+    if !have_tool("ctr", "containerd_pull_and_run") {
+        return;
+    }
+    // Docker's own containerd, or a standalone one.
+    let Some(socket) = [
+        "/run/docker/containerd/containerd.sock",
+        "/run/containerd/containerd.sock",
+    ]
+    .into_iter()
+    .find(|s| Path::new(s).exists()) else {
+        skip("containerd_pull_and_run: no containerd socket on this machine");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("state"), &[]);
+    let image = format!("{}/shell/hello:latest", server.addr);
+    let ns = format!("nixery-test-{}", std::process::id());
+    let ctr = |args: &[&str]| {
+        run(Command::new("ctr")
+            .args(["-a", socket, "-n", &ns])
+            .args(args))
+    };
+    // containerd resolves the tag with HEAD, then fetches the manifest by digest.
+    let (ok, _, err) = ctr(&["images", "pull", "--plain-http", &image]);
+    assert!(ok, "ctr pull failed: {err}");
+    let (ok, out, err) = ctr(&[
+        "run",
+        "--rm",
+        &image,
+        &format!("hello-{}", std::process::id()),
+        "hello",
+    ]);
+    let _ = ctr(&["images", "rm", &image]);
+    assert!(ok, "ctr run failed: {err}");
+    assert_eq!(out.trim(), "Hello, world!");
 }

@@ -31,7 +31,7 @@ async fn wait_for<T>(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn end_to_end_against_a_real_cluster() {
     if std::env::var("KUBECONFIG").is_err() {
-        eprintln!("SKIPPED end_to_end_against_a_real_cluster: KUBECONFIG is not set; this test needs a real API server");
+        skip("end_to_end_against_a_real_cluster: KUBECONFIG is not set; this test needs a real API server");
         return;
     }
     let client = kube::Client::try_default()
@@ -179,8 +179,8 @@ async fn end_to_end_against_a_real_cluster() {
         })
         .unwrap_or(0);
     if schedulable == 0 {
-        eprintln!("SKIPPED deploy/ part of end_to_end_against_a_real_cluster: the cluster has no schedulable nodes");
+        skip("deploy/ part of end_to_end_against_a_real_cluster: the cluster has no schedulable nodes");
     } else {
-        eprintln!("SKIPPED deploy/ part of end_to_end_against_a_real_cluster: it needs the agent image (nix/agent-image.nix) loaded on the {schedulable} nodes, which this test cannot build here");
+        skip(&format!("deploy/ part of end_to_end_against_a_real_cluster: it needs the agent image (nix/agent-image.nix) loaded on the {schedulable} nodes, which this test cannot build here"));
     }
 }

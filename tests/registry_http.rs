@@ -480,3 +480,44 @@ async fn closures_larger_than_the_budget_fit_it() {
     let r = get(&app, "/v2/wide/manifests/latest").await;
     assert_eq!(r.json()["layers"].as_array().unwrap().len(), 20);
 }
+
+#[tokio::test]
+async fn head_of_an_unbuilt_image_builds_it() {
+    // containerd resolves tags with HEAD: that must build, not 404.
+    let dir = tempfile::tempdir().unwrap();
+    let app = state(dir.path());
+    let head = request(
+        &app,
+        Method::HEAD,
+        "/v2/hello/manifests/latest",
+        &[("accept", OCI_MANIFEST)],
+    )
+    .await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert!(head.body.is_empty());
+    let digest = head.header("docker-content-digest").unwrap().to_string();
+    let by_digest = get(&app, &format!("/v2/hello/manifests/{digest}")).await;
+    assert_eq!(by_digest.status, StatusCode::OK);
+    assert_eq!(
+        by_digest.header("content-length").unwrap(),
+        head.header("content-length").unwrap()
+    );
+}
+
+#[tokio::test]
+async fn arm64_builds_for_aarch64() {
+    // This machine cannot build for aarch64-linux: the error shows the
+    // meta-package reached Nix as the system, not as a package name.
+    let dir = tempfile::tempdir().unwrap();
+    let app = state(dir.path());
+    let r = get(&app, "/v2/arm64/hello/manifests/latest").await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN")
+    );
+    assert!(
+        r.error_message().contains("aarch64-linux"),
+        "{}",
+        r.error_message()
+    );
+}

@@ -195,6 +195,13 @@ pub fn run(cmd: &mut Command) -> (bool, String, String) {
     )
 }
 
+/// Says that (and why) a test skips, past cargo's capture of test output, so
+/// a skip shows in every run, not only in failing ones.
+pub fn skip(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {why}");
+}
+
 /// Whether a tool is installed; tests that need it skip, saying so, when not,
 /// except under CI, where `.ci/run` installs every tool and a missing one fails.
 pub fn have_tool(tool: &str, test: &str) -> bool {
@@ -209,7 +216,9 @@ pub fn have_tool(tool: &str, test: &str) -> bool {
         if std::env::var("CI").is_ok() {
             panic!("{test}: {tool} is not installed, and CI must run this test");
         }
-        eprintln!("SKIPPED {test}: {tool} is not installed (.ci/run installs it)");
+        skip(&format!(
+            "{test}: {tool} is not installed (.ci/run installs it)"
+        ));
     }
     ok
 }
