@@ -176,17 +176,24 @@ pub struct BuilderConfig {
     pub max_layers: usize,
     pub timeout: Duration,
     pub max_builds: usize,
+    /// How long an image built from a reference that can move (a git branch or
+    /// tag, a channel, a local path) is served before it is built again; an
+    /// image from a git commit is kept for good.
+    pub mutable_ttl: Duration,
     pub popularity: Option<Popularity>,
 }
 
 type BuildResult = Result<Arc<BuiltImage>, Arc<BuildError>>;
+/// A built image and when it expires (None: never).
+type CacheEntry = (Arc<BuiltImage>, Option<Instant>);
 
 pub struct Builder {
     cfg: BuilderConfig,
     nix: Arc<dyn Nix>,
     store: Arc<dyn BlobStore>,
     metrics: Arc<Metrics>,
-    cache: Mutex<HashMap<String, Arc<BuiltImage>>>,
+    /// Built images by key, with when they expire (None: never).
+    cache: Mutex<HashMap<String, CacheEntry>>,
     /// Manifests of built images by digest, so GETs by digest skip the disk.
     manifests: Mutex<HashMap<Digest, (&'static str, bytes::Bytes)>>,
     inflight: Mutex<HashMap<String, Shared<BoxFuture<'static, BuildResult>>>>,
@@ -245,9 +252,13 @@ impl Builder {
             }));
         }
         let key = spec.key(&source);
-        if let Some(img) = self.cache.lock().unwrap().get(&key) {
-            self.metrics.cache_hits.inc();
-            return Ok(img.clone());
+        let expires =
+            (!source.is_immutable_at(&spec.tag)).then(|| Instant::now() + self.cfg.mutable_ttl);
+        if let Some((img, until)) = self.cache.lock().unwrap().get(&key) {
+            if until.is_none_or(|t| Instant::now() < t) {
+                self.metrics.cache_hits.inc();
+                return Ok(img.clone());
+            }
         }
         let fut = {
             let mut inflight = self.inflight.lock().unwrap();
@@ -267,7 +278,10 @@ impl Builder {
                             .map(Arc::new)
                             .map_err(Arc::new);
                         if let Ok(img) = &result {
-                            this.cache.lock().unwrap().insert(k.clone(), img.clone());
+                            this.cache
+                                .lock()
+                                .unwrap()
+                                .insert(k.clone(), (img.clone(), expires));
                             let mut manifests = this.manifests.lock().unwrap();
                             manifests.insert(
                                 img.oci_digest.clone(),
@@ -539,6 +553,6 @@ impl Builder {
         self.cache
             .lock()
             .unwrap()
-            .retain(|_, v| v.oci_digest != img.oci_digest);
+            .retain(|_, (v, _)| v.oci_digest != img.oci_digest);
     }
 }

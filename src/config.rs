@@ -75,6 +75,10 @@ pub struct CommonArgs {
     /// Seconds a build may take [default: 600; Nixery's NIX_TIMEOUT].
     #[arg(long, env = "NIXERY_BUILD_TIMEOUT")]
     pub build_timeout: Option<u64>,
+    /// Seconds an image from a reference that can move (branch, channel,
+    /// path) is served before it is rebuilt; Nix's own tarball-ttl is 3600.
+    #[arg(long, env = "NIXERY_CACHE_TTL", default_value_t = 3600)]
+    pub cache_ttl: u64,
     /// Builds that run at once; more queue.
     #[arg(long, env = "NIXERY_MAX_BUILDS", default_value_t = 2)]
     pub max_builds: usize,
@@ -111,6 +115,7 @@ pub struct Settings {
     pub max_layers: usize,
     pub build_timeout: Duration,
     pub max_builds: usize,
+    pub cache_ttl: Duration,
     pub popularity: Option<crate::layers::Popularity>,
     pub nix_options: Vec<(String, String)>,
 }
@@ -193,6 +198,7 @@ impl CommonArgs {
             max_layers: self.max_layers as usize,
             build_timeout: Duration::from_secs(timeout),
             max_builds: self.max_builds.max(1),
+            cache_ttl: Duration::from_secs(self.cache_ttl),
             popularity,
         })
     }

@@ -53,6 +53,7 @@ pub fn app_state(settings: &Settings) -> Result<AppState, Error> {
             max_layers: settings.max_layers,
             timeout: settings.build_timeout,
             max_builds: settings.max_builds,
+            mutable_ttl: settings.cache_ttl,
             popularity: settings.popularity.clone(),
         },
         nix,

@@ -32,13 +32,18 @@ impl Source {
         matches!(self, Source::Git { .. })
     }
 
+    /// Whether this source at this tag always means the same packages: only
+    /// a git commit does; branches, tags, channels and paths can move.
+    pub fn is_immutable_at(&self, tag: &str) -> bool {
+        matches!(self, Source::Git { .. }) && is_commit(tag)
+    }
+
     /// `srcType` and `srcArgs` for prepare-image.nix at this tag.
     fn nix_args(&self, tag: &str) -> (&'static str, String) {
         match self {
             Source::Path(p) => ("path", serde_json::json!({ "path": p }).to_string()),
             Source::Git { url } => {
-                let is_commit = tag.len() == 40 && tag.bytes().all(|b| b.is_ascii_hexdigit());
-                let rev = if is_commit {
+                let rev = if is_commit(tag) {
                     serde_json::json!({ "url": url, "rev": tag })
                 } else {
                     serde_json::json!({ "url": url, "ref": tag })
@@ -64,6 +69,10 @@ impl Source {
             Source::Channel(c) => format!("channel {c}"),
         }
     }
+}
+
+fn is_commit(tag: &str) -> bool {
+    tag.len() == 40 && tag.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -362,6 +371,18 @@ mod tests {
             serde_json::from_str::<serde_json::Value>(&args).unwrap()["rev"],
             commit
         );
+    }
+
+    #[test]
+    fn only_git_commits_are_immutable() {
+        let git = Source::Git {
+            url: "file:///r".into(),
+        };
+        assert!(git.is_immutable_at("0123456789abcdef0123456789abcdef01234567"));
+        assert!(!git.is_immutable_at("main"));
+        assert!(!Source::Channel("nixos-unstable".into())
+            .is_immutable_at("0123456789abcdef0123456789abcdef01234567"));
+        assert!(!Source::Path("/p".into()).is_immutable_at("latest"));
     }
 
     #[test]

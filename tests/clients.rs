@@ -181,13 +181,30 @@ fn git_package_source_tags_name_revisions() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (url, commit) = git_repo(dir.path());
-    let server = Server::start(&dir.path().join("state"), &["--pkgs-repo", &url]);
+    // A zero TTL: a branch can move, so it is evaluated again on every pull;
+    // a commit cannot, so it is built once.
+    let server = Server::start(
+        &dir.path().join("state"),
+        &["--pkgs-repo", &url, "--cache-ttl", "0"],
+    );
     let (code, by_branch) = http_get(&server.url("/v2/hello/manifests/main"));
     assert_eq!(code, 200, "{by_branch}");
     let (code, by_commit) = http_get(&server.url(&format!("/v2/hello/manifests/{commit}")));
     assert_eq!(code, 200, "{by_commit}");
     // Same revision, same packages: the same image.
     assert_eq!(by_branch, by_commit);
+    let builds = || metric(&http_get(&server.url("/metrics")).1, "nixery_builds_total");
+    assert_eq!(builds(), 2.0);
+    assert_eq!(
+        http_get(&server.url(&format!("/v2/hello/manifests/{commit}"))).1,
+        by_commit
+    );
+    assert_eq!(builds(), 2.0, "a commit is immutable: served from cache");
+    assert_eq!(
+        http_get(&server.url("/v2/hello/manifests/main")).1,
+        by_branch
+    );
+    assert_eq!(builds(), 3.0, "a branch can move: evaluated again");
     let (code, body) = http_get(&server.url("/v2/hello/manifests/no-such-branch"));
     assert_eq!(code, 500, "{body}");
     assert!(body.contains("no-such-branch"), "{body}");

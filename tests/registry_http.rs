@@ -521,3 +521,25 @@ async fn arm64_builds_for_aarch64() {
         r.error_message()
     );
 }
+
+#[tokio::test]
+async fn images_from_movable_sources_expire() {
+    // A local path can change: with a zero TTL every request evaluates again
+    // (the layers stay cached, so this is cheap).
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    s.cache_ttl = Duration::ZERO;
+    let app = nixery::app_state(&s).unwrap();
+    let a = get(&app, "/v2/hello/manifests/latest").await;
+    let b = get(&app, "/v2/hello/manifests/latest").await;
+    assert_eq!(
+        a.header("docker-content-digest"),
+        b.header("docker-content-digest")
+    );
+    let m = String::from_utf8_lossy(&get(&app, "/metrics").await.body).into_owned();
+    assert_eq!(metric(&m, "nixery_builds_total"), 2.0);
+    assert_eq!(
+        metric(&m, "nixery_layers_packed_total"),
+        metric(&m, "nixery_layers_reused_total")
+    );
+}

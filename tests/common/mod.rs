@@ -36,6 +36,7 @@ pub fn settings(state_dir: &Path) -> Settings {
         max_layers: 100,
         build_timeout: Duration::from_secs(300),
         max_builds: 2,
+        cache_ttl: Duration::from_secs(3600),
         popularity: None,
         nix_options: offline_nix_options(),
     }
