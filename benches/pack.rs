@@ -59,8 +59,25 @@ fn main() {
         for p in &paths {
             let entries = nixery::oci::store_path_entries(std::slice::from_ref(p)).unwrap();
             let (mut sink, blob) =
-                nixery::oci::pack_layer_at(&entries, std::io::sink(), level).unwrap();
+                nixery::oci::pack_layer_gzip(&entries, std::io::sink(), level).unwrap();
             sink.flush().unwrap();
+            size += blob.size;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "{level:>5}  {:>13.1}  {:>11.3}  {:>12.2}",
+            input as f64 / 1e6 / secs,
+            size as f64 / gzip_size,
+            gzip_secs / secs
+        );
+    }
+    println!("zstd   MB/s (1 core)  size/gzip-6  speed/gzip-6");
+    for level in [1, 3, 6, 9] {
+        let t = Instant::now();
+        let mut size = 0u64;
+        for p in &paths {
+            let entries = nixery::oci::store_path_entries(std::slice::from_ref(p)).unwrap();
+            let (_, blob) = nixery::oci::pack_layer_zstd(&entries, std::io::sink(), level).unwrap();
             size += blob.size;
         }
         let secs = t.elapsed().as_secs_f64();

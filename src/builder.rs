@@ -85,7 +85,8 @@ impl ImageSpec {
     }
 }
 
-/// A built image: both manifest encodings, stored as blobs.
+/// A built image: both manifest encodings, stored as blobs (one, the OCI
+/// manifest, when layers are zstd).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuiltImage {
     pub oci_digest: Digest,
@@ -98,6 +99,13 @@ pub struct BuiltImage {
     /// Store paths of the packages (roots of the closure).
     pub roots: Vec<String>,
     pub gcroot_dir: PathBuf,
+}
+
+impl BuiltImage {
+    /// Whether a Docker schema2 manifest exists beside the OCI one.
+    pub fn has_docker_manifest(&self) -> bool {
+        self.docker_digest != self.oci_digest
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +188,7 @@ pub struct BuilderConfig {
     /// tag, a channel, a local path) is served before it is built again; an
     /// image from a git commit is kept for good.
     pub mutable_ttl: Duration,
+    pub compression: oci::Compression,
     pub popularity: Option<Popularity>,
 }
 
@@ -287,10 +296,12 @@ impl Builder {
                                 img.oci_digest.clone(),
                                 (oci::OCI_MANIFEST, img.oci_manifest.clone()),
                             );
-                            manifests.insert(
-                                img.docker_digest.clone(),
-                                (oci::DOCKER_MANIFEST, img.docker_manifest.clone()),
-                            );
+                            if img.has_docker_manifest() {
+                                manifests.insert(
+                                    img.docker_digest.clone(),
+                                    (oci::DOCKER_MANIFEST, img.docker_manifest.clone()),
+                                );
+                            }
                         }
                         this.inflight.lock().unwrap().remove(&k);
                         result
@@ -452,11 +463,12 @@ impl Builder {
             return Err(e);
         }
         let store = self.store.clone();
+        let compression = self.cfg.compression;
         let roots_for_custom = roots.clone();
         let (custom, bin) =
             tokio::task::spawn_blocking(move || -> Result<(LayerBlob, Vec<String>), BuildError> {
                 let c = oci::customisation(&roots_for_custom)?;
-                let (w, blob) = oci::pack_layer(&c.entries, store.writer()?)?;
+                let (w, blob) = oci::pack_layer(&c.entries, store.writer()?, compression)?;
                 w.commit(Some(&blob.digest))?;
                 Ok((blob, c.bin))
             })
@@ -480,10 +492,15 @@ impl Builder {
         let config = oci::image_config(spec.arch, &blobs, &run, &history)
             .map_err(|e| BuildError::Internal(e.to_string()))?;
         self.store.put(&config)?;
-        let oci_manifest = oci::manifest(false, &config, &blobs)
+        let compression = self.cfg.compression;
+        let oci_manifest = oci::manifest(false, &config, &blobs, compression)
             .map_err(|e| BuildError::Internal(e.to_string()))?;
-        let docker_manifest = oci::manifest(true, &config, &blobs)
-            .map_err(|e| BuildError::Internal(e.to_string()))?;
+        // Docker schema2 has no zstd layers: such images have OCI manifests only.
+        let docker_manifest = match compression {
+            oci::Compression::Gzip => oci::manifest(true, &config, &blobs, compression)
+                .map_err(|e| BuildError::Internal(e.to_string()))?,
+            oci::Compression::Zstd => oci_manifest.clone(),
+        };
         // Manifests are blobs too, so they can be served by digest after a restart.
         let oci_digest = self.store.put(&oci_manifest)?;
         let docker_digest = self.store.put(&docker_manifest)?;
@@ -507,9 +524,10 @@ impl Builder {
             return Ok(blob);
         }
         let store = self.store.clone();
+        let compression = self.cfg.compression;
         let blob = tokio::task::spawn_blocking(move || -> Result<LayerBlob, BuildError> {
             let entries = oci::store_path_entries(&paths)?;
-            let (w, blob) = oci::pack_layer(&entries, store.writer()?)?;
+            let (w, blob) = oci::pack_layer(&entries, store.writer()?, compression)?;
             w.commit(Some(&blob.digest))?;
             crate::store::write_atomic(
                 &cache_file,
@@ -526,7 +544,7 @@ impl Builder {
     /// Layers are keyed by their store paths and compression.
     fn layer_cache_file(&self, paths: &[String]) -> PathBuf {
         let mut h = sha2::Sha256::new();
-        h.update(format!("gzip-{}\n", oci::GZIP_LEVEL));
+        h.update(format!("{}\n", self.cfg.compression.cache_tag()));
         for p in paths {
             h.update(p.as_bytes());
             h.update(b"\n");

@@ -79,6 +79,10 @@ pub struct CommonArgs {
     /// path) is served before it is rebuilt; Nix's own tarball-ttl is 3600.
     #[arg(long, env = "NIXERY_CACHE_TTL", default_value_t = 3600)]
     pub cache_ttl: u64,
+    /// Layer compression: gzip (every client) or zstd (OCI manifests only;
+    /// containerd 1.5+, Docker 23+, podman).
+    #[arg(long, env = "NIXERY_LAYER_COMPRESSION", value_enum, default_value_t = crate::oci::Compression::Gzip)]
+    pub layer_compression: crate::oci::Compression,
     /// Builds that run at once; more queue.
     #[arg(long, env = "NIXERY_MAX_BUILDS", default_value_t = 2)]
     pub max_builds: usize,
@@ -116,6 +120,7 @@ pub struct Settings {
     pub build_timeout: Duration,
     pub max_builds: usize,
     pub cache_ttl: Duration,
+    pub compression: crate::oci::Compression,
     pub popularity: Option<crate::layers::Popularity>,
     pub nix_options: Vec<(String, String)>,
 }
@@ -199,6 +204,7 @@ impl CommonArgs {
             build_timeout: Duration::from_secs(timeout),
             max_builds: self.max_builds.max(1),
             cache_ttl: Duration::from_secs(self.cache_ttl),
+            compression: self.layer_compression,
             popularity,
         })
     }

@@ -54,6 +54,7 @@ pub fn app_state(settings: &Settings) -> Result<AppState, Error> {
             timeout: settings.build_timeout,
             max_builds: settings.max_builds,
             mutable_ttl: settings.cache_ttl,
+            compression: settings.compression,
             popularity: settings.popularity.clone(),
         },
         nix,

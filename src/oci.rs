@@ -14,6 +14,7 @@ use crate::name::{Arch, Digest};
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
@@ -24,6 +25,35 @@ pub const EPOCH_MTIME: u64 = 1;
 pub const CREATED: &str = "1970-01-01T00:00:01Z";
 /// gzip level for layers; see benches/ for how it was chosen.
 pub const GZIP_LEVEL: u32 = 5;
+/// zstd level for layers when zstd is chosen; see benches/pack.rs.
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// How layers are compressed. gzip is the default: every client reads it.
+/// zstd is smaller and faster, but only OCI manifests can declare it, and
+/// only newer runtimes read it (containerd 1.5+, Docker 23+, podman).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
+pub enum Compression {
+    #[default]
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    /// Part of the layer cache key: a layer is the same only with the same
+    /// compression and level.
+    pub fn cache_tag(self) -> String {
+        match self {
+            Compression::Gzip => format!("gzip-{GZIP_LEVEL}"),
+            Compression::Zstd => format!("zstd-{ZSTD_LEVEL}"),
+        }
+    }
+    pub fn oci_layer_media_type(self) -> &'static str {
+        match self {
+            Compression::Gzip => OCI_LAYER_GZIP,
+            Compression::Zstd => OCI_LAYER_ZSTD,
+        }
+    }
+}
 
 /// A layer as stored: compressed digest, uncompressed digest, compressed size.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -207,24 +237,72 @@ pub fn write_tar<W: Write>(entries: &[Entry], w: W) -> io::Result<W> {
     tar.into_inner()
 }
 
-/// Streams entries through tar and gzip into `w`, hashing both sides; memory
-/// use does not depend on the layer's size.
-pub fn pack_layer<W: Write>(entries: &[Entry], w: W) -> io::Result<(W, LayerBlob)> {
-    pack_layer_at(entries, w, GZIP_LEVEL)
+/// Streams entries through tar and the compressor into `w`, hashing both
+/// sides; memory use does not depend on the layer's size.
+pub fn pack_layer<W: Write>(
+    entries: &[Entry],
+    w: W,
+    compression: Compression,
+) -> io::Result<(W, LayerBlob)> {
+    match compression {
+        Compression::Gzip => pack_layer_gzip(entries, w, GZIP_LEVEL),
+        Compression::Zstd => pack_layer_zstd(entries, w, ZSTD_LEVEL),
+    }
 }
 
-/// `pack_layer` at a given gzip level (for benches/pack.rs, which chose ours).
-pub fn pack_layer_at<W: Write>(entries: &[Entry], w: W, level: u32) -> io::Result<(W, LayerBlob)> {
-    let compressed = HashingWriter::new(io::BufWriter::with_capacity(256 * 1024, w));
-    let gz = flate2::GzBuilder::new()
-        .mtime(0)
-        .operating_system(255)
-        .write(compressed, flate2::Compression::new(level));
-    let tar_side = HashingWriter::new(gz);
-    let tar_side = write_tar(entries, tar_side)?;
-    let (gz, diff_id, _) = tar_side.finish();
-    let compressed: HashingWriter<io::BufWriter<W>> = GzEncoder::finish(gz)?;
-    let (buf, digest, size) = compressed.finish();
+type Sink<W> = HashingWriter<io::BufWriter<W>>;
+
+/// gzip at a given level, with a fixed header (no name, no mtime).
+pub fn pack_layer_gzip<W: Write>(
+    entries: &[Entry],
+    w: W,
+    level: u32,
+) -> io::Result<(W, LayerBlob)> {
+    pack_with(
+        entries,
+        w,
+        |sink| {
+            Ok(flate2::GzBuilder::new()
+                .mtime(0)
+                .operating_system(255)
+                .write(sink, flate2::Compression::new(level)))
+        },
+        GzEncoder::finish,
+    )
+}
+
+/// zstd at a given level, single-threaded so the output is reproducible
+/// (layers are packed in parallel instead), with a checksum and no dictionary.
+pub fn pack_layer_zstd<W: Write>(
+    entries: &[Entry],
+    w: W,
+    level: i32,
+) -> io::Result<(W, LayerBlob)> {
+    pack_with(
+        entries,
+        w,
+        |sink| {
+            let mut z = zstd::stream::write::Encoder::new(sink, level)?;
+            z.include_checksum(true)?;
+            Ok(z)
+        },
+        zstd::stream::write::Encoder::finish,
+    )
+}
+
+fn pack_with<W: Write, E: Write>(
+    entries: &[Entry],
+    w: W,
+    start: impl FnOnce(Sink<W>) -> io::Result<E>,
+    finish: impl FnOnce(E) -> io::Result<Sink<W>>,
+) -> io::Result<(W, LayerBlob)> {
+    let compressor = start(HashingWriter::new(io::BufWriter::with_capacity(
+        256 * 1024,
+        w,
+    )))?;
+    let tar_side = write_tar(entries, HashingWriter::new(compressor))?;
+    let (compressor, diff_id, _) = tar_side.finish();
+    let (buf, digest, size) = finish(compressor)?.finish();
     let w = buf.into_inner().map_err(|e| e.into_error())?;
     Ok((
         w,
@@ -488,16 +566,18 @@ pub fn image_config(
     Ok(config.to_string()?.into_bytes())
 }
 
-/// The manifest JSON for an image, in OCI or Docker schema2 media types.
+/// The manifest JSON for an image, in OCI or Docker schema2 media types
+/// (schema2 has no zstd layers: ask for it only with gzip).
 pub fn manifest(
     docker: bool,
     config: &[u8],
     layers: &[LayerBlob],
+    compression: Compression,
 ) -> Result<Vec<u8>, oci_spec::OciSpecError> {
     let (m, c, l) = if docker {
         (DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LAYER_GZIP)
     } else {
-        (OCI_MANIFEST, OCI_CONFIG, OCI_LAYER_GZIP)
+        (OCI_MANIFEST, OCI_CONFIG, compression.oci_layer_media_type())
     };
     let digest =
         |d: &Digest| -> Result<spec::Digest, oci_spec::OciSpecError> { d.as_str().parse() };
@@ -565,7 +645,7 @@ mod tests {
     }
 
     fn pack(entries: &[Entry]) -> (Vec<u8>, LayerBlob) {
-        pack_layer(entries, Vec::new()).unwrap()
+        pack_layer(entries, Vec::new(), Compression::Gzip).unwrap()
     }
 
     #[test]
@@ -601,6 +681,27 @@ mod tests {
         sorted.sort();
         assert_eq!(names, sorted);
         assert!(names[0] == "nix/" && names[1] == "nix/store/");
+    }
+
+    #[test]
+    fn zstd_layers_are_reproducible_and_hash_their_tar() {
+        let dir = fixture();
+        let entries =
+            store_path_entries(&[dir.path().join("pkg-b").to_string_lossy().into_owned()]).unwrap();
+        let (a, blob) = pack_layer(&entries, Vec::new(), Compression::Zstd).unwrap();
+        let (b, _) = pack_layer(&entries, Vec::new(), Compression::Zstd).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(&a[..4], &[0x28, 0xb5, 0x2f, 0xfd], "a zstd frame");
+        assert_eq!(blob.digest, Digest::of(&a));
+        assert_eq!(
+            blob.diff_id,
+            Digest::of(&zstd::decode_all(a.as_slice()).unwrap())
+        );
+        let (_, gz) = pack_layer(&entries, Vec::new(), Compression::Gzip).unwrap();
+        assert_eq!(gz.diff_id, blob.diff_id, "the same tar either way");
+        let m = manifest(false, b"{}", &[blob], Compression::Zstd).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&m).unwrap();
+        assert_eq!(v["layers"][0]["mediaType"], OCI_LAYER_ZSTD);
     }
 
     #[test]
@@ -696,7 +797,13 @@ mod tests {
         );
         assert_eq!(v["rootfs"]["diff_ids"][0], layer.diff_id.as_str());
         for docker in [false, true] {
-            let m = manifest(docker, &cfg, std::slice::from_ref(&layer)).unwrap();
+            let m = manifest(
+                docker,
+                &cfg,
+                std::slice::from_ref(&layer),
+                Compression::Gzip,
+            )
+            .unwrap();
             let mt = manifest_media_type(&m).unwrap();
             assert_eq!(
                 mt,

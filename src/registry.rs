@@ -421,7 +421,7 @@ fn manifest_response(
 }
 
 fn serve_built(app: &AppState, headers: &HeaderMap, head: bool, img: &BuiltImage) -> Response {
-    if wants_docker(headers) {
+    if wants_docker(headers) && img.has_docker_manifest() {
         manifest_response(
             app,
             head,

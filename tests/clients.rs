@@ -363,4 +363,21 @@ fn containerd_pull_and_run() {
     let _ = ctr(&["images", "rm", &image]);
     assert!(ok, "ctr run failed: {err}");
     assert_eq!(out.trim(), "Hello, world!");
+
+    // And with zstd layers, which containerd reads.
+    let zdir = tempfile::tempdir().unwrap();
+    let zserver = Server::start(&zdir.path().join("state"), &["--layer-compression", "zstd"]);
+    let zimage = format!("{}/shell/hello:latest", zserver.addr);
+    let (ok, _, err) = ctr(&["images", "pull", "--plain-http", &zimage]);
+    assert!(ok, "ctr pull (zstd) failed: {err}");
+    let (ok, out, err) = ctr(&[
+        "run",
+        "--rm",
+        &zimage,
+        &format!("hello-z-{}", std::process::id()),
+        "hello",
+    ]);
+    let _ = ctr(&["images", "rm", &zimage]);
+    assert!(ok, "ctr run (zstd) failed: {err}");
+    assert_eq!(out.trim(), "Hello, world!");
 }

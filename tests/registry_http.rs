@@ -543,3 +543,58 @@ async fn images_from_movable_sources_expire() {
         metric(&m, "nixery_layers_reused_total")
     );
 }
+
+#[tokio::test]
+async fn zstd_layers_when_chosen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    s.compression = nixery::oci::Compression::Zstd;
+    let app = nixery::app_state(&s).unwrap();
+    let r = request(
+        &app,
+        Method::GET,
+        "/v2/hello/manifests/latest",
+        &[("accept", OCI_MANIFEST)],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let manifest = r.json();
+    let config = get(
+        &app,
+        &format!(
+            "/v2/hello/blobs/{}",
+            manifest["config"]["digest"].as_str().unwrap()
+        ),
+    )
+    .await
+    .json();
+    for (i, layer) in manifest["layers"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(layer["mediaType"], nixery::oci::OCI_LAYER_ZSTD);
+        let blob = get(
+            &app,
+            &format!("/v2/hello/blobs/{}", layer["digest"].as_str().unwrap()),
+        )
+        .await;
+        let tar = zstd::decode_all(blob.body.as_slice()).unwrap();
+        assert_eq!(
+            nixery::name::Digest::of(&tar).as_str(),
+            config["rootfs"]["diff_ids"][i].as_str().unwrap()
+        );
+    }
+    // Docker schema2 cannot say zstd: a schema2-only client gets the OCI manifest.
+    let d = request(
+        &app,
+        Method::GET,
+        "/v2/hello/manifests/latest",
+        &[("accept", DOCKER_MANIFEST)],
+    )
+    .await;
+    assert_eq!(d.header("content-type"), Some(OCI_MANIFEST));
+    assert_eq!(d.body, r.body);
+    // gzip and zstd layers never share a cache entry.
+    let gz = get(&state(dir.path()), "/v2/hello/manifests/latest").await;
+    assert_ne!(
+        gz.header("docker-content-digest"),
+        r.header("docker-content-digest")
+    );
+}

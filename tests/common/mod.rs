@@ -37,6 +37,7 @@ pub fn settings(state_dir: &Path) -> Settings {
         build_timeout: Duration::from_secs(300),
         max_builds: 2,
         cache_ttl: Duration::from_secs(3600),
+        compression: nixery::oci::Compression::Gzip,
         popularity: None,
         nix_options: offline_nix_options(),
     }
