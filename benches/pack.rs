@@ -52,40 +52,34 @@ fn main() {
         input as f64 / 1e6 / gzip_secs,
         gzip_size
     );
-    println!("level  MB/s (1 core)  size/gzip-6  speed/gzip-6");
-    for level in 1..=9 {
-        let t = Instant::now();
-        let mut size = 0u64;
-        for p in &paths {
-            let entries = nixery::oci::store_path_entries(std::slice::from_ref(p)).unwrap();
-            let (mut sink, blob) =
-                nixery::oci::pack_layer_gzip(&entries, std::io::sink(), level).unwrap();
-            sink.flush().unwrap();
-            size += blob.size;
+    type Pack = fn(
+        &[nixery::oci::Entry],
+        std::io::Sink,
+        i64,
+    ) -> std::io::Result<(std::io::Sink, nixery::oci::LayerBlob)>;
+    let gzip: Pack = |e, w, level| nixery::oci::pack_layer_gzip(e, w, level as u32);
+    let zstd: Pack = |e, w, level| nixery::oci::pack_layer_zstd(e, w, level as i32);
+    for (name, levels, pack) in [
+        ("gzip", vec![1, 2, 3, 4, 5, 6, 7, 8, 9], gzip),
+        ("zstd", vec![1, 3, 6, 9], zstd),
+    ] {
+        println!("{name}   MB/s (1 core)  size/gzip-6  speed/gzip-6");
+        for level in levels {
+            let t = Instant::now();
+            let mut size = 0u64;
+            for p in &paths {
+                let entries = nixery::oci::store_path_entries(std::slice::from_ref(p)).unwrap();
+                let (mut sink, blob) = pack(&entries, std::io::sink(), level).unwrap();
+                sink.flush().unwrap();
+                size += blob.size;
+            }
+            let secs = t.elapsed().as_secs_f64();
+            println!(
+                "{level:>5}  {:>13.1}  {:>11.3}  {:>12.2}",
+                input as f64 / 1e6 / secs,
+                size as f64 / gzip_size,
+                gzip_secs / secs
+            );
         }
-        let secs = t.elapsed().as_secs_f64();
-        println!(
-            "{level:>5}  {:>13.1}  {:>11.3}  {:>12.2}",
-            input as f64 / 1e6 / secs,
-            size as f64 / gzip_size,
-            gzip_secs / secs
-        );
-    }
-    println!("zstd   MB/s (1 core)  size/gzip-6  speed/gzip-6");
-    for level in [1, 3, 6, 9] {
-        let t = Instant::now();
-        let mut size = 0u64;
-        for p in &paths {
-            let entries = nixery::oci::store_path_entries(std::slice::from_ref(p)).unwrap();
-            let (_, blob) = nixery::oci::pack_layer_zstd(&entries, std::io::sink(), level).unwrap();
-            size += blob.size;
-        }
-        let secs = t.elapsed().as_secs_f64();
-        println!(
-            "{level:>5}  {:>13.1}  {:>11.3}  {:>12.2}",
-            input as f64 / 1e6 / secs,
-            size as f64 / gzip_size,
-            gzip_secs / secs
-        );
     }
 }

@@ -341,43 +341,27 @@ fn containerd_pull_and_run() {
         skip("containerd_pull_and_run: no containerd socket on this machine");
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("state"), &[]);
-    let image = format!("{}/shell/hello:latest", server.addr);
     let ns = format!("nixery-test-{}", std::process::id());
     let ctr = |args: &[&str]| {
         run(Command::new("ctr")
             .args(["-a", socket, "-n", &ns])
             .args(args))
     };
-    // containerd resolves the tag with HEAD, then fetches the manifest by digest.
-    let (ok, _, err) = ctr(&["images", "pull", "--plain-http", &image]);
-    assert!(ok, "ctr pull failed: {err}");
-    let (ok, out, err) = ctr(&[
-        "run",
-        "--rm",
-        &image,
-        &format!("hello-{}", std::process::id()),
-        "hello",
-    ]);
-    let _ = ctr(&["images", "rm", &image]);
-    assert!(ok, "ctr run failed: {err}");
-    assert_eq!(out.trim(), "Hello, world!");
-
-    // And with zstd layers, which containerd reads.
-    let zdir = tempfile::tempdir().unwrap();
-    let zserver = Server::start(&zdir.path().join("state"), &["--layer-compression", "zstd"]);
-    let zimage = format!("{}/shell/hello:latest", zserver.addr);
-    let (ok, _, err) = ctr(&["images", "pull", "--plain-http", &zimage]);
-    assert!(ok, "ctr pull (zstd) failed: {err}");
-    let (ok, out, err) = ctr(&[
-        "run",
-        "--rm",
-        &zimage,
-        &format!("hello-z-{}", std::process::id()),
-        "hello",
-    ]);
-    let _ = ctr(&["images", "rm", &zimage]);
-    assert!(ok, "ctr run (zstd) failed: {err}");
-    assert_eq!(out.trim(), "Hello, world!");
+    // gzip layers, and zstd layers, which containerd reads too.
+    for compression in ["gzip", "zstd"] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start(
+            &dir.path().join("state"),
+            &["--layer-compression", compression],
+        );
+        let image = format!("{}/shell/hello:latest", server.addr);
+        // containerd resolves the tag with HEAD, then fetches the manifest by digest.
+        let (ok, _, err) = ctr(&["images", "pull", "--plain-http", &image]);
+        assert!(ok, "ctr pull ({compression}) failed: {err}");
+        let container = format!("hello-{compression}-{}", std::process::id());
+        let (ok, out, err) = ctr(&["run", "--rm", &image, &container, "hello"]);
+        let _ = ctr(&["images", "rm", &image]);
+        assert!(ok, "ctr run ({compression}) failed: {err}");
+        assert_eq!(out.trim(), "Hello, world!");
+    }
 }
