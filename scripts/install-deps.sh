@@ -7,7 +7,7 @@ export DEBIAN_FRONTEND=noninteractive
 packages=(
   nix-bin busybox-static patchelf          # Nix and the offline set's build tools
   hello curl jq less ca-certificates netbase # programs and data the offline set wraps
-  skopeo umoci git                         # real clients used by the tests
+  skopeo umoci git containerd              # real clients used by the tests (ctr)
   docker-registry wrk pigz hyperfine       # benchmarks (benches/registry.sh)
 )
 missing=()
