@@ -636,3 +636,28 @@ async fn named_image_pulls_with_real_clients_then_404s_after_deletion() {
     );
     let _ = stop_tx.send(());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_spec_is_reported_and_not_retried() {
+    // The CRD's schema rejects such names at the API server; the controller
+    // still refuses them itself, as a user error (no backoff, no build).
+    let dir = tempfile::tempdir().unwrap();
+    let state = nixery::app_state(&settings(dir.path())).unwrap();
+    let (ctx, mut handle) = context("node-a", &state);
+    let server = Server::new(niximage(
+        "curl-and-jq",
+        1,
+        &["curl", "$(reboot)"],
+        &["k8s.nixos.org/nixery-node-a"],
+    ));
+    let (result, calls) = reconcile(&server, &ctx, &mut handle, 3).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert_node_patch(&calls[0], "node-a", "Failed");
+    assert_aggregate_patch(&calls[1], "Failed", "0/1");
+    assert_event(&calls[2], "InvalidSpec", "Warning");
+    assert!(server.object().status.unwrap().conditions[0]
+        .message
+        .contains("is not a package attribute path"));
+    let m = String::from_utf8_lossy(&get(&state, "/metrics").await.body).into_owned();
+    assert_eq!(metric(&m, "nixery_builds_total"), 0.0, "nothing was built");
+}
