@@ -235,6 +235,21 @@ fn context(node: &str, state: &AppState) -> (Arc<Context>, Handle) {
     (Arc::new(ctx), handle)
 }
 
+/// One agent (node-a) and the API server's copy of a fresh `curl-and-jq`
+/// holding the agent's finalizer, with the given contents.
+fn one_agent(contents: &[&str]) -> (tempfile::TempDir, AppState, Arc<Context>, Handle, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let state = nixery::app_state(&settings(dir.path())).unwrap();
+    let (ctx, handle) = context("node-a", &state);
+    let server = Server::new(niximage(
+        "curl-and-jq",
+        1,
+        contents,
+        &["k8s.nixos.org/nixery-node-a"],
+    ));
+    (dir, state, ctx, handle, server)
+}
+
 const BUILD_TIMEOUT: Duration = Duration::from_secs(120);
 const STATUS_PATH: &str =
     "/apis/k8s.nixos.org/v1alpha1/namespaces/default/niximages/curl-and-jq/status";
@@ -304,15 +319,7 @@ async fn reconcile(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn build_status_events_no_rewrites_spec_change_and_deletion() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = nixery::app_state(&settings(dir.path())).unwrap();
-    let (ctx, mut handle) = context("node-a", &state);
-    let server = Server::new(niximage(
-        "curl-and-jq",
-        1,
-        &["curl", "jq"],
-        &["k8s.nixos.org/nixery-node-a"],
-    ));
+    let (dir, state, ctx, mut handle, server) = one_agent(&["curl", "jq"]);
 
     // First build: Building, aggregate, event; Ready, aggregate, event.
     let (result, calls) = reconcile(&server, &ctx, &mut handle, 6).await;
@@ -416,15 +423,7 @@ async fn build_status_events_no_rewrites_spec_change_and_deletion() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_build_reports_and_backs_off() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = nixery::app_state(&settings(dir.path())).unwrap();
-    let (ctx, mut handle) = context("node-a", &state);
-    let server = Server::new(niximage(
-        "curl-and-jq",
-        1,
-        &["broken"],
-        &["k8s.nixos.org/nixery-node-a"],
-    ));
+    let (_dir, state, ctx, mut handle, server) = one_agent(&["broken"]);
     let (result, calls) = reconcile(&server, &ctx, &mut handle, 6).await;
     let err = result.unwrap_err();
     assert!(
@@ -582,15 +581,7 @@ async fn named_image_pulls_with_real_clients_then_404s_after_deletion() {
     {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let state = nixery::app_state(&settings(dir.path())).unwrap();
-    let (ctx, mut handle) = context("node-a", &state);
-    let server = Server::new(niximage(
-        "curl-and-jq",
-        1,
-        &["curl", "jq", "shell"],
-        &["k8s.nixos.org/nixery-node-a"],
-    ));
+    let (_dir, state, ctx, mut handle, server) = one_agent(&["curl", "jq", "shell"]);
     let (result, _) = reconcile(&server, &ctx, &mut handle, 6).await;
     assert!(result.is_ok(), "{result:?}");
 
@@ -641,15 +632,7 @@ async fn named_image_pulls_with_real_clients_then_404s_after_deletion() {
 async fn invalid_spec_is_reported_and_not_retried() {
     // The CRD's schema rejects such names at the API server; the controller
     // still refuses them itself, as a user error (no backoff, no build).
-    let dir = tempfile::tempdir().unwrap();
-    let state = nixery::app_state(&settings(dir.path())).unwrap();
-    let (ctx, mut handle) = context("node-a", &state);
-    let server = Server::new(niximage(
-        "curl-and-jq",
-        1,
-        &["curl", "$(reboot)"],
-        &["k8s.nixos.org/nixery-node-a"],
-    ));
+    let (_dir, state, ctx, mut handle, server) = one_agent(&["curl", "$(reboot)"]);
     let (result, calls) = reconcile(&server, &ctx, &mut handle, 3).await;
     assert_eq!(result.unwrap(), Action::await_change());
     assert_node_patch(&calls[0], "node-a", "Failed");
