@@ -4,9 +4,16 @@
 #   nix-instantiate --eval --strict --json --read-write-mode nix/prepare-image.nix \
 #     --argstr srcType path|git|channel --argstr srcArgs JSON \
 #     --argstr packages '["curl","python3Packages.requests"]' --argstr system x86_64-linux
-# and answers { unknown = [names]; drvs = [drv paths]; outs = [output paths]; }.
+# and answers
+#   { unknown = [names]; drvs = [drv paths]; outs = [output paths];
+#     resolved = [{ name; attr; out; program; }]; }
 # Package names are looked up as attribute paths; none is ever evaluated as Nix
 # code, and a name that does not exist is reported, not thrown.
+#
+# As in Nixery, a top-level name that does not exist exactly is looked up
+# case-insensitively (registry clients refuse uppercase repository names, so
+# `bashinteractive` must find `bashInteractive`); nested sets stay exact.
+# Only builtins are used, so this works with every Nix 2.x and Lix.
 { srcType, srcArgs, packages, system ? builtins.currentSystem }:
 let
   args = builtins.fromJSON srcArgs;
@@ -22,24 +29,54 @@ let
 
   splitAttrPath = name: builtins.filter builtins.isString (builtins.split "\\." name);
 
+  upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
+  lower = [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];
+  toLower = builtins.replaceStrings upper lower;
+
+  # The top-level attribute a name means: itself, else the first (sorted) name
+  # equal to it ignoring case, else null. attrNames is only listed on a miss.
+  topLevel = name:
+    if builtins.hasAttr name pkgs then name
+    else
+      let matches = builtins.filter (n: toLower n == toLower name) (builtins.attrNames pkgs);
+      in if matches == [ ] then null else builtins.head matches;
+
   # Walks an attribute path; null when any step is missing or fails to evaluate.
-  lookup = name: builtins.foldl'
+  walk = parts: builtins.foldl'
     (acc: part:
       if acc != null && builtins.isAttrs acc && builtins.hasAttr part acc then
         let v = builtins.tryEval (builtins.getAttr part acc); in
         if v.success then v.value else null
       else null)
     pkgs
-    (splitAttrPath name);
+    parts;
 
   isDerivation = v: builtins.isAttrs v && (v.type or null) == "derivation";
 
-  resolved = map (name: { inherit name; value = lookup name; }) (builtins.fromJSON packages);
-  unknown = map (r: r.name) (builtins.filter (r: !(isDerivation r.value)) resolved);
-  contents = map (r: r.value) (builtins.filter (r: isDerivation r.value) resolved);
+  resolve = name:
+    let
+      parts = splitAttrPath name;
+      first = topLevel (builtins.head parts);
+      canonical = [ first ] ++ builtins.tail parts;
+      value = if first == null then null else walk canonical;
+      ok = isDerivation value;
+    in
+    {
+      inherit name ok;
+      attr = if first == null then null else builtins.concatStringsSep "." canonical;
+      drv = if ok then value.drvPath else null;
+      out = if ok then value.outPath else null;
+      # The program a single-package image runs by default, as nixpkgs names it.
+      program = if ok then (value.meta.mainProgram or value.pname or null) else null;
+    };
+
+  results = map resolve (builtins.fromJSON packages);
+  unknown = map (r: r.name) (builtins.filter (r: !r.ok) results);
+  found = builtins.filter (r: r.ok) results;
 in
 {
   inherit unknown;
-  drvs = if unknown == [ ] then map (d: d.drvPath) contents else [ ];
-  outs = if unknown == [ ] then map (d: d.outPath) contents else [ ];
+  drvs = if unknown == [ ] then map (r: r.drv) found else [ ];
+  outs = if unknown == [ ] then map (r: r.out) found else [ ];
+  resolved = if unknown == [ ] then map (r: { inherit (r) name attr out program; }) found else [ ];
 }

@@ -5,8 +5,11 @@
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 packages=(
-  nix-bin busybox-static patchelf          # Nix and the offline set's build tools
-  hello curl jq less ca-certificates netbase # programs and data the offline set wraps
+  nix-bin nix-setup-systemd                # Nix; the second makes its build users and nix.conf
+  busybox-static patchelf                  # the offline set's build tools
+  hello curl jq less moreutils nano        # programs the offline set wraps
+  ca-certificates netbase                  # data the offline set wraps
+  debootstrap                              # the Debian 13 root of the Nix version matrix
   skopeo umoci git containerd              # real clients used by the tests (ctr)
   docker-registry wrk pigz hyperfine       # benchmarks (benches/registry.sh)
 )

@@ -62,7 +62,18 @@ let
       '';
     }) host.libs;
 
-  programs = builtins.mapAttrs (name: spec:
+  # pname and meta.mainProgram as nixpkgs sets them (prepare-image.nix reads
+  # them for an image's default command).
+  # As in nixpkgs, `pkg.out` is the package itself, meta included.
+  withMeta = name: spec: drv: let
+    self = drv // {
+      pname = name;
+      meta = if spec ? mainProgram then { inherit (spec) mainProgram; } else { };
+      out = self;
+    };
+  in self;
+
+  programs = builtins.mapAttrs (name: spec: withMeta name spec (
     mkDerivation {
       name = "${name}-host";
       src = importFiles "${name}-bins" host.binDir spec.bins;
@@ -77,7 +88,7 @@ let
         done
         ${if name == "bashInteractive" then "ln -s bash $out/bin/sh" else ""}
       '';
-    }) host.programs;
+    })) host.programs;
 
   # A package whose output is a few bytes plus references to `deps`.
   tiny = name: deps: mkDerivation {
@@ -99,7 +110,7 @@ let
   leaves = builtins.genList (i: tiny "wide-leaf-${toString i}" [ ]) 110;
 
   self = programs // {
-    inherit (programs) bashInteractive coreutils hello curl jq gnugrep gnused findutils less;
+    inherit (programs) bashInteractive coreutils hello curl jq gnugrep gnused findutils less moreutils nano;
     bash = programs.bashInteractive;
     glibc = libs.glibc;
     zlib = libs.libz;

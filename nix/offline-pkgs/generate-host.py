@@ -27,8 +27,13 @@ PROGRAMS = {
     "gnused": ["sed"],
     "findutils": ["find", "xargs"],
     "less": ["less"],
-    "coreutils": None,  # every ELF binary of Debian's coreutils package
+    "nano": ["nano"],
+    # Every ELF binary of these Debian packages (moreutils' Perl scripts are left out).
+    "coreutils": {"deb": "coreutils"},
+    "moreutils": {"deb": "moreutils"},
 }
+# nixpkgs' meta.mainProgram, where it differs from the attribute name.
+MAIN_PROGRAM = {"bashInteractive": "bash", "gnugrep": "grep", "gnused": "sed", "findutils": "find"}
 
 
 def needed(path):
@@ -47,8 +52,8 @@ def lib_attr(soname):
     return soname.split(".so", 1)[0]
 
 
-def coreutils_bins():
-    files = subprocess.run(["dpkg", "-L", "coreutils"], capture_output=True, text=True, check=True).stdout.split()
+def package_bins(package):
+    files = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True, check=True).stdout.split()
     bins = set()
     for f in files:
         name = os.path.basename(f)
@@ -78,13 +83,16 @@ def main():
 
     programs = {}
     for attr, bins in PROGRAMS.items():
-        bins = bins if bins is not None else coreutils_bins()
+        bins = package_bins(bins["deb"]) if isinstance(bins, dict) else bins
         deps = set()
         for b in bins:
             for dep in needed(os.path.join(BIN_DIR, b)):
                 deps.add(lib_attr(dep))
                 add_lib(dep)
         programs[attr] = {"bins": bins, "libs": sorted(deps)}
+        main = MAIN_PROGRAM.get(attr, attr)
+        if main in bins:
+            programs[attr]["mainProgram"] = main
 
     out = {
         "libDir": LIB_DIR,
