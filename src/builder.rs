@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::future::{BoxFuture, FutureExt, Shared, WeakShared};
 use futures::StreamExt;
 use sha2::Digest as _;
 use tracing::{info, info_span, warn, Instrument};
@@ -16,21 +16,14 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::layers::{self, PathInfo, Popularity};
 use crate::metrics::Metrics;
 use crate::name::{AdHocImage, Arch, Digest};
-use crate::nix::{LogSink, Nix, NixError, Source};
+use crate::nix::{LogSink, Nix, NixError, Prepared, Source};
 use crate::oci::{self, LayerBlob, RunConfig};
 use crate::store::{BlobStore, StoreError};
 
 /// Packages every image gets, as Nixery does.
 pub const ALWAYS: &[&str] = &["cacert", "iana-etc"];
-/// What the `shell` meta-package stands for.
-pub const SHELL: &[&str] = &[
-    "bashInteractive",
-    "coreutils",
-    "findutils",
-    "gnugrep",
-    "gnused",
-    "less",
-];
+/// What the `shell` meta-package stands for, as in Nixery.
+pub const SHELL: &[&str] = &["bashInteractive", "coreutils", "moreutils", "nano"];
 
 /// What to build: a package set at a tag, for an architecture, with a config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,7 +63,9 @@ impl ImageSpec {
         set.into_iter().collect()
     }
 
-    /// The cache key: sorted package set, source and revision, arch, config.
+    /// The request key: sorted package names as spelled, source and
+    /// revision, arch, config. Spellings of one package set differ here and
+    /// meet again at the image key (`image_key`).
     fn key(&self, source: &Source) -> String {
         let mut h = sha2::Sha256::new();
         h.update(format!(
@@ -108,10 +103,12 @@ impl BuiltImage {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BuildError {
     #[error("unknown packages: {}", .0.join(", "))]
     UnknownPackages(Vec<String>),
+    #[error("this registry cannot build {system} images: its Nix builds only for other systems, and no substituter or remote builder supplied {system} packages")]
+    UnsupportedSystem { system: String },
     #[error(
         "tag '{tag}' is unknown: with a {source_kind} package source the only tag is 'latest'"
     )]
@@ -195,14 +192,27 @@ pub struct BuilderConfig {
 type BuildResult = Result<Arc<BuiltImage>, Arc<BuildError>>;
 /// A built image and when it expires (None: never).
 type CacheEntry = (Arc<BuiltImage>, Option<Instant>);
+type ImageResult = Result<Arc<BuiltImage>, BuildError>;
+/// Whether each name exists in one package source revision, and until when
+/// the answer holds (None: for good, as for a git commit).
+type NameAnswers = (HashMap<String, bool>, Option<Instant>);
 
 pub struct Builder {
     cfg: BuilderConfig,
     nix: Arc<dyn Nix>,
     store: Arc<dyn BlobStore>,
     metrics: Arc<Metrics>,
-    /// Built images by key, with when they expire (None: never).
+    /// Built images by request key, with when they expire (None: never).
     cache: Mutex<HashMap<String, CacheEntry>>,
+    /// Built images by image key (what the names resolved to): spellings of
+    /// one package set share one image, one build and one set of GC roots.
+    images: Mutex<HashMap<String, Arc<BuiltImage>>>,
+    /// Running image builds by image key. Weak, so a build that every waiter
+    /// gave up on (timeout) is dropped, which stops its Nix processes.
+    image_builds: Mutex<HashMap<String, WeakShared<BoxFuture<'static, ImageResult>>>>,
+    /// Whether names exist, per package source revision, so a repeated
+    /// unknown name costs no evaluation.
+    names: Mutex<HashMap<String, NameAnswers>>,
     /// Manifests of built images by digest, so GETs by digest skip the disk.
     manifests: Mutex<HashMap<Digest, (&'static str, bytes::Bytes)>>,
     inflight: Mutex<HashMap<String, Shared<BoxFuture<'static, BuildResult>>>>,
@@ -223,6 +233,9 @@ impl Builder {
             store,
             metrics,
             cache: Default::default(),
+            images: Default::default(),
+            image_builds: Default::default(),
+            names: Default::default(),
             manifests: Default::default(),
             inflight: Default::default(),
             slots,
@@ -284,7 +297,6 @@ impl Builder {
                         let result = this
                             .build_limited(&k, &spec, &source, progress)
                             .await
-                            .map(Arc::new)
                             .map_err(Arc::new);
                         if let Ok(img) = &result {
                             this.cache
@@ -323,17 +335,17 @@ impl Builder {
 
     /// Waits for a build slot, then builds within the timeout.
     async fn build_limited(
-        &self,
+        self: &Arc<Self>,
         key: &str,
         spec: &ImageSpec,
         source: &Source,
         progress: Option<ProgressFn>,
-    ) -> Result<BuiltImage, BuildError> {
-        let report = move |p: Progress| {
+    ) -> ImageResult {
+        let report: ProgressFn = Arc::new(move |p: Progress| {
             if let Some(f) = &progress {
                 f(p)
             }
-        };
+        });
         report(Progress::Queued);
         self.metrics.builds_queued.inc();
         let permit = self.slots.acquire().await;
@@ -343,9 +355,10 @@ impl Builder {
         self.metrics.builds_running.inc();
         let started = Instant::now();
         let span = info_span!("build", image = %spec.packages.join("/"), tag = %spec.tag, arch = spec.arch.oci(), key = &key[..12]);
-        let result = tokio::time::timeout(self.cfg.timeout, self.build(key, spec, source, &report))
-            .instrument(span.clone())
-            .await;
+        let result =
+            tokio::time::timeout(self.cfg.timeout, self.build(spec, source, report.clone()))
+                .instrument(span.clone())
+                .await;
         self.metrics.builds_running.dec();
         let elapsed = started.elapsed();
         self.metrics.build_duration.observe(elapsed.as_secs_f64());
@@ -356,6 +369,10 @@ impl Builder {
                 info!(digest = %img.oci_digest, layers = img.layers, size = img.size, seconds = elapsed.as_secs_f64(), "build finished");
                 report(Progress::Done);
             }
+            Err(e @ BuildError::UnknownPackages(_)) => {
+                self.metrics.unknown_packages.inc();
+                info!(error = %e, "unknown packages");
+            }
             Err(e) => {
                 self.metrics.build_failures.inc();
                 warn!(error = %e, seconds = elapsed.as_secs_f64(), "build failed");
@@ -364,25 +381,137 @@ impl Builder {
         result
     }
 
+    /// Resolves the names, then returns the image they make: built already
+    /// (under another spelling), being built, or built now.
     async fn build(
-        &self,
-        key: &str,
+        self: &Arc<Self>,
         spec: &ImageSpec,
         source: &Source,
-        report: &(dyn Fn(Progress) + Send + Sync),
-    ) -> Result<BuiltImage, BuildError> {
+        report: ProgressFn,
+    ) -> ImageResult {
         let packages = spec.all_packages();
         report(Progress::Stage("evaluating"));
         let t = Instant::now();
+        let prepared = self.resolve(source, spec, &packages).await?;
+        info!(seconds = t.elapsed().as_secs_f64(), "evaluated");
+        // The default command of a one-package image is that package's program.
+        let program = match spec.packages.as_slice() {
+            [only] => prepared
+                .resolved
+                .iter()
+                .find(|r| &r.name == only)
+                .and_then(|r| r.program.clone()),
+            _ => None,
+        };
+        let key = self.image_key(&prepared, spec, program.as_deref());
+        if let Some(img) = self.images.lock().unwrap().get(&key) {
+            self.metrics.cache_hits.inc();
+            return Ok(img.clone());
+        }
+        let fut = {
+            let mut running = self.image_builds.lock().unwrap();
+            match running.get(&key).and_then(WeakShared::upgrade) {
+                Some(f) => {
+                    self.metrics.build_waits.inc();
+                    f
+                }
+                None => {
+                    let this = self.clone();
+                    let (k, spec) = (key.clone(), spec.clone());
+                    let f = async move {
+                        let result = this
+                            .build_image(&k, &prepared, &spec, program, &*report)
+                            .await
+                            .map(Arc::new);
+                        if let Ok(img) = &result {
+                            this.images.lock().unwrap().insert(k.clone(), img.clone());
+                        }
+                        this.image_builds.lock().unwrap().remove(&k);
+                        result
+                    }
+                    .boxed()
+                    .shared();
+                    if let Some(weak) = f.downgrade() {
+                        running.insert(key, weak);
+                    }
+                    f
+                }
+            }
+        };
+        fut.await
+    }
+
+    /// Asks Nix what the names mean, unless every answer is known for this
+    /// package source revision and one of them is "unknown".
+    async fn resolve(
+        &self,
+        source: &Source,
+        spec: &ImageSpec,
+        packages: &[String],
+    ) -> Result<Prepared, BuildError> {
+        let revision = format!("{source:?}\0{}\0{:?}", spec.tag, spec.arch);
+        {
+            let mut names = self.names.lock().unwrap();
+            if let Some((answers, until)) = names.get(&revision) {
+                if until.is_some_and(|t| Instant::now() >= t) {
+                    names.remove(&revision);
+                } else if packages.iter().all(|p| answers.contains_key(p)) {
+                    let unknown: Vec<String> =
+                        packages.iter().filter(|p| !answers[*p]).cloned().collect();
+                    if !unknown.is_empty() {
+                        self.metrics.unknown_cached.inc();
+                        return Err(BuildError::UnknownPackages(unknown));
+                    }
+                }
+            }
+        }
         let prepared = self
             .nix
-            .prepare(source, &spec.tag, &packages, spec.arch.nix_system())
+            .prepare(source, &spec.tag, packages, spec.arch.nix_system())
             .await?;
-        info!(seconds = t.elapsed().as_secs_f64(), "evaluated");
-        if !prepared.unknown.is_empty() {
-            return Err(BuildError::UnknownPackages(prepared.unknown));
+        let until =
+            (!source.is_immutable_at(&spec.tag)).then(|| Instant::now() + self.cfg.mutable_ttl);
+        let mut names = self.names.lock().unwrap();
+        let (answers, _) = names
+            .entry(revision)
+            .or_insert_with(|| (HashMap::new(), until));
+        // Each name resolves on its own: those not unknown exist.
+        for p in packages {
+            answers.insert(p.clone(), !prepared.unknown.contains(p));
         }
+        if prepared.unknown.is_empty() {
+            Ok(prepared)
+        } else {
+            Err(BuildError::UnknownPackages(prepared.unknown))
+        }
+    }
 
+    /// The image key: the output paths the names resolved to (sorted, unique),
+    /// the default program, and everything else that shapes the image.
+    fn image_key(&self, prepared: &Prepared, spec: &ImageSpec, program: Option<&str>) -> String {
+        let outs: BTreeSet<&str> = prepared.outs.iter().map(String::as_str).collect();
+        let mut h = sha2::Sha256::new();
+        h.update(format!(
+            "{outs:?}\0{:?}\0{:?}\0{program:?}\0{}\0{}\0{}",
+            spec.arch,
+            spec.run,
+            self.cfg.compression.cache_tag(),
+            self.cfg.max_layers,
+            self.cfg.popularity.is_some(),
+        ));
+        hex::encode(h.finalize())
+    }
+
+    /// Realises the packages under GC roots of this image, plans and packs the
+    /// layers, and stores config and manifests.
+    async fn build_image(
+        &self,
+        key: &str,
+        prepared: &Prepared,
+        spec: &ImageSpec,
+        program: Option<String>,
+        report: &(dyn Fn(Progress) + Send + Sync),
+    ) -> Result<BuiltImage, BuildError> {
         report(Progress::Stage("building"));
         let t = Instant::now();
         let gcroot_dir = self.cfg.state_dir.join("gcroots").join(key);
@@ -403,7 +532,10 @@ impl Builder {
         while let Ok(line) = rx.try_recv() {
             report(Progress::NixLog(line));
         }
-        realised?;
+        realised.map_err(|e| match e.unsupported_system() {
+            Some(system) => BuildError::UnsupportedSystem { system },
+            None => BuildError::Nix(e),
+        })?;
         info!(seconds = t.elapsed().as_secs_f64(), "realised");
 
         report(Progress::Stage("reading closure"));
@@ -487,7 +619,7 @@ impl Builder {
 
         let mut run = spec.run.clone();
         if run.cmd.is_none() && run.entrypoint.is_none() {
-            run.cmd = oci::default_cmd(&bin, &spec.packages);
+            run.cmd = oci::default_cmd(&bin, program.as_deref());
         }
         let config = oci::image_config(spec.arch, &blobs, &run, &history)
             .map_err(|e| BuildError::Internal(e.to_string()))?;
@@ -511,7 +643,7 @@ impl Builder {
             docker_manifest: docker_manifest.into(),
             layers: blobs.len(),
             size: config.len() as u64 + blobs.iter().map(|b| b.size).sum::<u64>(),
-            roots: prepared.outs,
+            roots: prepared.outs.clone(),
             gcroot_dir,
         })
     }

@@ -22,6 +22,8 @@ pub struct Metrics {
     registry: Registry,
     pub builds: Counter,
     pub build_failures: Counter,
+    pub unknown_packages: Counter,
+    pub unknown_cached: Counter,
     pub build_duration: Histogram,
     pub builds_running: Gauge,
     pub builds_queued: Gauge,
@@ -44,6 +46,8 @@ impl Default for Metrics {
         let m = Metrics {
             builds: Counter::default(),
             build_failures: Counter::default(),
+            unknown_packages: Counter::default(),
+            unknown_cached: Counter::default(),
             build_duration: Histogram::new(exponential_buckets(0.05, 2.0, 14)),
             builds_running: Gauge::default(),
             builds_queued: Gauge::default(),
@@ -63,8 +67,18 @@ impl Default for Metrics {
         registry.register("builds", "Image builds started", m.builds.clone());
         registry.register(
             "build_failures",
-            "Image builds that failed",
+            "Image builds that failed (unknown packages are counted apart)",
             m.build_failures.clone(),
+        );
+        registry.register(
+            "unknown_packages",
+            "Image requests that named packages the package source lacks (user errors, not build failures)",
+            m.unknown_packages.clone(),
+        );
+        registry.register(
+            "unknown_cached",
+            "Unknown-package answers given from the name cache, without evaluating",
+            m.unknown_cached.clone(),
         );
         registry.register(
             "build_duration_seconds",

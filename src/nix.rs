@@ -91,12 +91,53 @@ pub enum NixError {
     },
 }
 
+impl NixError {
+    /// The system a failed build needed, when Nix failed because this host
+    /// cannot build for it (no matching platform, substituter or remote builder).
+    /// Nix 2.8 to 2.18 say "a 'aarch64-linux' with features {} is required to
+    /// build ..."; 2.19 and later "Required system: 'aarch64-linux' ...".
+    pub fn unsupported_system(&self) -> Option<String> {
+        let NixError::Failed { log, .. } = self else {
+            return None;
+        };
+        // The text between `start` and the next quote.
+        let between = |line: &str, start: &str| {
+            let (_, rest) = line.split_once(start)?;
+            rest.split_once('\'').map(|(v, _)| v.to_string())
+        };
+        log.lines().find_map(|line| {
+            between(line, "Required system: '").or_else(|| {
+                line.contains("is required to build")
+                    .then(|| between(line, "a '"))
+                    .flatten()
+            })
+        })
+    }
+}
+
 /// What prepare-image.nix answers.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 pub struct Prepared {
     pub unknown: Vec<String>,
     pub drvs: Vec<String>,
     pub outs: Vec<String>,
+    /// How each requested name resolved (empty when some are unknown).
+    #[serde(default)]
+    pub resolved: Vec<Resolved>,
+}
+
+/// One requested name and what it means in the package set.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct Resolved {
+    /// As requested (`bashinteractive`).
+    pub name: String,
+    /// The attribute path it found (`bashInteractive`).
+    pub attr: String,
+    /// Its output path.
+    pub out: String,
+    /// `meta.mainProgram`, else `pname`, when the package declares one.
+    #[serde(default)]
+    pub program: Option<String>,
 }
 
 /// Progress lines from Nix while it builds.
@@ -333,22 +374,66 @@ impl Nix for NixCli {
     }
 
     fn closure<'a>(&'a self, outs: &'a [String]) -> BoxFuture<'a, Result<Vec<PathInfo>, NixError>> {
+        // Only nix-store's stable interface: `--query --requisites` for the
+        // closure and `--dump-db` for sizes and references, in the registration
+        // format that `--load-db` reads back, unchanged from Nix 2.0 to 2.3x and
+        // Lix. (`nix path-info --json` is experimental and changed shape in 2.19.)
         Box::pin(async move {
-            let mut args = self.with_options(vec![
-                "--extra-experimental-features",
-                "nix-command",
-                "path-info",
-                "--json",
-                "--recursive",
-            ]);
+            const STAGE: &str = "reading the closure";
+            let mut args = self.with_options(vec!["--query", "--requisites"]);
             args.extend(outs.iter().map(String::as_str));
-            let out = run("nix", &args, "reading the closure", None).await?;
-            serde_json::from_str(&out).map_err(|e| NixError::BadOutput {
-                stage: "reading the closure",
-                message: e.to_string(),
+            let paths = run("nix-store", &args, STAGE, None).await?;
+            let mut args = self.with_options(vec!["--dump-db"]);
+            args.extend(paths.lines().filter(|l| !l.is_empty()));
+            let db = run("nix-store", &args, STAGE, None).await?;
+            parse_registration(&db).map_err(|message| NixError::BadOutput {
+                stage: STAGE,
+                message,
             })
         })
     }
+}
+
+/// Parses Nix's registration format (`nix-store --dump-db`): per path, its
+/// path, NAR hash, NAR size, deriver (may be empty), reference count and one
+/// line per reference.
+pub fn parse_registration(text: &str) -> Result<Vec<PathInfo>, String> {
+    let mut lines = text.lines();
+    let mut out = Vec::new();
+    while let Some(path) = lines.next() {
+        let mut next = |what: &str| {
+            lines
+                .next()
+                .ok_or_else(|| format!("record of {path:?} ends before its {what}"))
+        };
+        if !path.starts_with('/') {
+            return Err(format!("expected a store path, found {path:?}"));
+        }
+        let _hash = next("NAR hash")?;
+        let size = next("NAR size")?;
+        let nar_size = size
+            .parse()
+            .map_err(|_| format!("NAR size of {path} is not a number: {size:?}"))?;
+        let _deriver = next("deriver")?;
+        let count = next("reference count")?;
+        let count: usize = count
+            .parse()
+            .map_err(|_| format!("reference count of {path} is not a number: {count:?}"))?;
+        let mut references = Vec::with_capacity(count.min(4096));
+        for _ in 0..count {
+            let r = next("references")?;
+            if !r.starts_with('/') {
+                return Err(format!("reference of {path} is not a store path: {r:?}"));
+            }
+            references.push(r.to_string());
+        }
+        out.push(PathInfo {
+            path: path.to_string(),
+            nar_size,
+            references,
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -383,6 +468,69 @@ mod tests {
         assert!(!Source::Channel("nixos-unstable".into())
             .is_immutable_at("0123456789abcdef0123456789abcdef01234567"));
         assert!(!Source::Path("/p".into()).is_immutable_at("latest"));
+    }
+
+    #[test]
+    fn registration_format_parses() {
+        // As `nix-store --dump-db` prints it (Nix 2.8 and 2.26 alike); the
+        // second path has no deriver and references itself.
+        let text = "/nix/store/aaa-hello\n\
+            a521871f80b53bfbd45e07620235f79d8de9bef330a11dc10846fe02444de260\n\
+            1272\n\
+            /nix/store/ddd-hello.drv\n\
+            2\n\
+            /nix/store/bbb-glibc\n\
+            /nix/store/aaa-hello\n\
+            /nix/store/bbb-glibc\n\
+            2a4ebb4b487c31adf5d164ed05627280bb278766881409fa679294cca7ddfed7\n\
+            3173248\n\
+            \n\
+            1\n\
+            /nix/store/bbb-glibc\n";
+        let infos = parse_registration(text).unwrap();
+        assert_eq!(
+            infos,
+            vec![
+                PathInfo {
+                    path: "/nix/store/aaa-hello".into(),
+                    nar_size: 1272,
+                    references: vec!["/nix/store/bbb-glibc".into(), "/nix/store/aaa-hello".into()],
+                },
+                PathInfo {
+                    path: "/nix/store/bbb-glibc".into(),
+                    nar_size: 3173248,
+                    references: vec!["/nix/store/bbb-glibc".into()],
+                },
+            ]
+        );
+        assert_eq!(parse_registration("").unwrap(), vec![]);
+        for bad in [
+            "/nix/store/a\nhash\n12\n\n2\n/nix/store/b\n", // fewer references than counted
+            "/nix/store/a\nhash\nbig\n\n0\n",              // size not a number
+            "/nix/store/a\nhash\n12\n\nx\n",               // count not a number
+            "{\"/nix/store/a\": {}}\n",                    // JSON is not this format
+            "/nix/store/a\nhash\n",                        // cut short
+        ] {
+            assert!(parse_registration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn unsupported_systems_are_recognised_in_every_nix_wording() {
+        let failed = |log: &str| NixError::Failed {
+            stage: "building the packages",
+            log: log.into(),
+        };
+        // Nix 2.8
+        let old = failed("error: a 'aarch64-linux' with features {} is required to build '/nix/store/x.drv', but I am a 'x86_64-linux' with features {benchmark, big-parallel}");
+        assert_eq!(old.unsupported_system().as_deref(), Some("aarch64-linux"));
+        // Nix 2.19 and later
+        let new = failed("error: Cannot build '/nix/store/x.drv'.\n       Reason: required system or feature not available\n       Required system: 'aarch64-linux' with features {}\n       Current system: 'x86_64-linux' with features {benchmark}");
+        assert_eq!(new.unsupported_system().as_deref(), Some("aarch64-linux"));
+        assert_eq!(
+            failed("error: builder for '/nix/store/x.drv' failed").unsupported_system(),
+            None
+        );
     }
 
     #[test]

@@ -481,19 +481,18 @@ pub struct RunConfig {
 
 /// Picks a `Cmd` that makes sense: a shell when there is one, else the one
 /// program of a single-package image.
-pub fn default_cmd(bin: &[String], packages: &[String]) -> Option<Vec<String>> {
+/// The shell when the image has one, else the program of a one-package
+/// image (its `meta.mainProgram` or `pname`) when it is in `/bin`.
+pub fn default_cmd(bin: &[String], program: Option<&str>) -> Option<Vec<String>> {
     for shell in ["bash", "sh"] {
         if bin.iter().any(|b| b == shell) {
             return Some(vec![shell.into()]);
         }
     }
-    if let [only] = packages {
-        let last = only.rsplit('.').next().unwrap_or(only);
-        if bin.iter().any(|b| b == last) {
-            return Some(vec![last.into()]);
-        }
-    }
-    None
+    let program = program?;
+    bin.iter()
+        .any(|b| b == program)
+        .then(|| vec![program.to_string()])
 }
 
 /// The base environment every image gets; user entries override by name.
@@ -744,17 +743,16 @@ mod tests {
     fn cmd_prefers_a_shell() {
         let bin = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(
-            default_cmd(&bin(&["bash", "curl"]), &bin(&["curl"])),
+            default_cmd(&bin(&["bash", "curl"]), Some("curl")),
             Some(vec!["bash".to_string()])
         );
         assert_eq!(
-            default_cmd(&bin(&["curl"]), &bin(&["curl"])),
+            default_cmd(&bin(&["curl"]), Some("curl")),
             Some(vec!["curl".to_string()])
         );
-        assert_eq!(
-            default_cmd(&bin(&["jq", "curl"]), &bin(&["jq", "curl"])),
-            None
-        );
+        // A program the image does not have, or none declared: no command.
+        assert_eq!(default_cmd(&bin(&["jq", "curl"]), Some("requests")), None);
+        assert_eq!(default_cmd(&bin(&["jq", "curl"]), None), None);
     }
 
     #[test]

@@ -118,6 +118,12 @@ impl From<&BuildError> for RegistryError {
                 message: e.to_string(),
                 detail: serde_json::json!({ "unknownPackages": names }),
             },
+            // Not a fault of the registry: this image cannot exist here. A 4xx
+            // with a message is what clients (docker) show to the user.
+            BuildError::UnsupportedSystem { system } => RegistryError::ManifestUnknown {
+                message: e.to_string(),
+                detail: serde_json::json!({ "unsupportedSystem": system }),
+            },
             BuildError::UnknownTag { .. } => RegistryError::ManifestUnknown {
                 message: e.to_string(),
                 detail: serde_json::Value::Null,

@@ -89,7 +89,34 @@ fn docker_pull_and_run() {
         "touch /tmp/x && echo ok",
     ]));
     assert!(ok && out.trim() == "ok", "{out} {err}");
-    let _ = run(Command::new("docker").args(["rmi", "-f", &hello, &curl]));
+    // `shell` is Nixery's: bashInteractive, coreutils, moreutils and nano.
+    let (ok, out, err) = run(Command::new("docker").args([
+        "run",
+        "--rm",
+        &hello,
+        "bash",
+        "-c",
+        "echo sponged | sponge /tmp/s && cat /tmp/s && nano --version | head -1",
+    ]));
+    assert!(ok, "{out} {err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "sponged", "{out}");
+    assert!(lines[1].contains("nano"), "{out}");
+    // A camelCase package by its lowercase name, as Docker requires.
+    let bash_jq = format!("{}/bashinteractive/jq", server.addr);
+    let (ok, _, err) = run(Command::new("docker").args(["pull", "-q", &bash_jq]));
+    assert!(ok, "docker pull {bash_jq} failed: {err}");
+    let (ok, out, err) = run(Command::new("docker").args([
+        "run",
+        "--rm",
+        &bash_jq,
+        "bash",
+        "-c",
+        "echo '{\"by\":\"nix\"}' | jq -r .by",
+    ]));
+    assert!(ok, "docker run {bash_jq} failed: {err}");
+    assert_eq!(out.trim(), "nix");
+    let _ = run(Command::new("docker").args(["rmi", "-f", &hello, &curl, &bash_jq]));
 }
 
 #[test]
