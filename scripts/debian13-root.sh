@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Makes (once) a Debian 13 (trixie) root with its own Nix (2.26) and the host
+# programs the offline package set wraps, for the Nix version matrix in .ci/run
+# (scripts/nix-matrix.sh). Reused while its package list is unchanged.
+# Usage: scripts/debian13-root.sh [DIR]   (default /var/cache/nixery-ci/trixie)
+set -euo pipefail
+root="${1:-${NIXERY_TRIXIE_ROOT:-/var/cache/nixery-ci/trixie}}"
+mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+packages=(
+  nix-bin nix-setup-systemd busybox-static patchelf   # Nix and the offline set's tools
+  hello curl jq less moreutils nano ca-certificates netbase # what the offline set wraps
+  python3 binutils dpkg                                # generate-host.py (readelf, dpkg -L)
+  skopeo umoci git containerd docker-cli               # the clients the tests drive
+)
+stamp="$root/.nixery-root-$(printf '%s\n' "${packages[@]}" | sha256sum | cut -c1-12)"
+if [ -e "$stamp" ]; then
+  echo "debian13-root: reusing $root"
+  exit 0
+fi
+command -v debootstrap >/dev/null || {
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends debootstrap >/dev/null
+}
+if [ ! -x "$root/usr/bin/apt-get" ]; then
+  echo "debian13-root: debootstrap trixie into $root (a few minutes, once)"
+  rm -rf "$root"
+  mkdir -p "$(dirname "$root")"
+  debootstrap --variant=minbase trixie "$root" "$mirror" >/tmp/debootstrap.log 2>&1 ||
+    { tail -20 /tmp/debootstrap.log; exit 1; }
+fi
+echo "debian13-root: installing ${packages[*]}"
+chroot "$root" /usr/bin/env DEBIAN_FRONTEND=noninteractive PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+  sh -c "apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends ${packages[*]} >/dev/null 2>&1"
+# The offline package set wraps this root's own binaries and libraries.
+mkdir -p "$root/etc/nixery"
+chroot "$root" python3 - <"$(dirname "$0")/../nix/offline-pkgs/generate-host.py" >"$root/etc/nixery/host.json"
+bash "$(dirname "$0")/in-root.sh" "$root" nix --version
+touch "$stamp"
