@@ -39,9 +39,30 @@ pub struct AgentArgs {
     /// This node's name (from the downward API in the DaemonSet).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
-    /// The registry host that pods use to pull, as written into NixImage status.
+    /// The registry host that pods on this node use to pull, as written into
+    /// this node's NixImage status entry [default: 127.0.0.1:<port>].
     #[arg(long, env = "NIXERY_PUBLIC_HOST")]
     pub public_host: Option<String>,
+    /// A package source NixImages may name besides the agent's own, as
+    /// `repo:URL`, `channel:NAME` or `path:DIR` (repeatable; env: comma-separated).
+    /// Building from a source evaluates its Nix code as root on every node.
+    #[arg(long = "allowed-source", env = "NIXERY_ALLOWED_SOURCES", value_delimiter = ',', value_parser = parse_source)]
+    pub allowed_sources: Vec<crate::nix::Source>,
+    /// Namespace of the agents' node Leases (the agent's own namespace in the DaemonSet).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "nixery-system")]
+    pub lease_namespace: String,
+    /// Watch the NixImages of this namespace only [default: all namespaces].
+    #[arg(long, env = "NIXERY_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+    /// Also serve /metrics (and /healthz, /readyz) on this address, for
+    /// Prometheus to scrape from outside the node's loopback.
+    #[arg(long, env = "NIXERY_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+fn parse_source(s: &str) -> Result<crate::nix::Source, String> {
+    crate::nix::Source::parse_tagged(s)
+        .ok_or_else(|| format!("'{s}' is not repo:URL, channel:NAME or path:DIR"))
 }
 
 #[derive(Debug, Args)]

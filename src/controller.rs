@@ -4,28 +4,40 @@
 //!
 //! Writes never fight: each agent applies only its own `status.nodes[node=X]`
 //! entry under a field manager of its own; the aggregate fields are computed
-//! from the node entries by whichever agent sees a change, under one shared
-//! field manager, and written only when they differ, so agents that agree make
-//! no writes. Each node has its own finalizer, since each has GC roots to drop.
+//! from the node entries alone (never from an agent's own settings) by
+//! whichever agent sees a change, under one shared field manager, and written
+//! only when they differ, so agents that agree write nothing. Each node has its
+//! own finalizer, since each has GC roots to drop; a node whose Lease expired
+//! (see `lease`) has left, and the live agents remove its entry and finalizer.
+//!
+//! A reconcile starts or joins a build and returns; the build's completion
+//! triggers the object again, so a spec change or a delete never waits behind
+//! a build. What this agent last wrote and how its last build ended are kept
+//! in memory, so a reconcile that reads a stale cached object (or one caused
+//! by our own status write) neither rebuilds nor flips a Ready image back.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, info_span, warn, Instrument};
 
-use crate::builder::{BuildError, Builder, ImageSpec, Progress, ProgressFn};
+use crate::builder::{BuildError, Builder, BuiltImage, ImageSpec, Progress, ProgressFn};
 use crate::crd::{NixImage, NixImageSpec, NixImageStatus, NodeStatus};
+use crate::lease::{self, Liveness};
 use crate::metrics::{Metrics, PhaseLabel};
 use crate::name::{self, AdHocImage, Arch};
 use crate::nix::Source;
@@ -35,6 +47,8 @@ use crate::registry::{NamedEntry, NamedImages};
 /// Field manager of the aggregate status fields, shared by all agents.
 pub const FIELD_MANAGER: &str = "nixery.k8s.nixos.org";
 pub const API_VERSION: &str = "k8s.nixos.org/v1alpha1";
+/// Every agent's finalizer starts with this; the rest names the node.
+pub const FINALIZER_PREFIX: &str = "k8s.nixos.org/nixery-";
 
 pub const PHASE_BUILDING: &str = "Building";
 pub const PHASE_READY: &str = "Ready";
@@ -42,10 +56,24 @@ pub const PHASE_FAILED: &str = "Failed";
 pub const PHASE_PENDING: &str = "Pending";
 pub const PHASE_INCONSISTENT: &str = "Inconsistent";
 
+/// `Ready=False` reasons that are the user's to fix: not retried until the
+/// spec changes.
+pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
+pub const REASON_UNKNOWN_PACKAGES: &str = "UnknownPackages";
+pub const REASON_SOURCE_NOT_ALLOWED: &str = "SourceNotAllowed";
+pub const REASON_UNSUPPORTED_SYSTEM: &str = "UnsupportedSystem";
+/// A build that failed for another reason: retried with backoff.
+pub const REASON_BUILD_FAILED: &str = "BuildFailed";
+
+/// How long a Ready image waits before its next routine check.
+const RECHECK: Duration = Duration::from_secs(3600);
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("patching status: {0}")]
     PatchStatus(#[source] kube::Error),
+    #[error("removing a departed node's entry or finalizer: {0}")]
+    Departed(#[source] kube::Error),
     #[error("building the image: {0}")]
     Build(String),
     #[error("finalizer: {0}")]
@@ -56,23 +84,112 @@ pub enum Error {
     List(#[source] kube::Error),
 }
 
+impl Error {
+    /// A failed build, possibly as kube's finalizer helper wraps it.
+    pub fn is_build_failure(&self) -> bool {
+        use kube::runtime::finalizer::Error as F;
+        match self {
+            Error::Build(_) => true,
+            Error::Finalizer(f) => matches!(
+                f.as_ref(),
+                F::ApplyFailed(Error::Build(_)) | F::CleanupFailed(Error::Build(_))
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// How a build of one generation ended, or that it is still running.
+enum NodeBuild {
+    Running {
+        generation: i64,
+        task: tokio::task::JoinHandle<()>,
+    },
+    Done {
+        generation: i64,
+        result: Result<Arc<BuiltImage>, Arc<BuildError>>,
+        /// Whether BuildStarted was announced (a restarted agent re-registers quietly).
+        announced: bool,
+    },
+}
+
+/// When a failed build of a generation may be tried again (None: only after
+/// a spec change, for the user's errors).
+struct Failure {
+    generation: i64,
+    retry_at: Option<Instant>,
+}
+
 /// What reconcile needs: the API, the pipeline, and this node's identity.
 pub struct Context {
     pub client: Client,
     pub builder: Arc<Builder>,
     pub named: Arc<NamedImages>,
     pub metrics: Arc<Metrics>,
-    pub recorder: Recorder,
+    pub events: Events,
     pub node: String,
-    /// The registry host pods pull from (each node's loopback registry).
+    /// The registry host pods on this node pull from (its loopback registry);
+    /// written only into this node's own status entry.
     pub public_host: String,
     /// How often a running build may write progress into status.
     pub progress_interval: Duration,
+    /// Package sources a NixImage may name besides the agent's own: evaluating
+    /// one runs its Nix code as root on every node.
+    pub allowed_sources: Vec<Source>,
+    /// Whether the other nodes' agents are alive.
+    pub liveness: Arc<dyn Liveness>,
     /// Failures per object UID, for exponential backoff; reset on success.
     pub failures: Mutex<HashMap<String, u32>>,
+    builds: Arc<Mutex<HashMap<String, NodeBuild>>>,
+    /// The node entry this agent last wrote, per object UID.
+    written: Mutex<HashMap<String, NodeStatus>>,
+    failed: Mutex<HashMap<String, Failure>>,
+    /// Objects whose build finished, to reconcile again.
+    completions: tokio::sync::mpsc::UnboundedSender<ObjectRef<NixImage>>,
+}
+
+/// The receiving ends `run` needs, handed out with a new `Context`.
+pub struct Wiring {
+    pub completions: tokio::sync::mpsc::UnboundedReceiver<ObjectRef<NixImage>>,
 }
 
 impl Context {
+    pub fn new(
+        client: Client,
+        builder: Arc<Builder>,
+        named: Arc<NamedImages>,
+        metrics: Arc<Metrics>,
+        node: &str,
+        public_host: &str,
+    ) -> (Self, Wiring) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let events = Events::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: Some(node.into()),
+            },
+        );
+        let ctx = Context {
+            client,
+            builder,
+            named,
+            metrics,
+            events,
+            node: node.into(),
+            public_host: public_host.into(),
+            progress_interval: Duration::from_secs(2),
+            allowed_sources: Vec::new(),
+            liveness: Arc::new(reflector::store::<Lease>().0),
+            failures: Default::default(),
+            builds: Default::default(),
+            written: Default::default(),
+            failed: Default::default(),
+            completions: tx,
+        };
+        (ctx, Wiring { completions: rx })
+    }
+
     pub fn node_field_manager(&self) -> String {
         format!("{FIELD_MANAGER}/{}", short(&self.node, 90))
     }
@@ -80,17 +197,78 @@ impl Context {
     /// `k8s.nixos.org/nixery-<node>`: a finalizer name's part after the slash
     /// is at most 63 characters, so long node names are shortened.
     pub fn finalizer(&self) -> String {
-        format!("k8s.nixos.org/nixery-{}", short(&self.node, 56))
+        finalizer_of(&self.node)
+    }
+
+    /// The agent's own package source is always allowed; others only if listed.
+    fn source_allowed(&self, source: &Source) -> bool {
+        source == self.builder.source() || self.allowed_sources.contains(source)
     }
 }
 
+pub fn finalizer_of(node: &str) -> String {
+    format!("{FINALIZER_PREFIX}{}", short(node, 56))
+}
+
 /// The name itself when short enough, else a prefix and a hash.
-fn short(s: &str, max: usize) -> String {
+pub fn short(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
     }
     let hash = &name::Digest::of(s.as_bytes()).hex()[..8].to_string();
     format!("{}-{hash}", &s[..max - 9])
+}
+
+/// Events with current text. kube's `Recorder` merges every event of one
+/// object and reason into a series and keeps the first note, so a second
+/// `BuildSucceeded` would still show the first digest. One recorder per
+/// (object, reason, note) keeps that merging for repeats of the same text
+/// (as client-go's correlator does) and makes a new event when the text changes.
+pub struct Events {
+    client: Client,
+    reporter: Reporter,
+    recorders: Mutex<HashMap<(String, String), (String, Recorder)>>,
+}
+
+impl Events {
+    pub fn new(client: Client, reporter: Reporter) -> Self {
+        Events {
+            client,
+            reporter,
+            recorders: Default::default(),
+        }
+    }
+
+    /// Best effort: a failure to record one is logged, not retried.
+    pub async fn publish(&self, obj: &NixImage, type_: EventType, reason: &str, note: &str) {
+        let note: String = note.chars().take(1000).collect();
+        let recorder = {
+            let mut recorders = self.recorders.lock().unwrap();
+            let key = (obj.uid().unwrap_or_default(), reason.to_string());
+            match recorders.get(&key) {
+                Some((n, r)) if *n == note => r.clone(),
+                _ => {
+                    let r = Recorder::new(self.client.clone(), self.reporter.clone());
+                    recorders.insert(key, (note.clone(), r.clone()));
+                    r
+                }
+            }
+        };
+        let event = KubeEvent {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Build".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, &obj.object_ref(&())).await {
+            warn!(error = %e, reason, "publishing an event");
+        }
+    }
+
+    fn forget(&self, uid: &str) {
+        self.recorders.lock().unwrap().retain(|(u, _), _| u != uid);
+    }
 }
 
 /// Turns a NixImage spec into the pipeline's request; errors are user errors.
@@ -161,15 +339,32 @@ pub async fn reconcile(obj: Arc<NixImage>, ctx: Arc<Context>) -> Result<Action, 
     let ns = obj.namespace().ok_or(Error::NoNamespace)?;
     let api: Api<NixImage> = Api::namespaced(ctx.client.clone(), &ns);
     let span = info_span!("reconcile", namespace = %ns, name = %obj.name_any(), generation = obj.metadata.generation.unwrap_or(0), node = %ctx.node);
-    let result = finalizer(&api, &ctx.finalizer(), obj, |event| async {
-        match event {
-            Finalizer::Apply(o) => apply(o, &ctx, &api).await,
-            Finalizer::Cleanup(o) => cleanup(o, &ctx).await,
-        }
-    })
+    let result = async {
+        // Nodes that left never hold anything up, deletions least of all.
+        let obj = sweep_departed(&api, obj, &ctx).await?;
+        let deleting = obj.metadata.deletion_timestamp.is_some();
+        let action = finalizer(&api, &ctx.finalizer(), obj.clone(), |event| async {
+            match event {
+                Finalizer::Apply(o) => apply(o, &ctx, &api).await,
+                Finalizer::Cleanup(o) => cleanup(o, &ctx).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)))?;
+        // While other nodes' finalizers remain on a deleted object, look again
+        // once their Leases could have expired.
+        let others = obj
+            .finalizers()
+            .iter()
+            .any(|f| f.starts_with(FINALIZER_PREFIX) && *f != ctx.finalizer());
+        Ok(if deleting && others {
+            Action::requeue(lease::RENEW_EVERY)
+        } else {
+            action
+        })
+    }
     .instrument(span)
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    .await;
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
@@ -180,11 +375,18 @@ pub async fn reconcile(obj: Arc<NixImage>, ctx: Arc<Context>) -> Result<Action, 
 pub fn error_policy(obj: Arc<NixImage>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_errors.inc();
     let uid = obj.uid().unwrap_or_default();
-    let mut failures = ctx.failures.lock().unwrap();
-    let n = failures.entry(uid).or_insert(0);
-    *n += 1;
-    let delay = backoff(*n);
-    warn!(name = %obj.name_any(), error = %err, failures = *n, retry_in = ?delay, "reconcile failed");
+    let n = match err {
+        // A failed build has counted itself already (see `finish`).
+        e if e.is_build_failure() => *ctx.failures.lock().unwrap().get(&uid).unwrap_or(&1),
+        _ => {
+            let mut failures = ctx.failures.lock().unwrap();
+            let n = failures.entry(uid).or_insert(0);
+            *n += 1;
+            *n
+        }
+    };
+    let delay = backoff(n);
+    warn!(name = %obj.name_any(), error = %err, failures = n, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
 
@@ -195,12 +397,111 @@ pub fn backoff(failures: u32) -> Duration {
     )
 }
 
+/// Removes the status entries and finalizers of nodes whose Lease expired.
+/// JSON patches with a `test` of each index, so a concurrent change makes the
+/// patch fail (and the reconcile retry) rather than remove the wrong entry.
+async fn sweep_departed(
+    api: &Api<NixImage>,
+    obj: Arc<NixImage>,
+    ctx: &Context,
+) -> Result<Arc<NixImage>, Error> {
+    let now = Timestamp::now();
+    let gone = |node: &str| node != ctx.node && ctx.liveness.departed(node, now);
+    let name = obj.name_any();
+    let mut obj = obj;
+    let entries: Vec<(usize, String)> = obj
+        .status
+        .iter()
+        .flat_map(|s| s.nodes.iter().enumerate())
+        .filter(|(_, n)| gone(&n.node))
+        .map(|(i, n)| (i, n.node.clone()))
+        .collect();
+    if !entries.is_empty() {
+        let patch = test_and_remove("/status/nodes", "/node", &entries);
+        let updated = api
+            .patch_status(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
+            .await
+            .map_err(Error::Departed)?;
+        info!(nodes = ?entries.iter().map(|(_, n)| n).collect::<Vec<_>>(), "removed the status of departed nodes");
+        obj = Arc::new(updated);
+    }
+    // Finalizers of departed nodes: only names that a live Lease holder could
+    // have written are considered, by matching each node's finalizer name.
+    let departed_nodes: BTreeSet<String> = entries.into_iter().map(|(_, n)| n).collect();
+    let stale: Vec<(usize, String)> = obj
+        .finalizers()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.starts_with(FINALIZER_PREFIX) && **f != ctx.finalizer())
+        .filter(|(_, f)| {
+            departed_nodes.iter().any(|n| finalizer_of(n) == **f)
+                || finalizer_node_departed(f, ctx, now)
+        })
+        .map(|(i, f)| (i, f.clone()))
+        .collect();
+    if !stale.is_empty() {
+        let patch = test_and_remove("/metadata/finalizers", "", &stale);
+        let updated = api
+            .patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
+            .await
+            .map_err(Error::Departed)?;
+        info!(finalizers = ?stale.iter().map(|(_, f)| f).collect::<Vec<_>>(), "removed the finalizers of departed nodes");
+        obj = Arc::new(updated);
+    }
+    Ok(obj)
+}
+
+/// A JSON patch removing `list[i]` for each (i, value), each removal preceded
+/// by a `test` that `list[i]<field>` still holds the value; highest index
+/// first, so earlier removals do not shift later ones.
+fn test_and_remove(list: &str, field: &str, items: &[(usize, String)]) -> json_patch::Patch {
+    let mut ops = Vec::new();
+    for (i, value) in items.iter().rev() {
+        ops.push(json!({ "op": "test", "path": format!("{list}/{i}{field}"), "value": value }));
+        ops.push(json!({ "op": "remove", "path": format!("{list}/{i}") }));
+    }
+    serde_json::from_value(json!(ops)).expect("valid JSON patch ops")
+}
+
+/// Whether a finalizer belongs to a node with an expired Lease that has no
+/// status entry (it left before writing one).
+fn finalizer_node_departed(f: &str, ctx: &Context, now: Timestamp) -> bool {
+    ctx.liveness
+        .holders()
+        .iter()
+        .any(|n| finalizer_of(n) == f && ctx.liveness.departed(n, now))
+}
+
 async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result<Action, Error> {
     let ns = obj.namespace().ok_or(Error::NoNamespace)?;
     let name = obj.name_any();
+    let uid = obj.uid().unwrap_or_default();
     let generation = obj.metadata.generation.unwrap_or(0);
-    let status = obj.status.clone().unwrap_or_default();
-    let mine = status.nodes.iter().find(|n| n.node == ctx.node).cloned();
+
+    let spec = match image_spec(&obj.spec, ctx.builder.source()) {
+        Ok(s) => s,
+        Err(message) => return user_error(api, &obj, ctx, REASON_INVALID_SPEC, &message).await,
+    };
+    let source = spec
+        .source
+        .clone()
+        .unwrap_or_else(|| ctx.builder.source().clone());
+    if !ctx.source_allowed(&source) {
+        let message = format!(
+            "the package source {} is not allowed on this cluster (an operator can allow it with --allowed-source)",
+            source.describe_public()
+        );
+        return user_error(api, &obj, ctx, REASON_SOURCE_NOT_ALLOWED, &message).await;
+    }
+
+    // This node's entry: what we last wrote, else (after a restart) what the object says.
+    let mine = ctx.written.lock().unwrap().get(&uid).cloned().or_else(|| {
+        obj.status
+            .iter()
+            .flat_map(|s| s.nodes.iter())
+            .find(|n| n.node == ctx.node)
+            .cloned()
+    });
     let ready_here = mine
         .as_ref()
         .is_some_and(|m| m.phase == PHASE_READY && m.observed_generation == generation);
@@ -216,24 +517,44 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
     {
         // Nothing to build; write the aggregate only if it is out of date.
         ensure_aggregate(api, &obj, ctx).await?;
-        ctx.failures
-            .lock()
-            .unwrap()
-            .remove(&obj.uid().unwrap_or_default());
-        return Ok(Action::requeue(Duration::from_secs(3600)));
+        return Ok(Action::requeue(RECHECK));
     }
 
-    let spec = match image_spec(&obj.spec, ctx.builder.source()) {
-        Ok(s) => s,
-        Err(message) => {
-            report_failure(api, &obj, ctx, "InvalidSpec", &message).await?;
-            return Ok(Action::await_change());
+    // A build of this generation that ended: report it.
+    let done = {
+        let mut builds = ctx.builds.lock().unwrap();
+        match builds.get(&uid) {
+            Some(NodeBuild::Done { generation: g, .. }) if *g == generation => builds.remove(&uid),
+            Some(NodeBuild::Running { generation: g, .. }) if *g == generation => {
+                // Its completion triggers this object again.
+                return Ok(Action::requeue(RECHECK));
+            }
+            _ => None,
         }
     };
+    if let Some(NodeBuild::Done {
+        result, announced, ..
+    }) = done
+    {
+        return finish(api, &obj, ctx, result, announced || !ready_here).await;
+    }
+
+    // A failed build waits for its backoff (or, for the user's errors, for a
+    // spec change), whatever triggered this reconcile (our own status write does).
+    if let Some(f) = ctx.failed.lock().unwrap().get(&uid) {
+        if f.generation == generation {
+            match f.retry_at {
+                None => return Ok(Action::await_change()),
+                Some(t) if t > Instant::now() => return Ok(Action::requeue(t - Instant::now())),
+                Some(_) => {}
+            }
+        }
+    }
 
     // A restarted agent rebuilds (from cache) what status already calls ready:
     // it re-registers the image without announcing a new build.
-    if !ready_here {
+    let announce = !ready_here;
+    if announce {
         let node = NodeStatus {
             node: ctx.node.clone(),
             phase: PHASE_BUILDING.into(),
@@ -241,16 +562,20 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
             message: Some("queued".into()),
             ..Default::default()
         };
-        let updated = patch_node(api, &name, ctx, &node).await?;
+        let updated = patch_node(api, &name, &uid, ctx, &node).await?;
         ensure_aggregate(api, &updated, ctx).await?;
-        publish(
-            ctx,
-            &obj,
-            EventType::Normal,
-            "BuildStarted",
-            &format!("building {} on {}", obj.spec.contents.join(", "), ctx.node),
-        )
-        .await;
+        ctx.events
+            .publish(
+                &obj,
+                EventType::Normal,
+                "BuildStarted",
+                &format!(
+                    "building {} (generation {generation}) on {}",
+                    obj.spec.contents.join(", "),
+                    ctx.node
+                ),
+            )
+            .await;
         ctx.named.set(
             &ns,
             &name,
@@ -260,76 +585,186 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
             },
         );
     }
+    start_build(api, &obj, ctx, spec, generation, announce);
+    Ok(Action::requeue(RECHECK))
+}
 
-    let (progress, reporter) = progress_reporter(api.clone(), name.clone(), ctx, generation);
-    let result = ctx.builder.get_or_build(spec, Some(progress)).await;
-    reporter.abort();
-    let _ = reporter.await;
-
-    match result {
-        Ok(image) => {
-            let digest = image.oci_digest.to_string();
-            ctx.named.set(
-                &ns,
-                &name,
-                NamedEntry::Ready {
-                    tag: obj.spec.tag.clone(),
-                    image: image.clone(),
+/// Starts this generation's build in the background (replacing a build of an
+/// older generation); its end is kept in `builds` and triggers the object.
+fn start_build(
+    api: &Api<NixImage>,
+    obj: &NixImage,
+    ctx: &Context,
+    spec: ImageSpec,
+    generation: i64,
+    announced: bool,
+) {
+    let uid = obj.uid().unwrap_or_default();
+    let (progress, reporter) = progress_reporter(api.clone(), obj.name_any(), ctx, generation);
+    let builder = ctx.builder.clone();
+    let completions = ctx.completions.clone();
+    let obj_ref = ObjectRef::from_obj(obj);
+    let builds = ctx.builds.clone();
+    let key = uid.clone();
+    // The map is locked until the Running entry is in, so the task's Done
+    // entry always comes after it.
+    let mut map = ctx.builds.lock().unwrap();
+    let task = tokio::spawn(async move {
+        let result = builder.get_or_build(spec, Some(progress)).await;
+        reporter.abort();
+        let _ = reporter.await;
+        let mut builds = builds.lock().unwrap();
+        // Only this generation's own entry is replaced: a newer spec's build
+        // is never overwritten by an older one that finished late.
+        if matches!(builds.get(&key), Some(NodeBuild::Running { generation: g, .. }) if g == &generation)
+        {
+            builds.insert(
+                key,
+                NodeBuild::Done {
+                    generation,
+                    result,
+                    announced,
                 },
             );
-            let node = NodeStatus {
-                node: ctx.node.clone(),
-                phase: PHASE_READY.into(),
-                observed_generation: generation,
-                digest: Some(digest.clone()),
-                layers: Some(image.layers as i64),
-                size: Some(image.size as i64),
-                message: Some(format!(
-                    "built {} layers, {} bytes",
-                    image.layers, image.size
-                )),
-            };
-            let updated = patch_node(api, &name, ctx, &node).await?;
-            ensure_aggregate(api, &updated, ctx).await?;
-            if !ready_here || mine.and_then(|m| m.digest) != Some(digest.clone()) {
-                publish(
-                    ctx,
-                    &obj,
-                    EventType::Normal,
-                    "BuildSucceeded",
-                    &format!("{digest} on {}", ctx.node),
-                )
-                .await;
-            }
-            ctx.failures
-                .lock()
-                .unwrap()
-                .remove(&obj.uid().unwrap_or_default());
-            info!(%digest, "image ready");
-            Ok(Action::requeue(Duration::from_secs(3600)))
+            drop(builds);
+            let _ = completions.send(obj_ref);
         }
+    });
+    if let Some(NodeBuild::Running { task: old, .. }) =
+        map.insert(uid, NodeBuild::Running { generation, task })
+    {
+        old.abort();
+    }
+}
+
+/// Reports how a build ended: Ready, a user's error (waits for a spec
+/// change), or a failure (retried with backoff).
+async fn finish(
+    api: &Api<NixImage>,
+    obj: &NixImage,
+    ctx: &Context,
+    result: Result<Arc<BuiltImage>, Arc<BuildError>>,
+    announce: bool,
+) -> Result<Action, Error> {
+    let ns = obj.namespace().ok_or(Error::NoNamespace)?;
+    let name = obj.name_any();
+    let uid = obj.uid().unwrap_or_default();
+    let generation = obj.metadata.generation.unwrap_or(0);
+    let image = match result {
+        Ok(image) => image,
         Err(e) => {
-            let message = e.to_string();
             ctx.named.set(
                 &ns,
                 &name,
                 NamedEntry::Pending {
                     tag: obj.spec.tag.clone(),
-                    message: message.clone(),
+                    message: e.to_string(),
                 },
             );
-            let reason = if matches!(e.as_ref(), BuildError::UnknownPackages(_)) {
-                "UnknownPackages"
-            } else {
-                "BuildFailed"
+            let reason = match e.as_ref() {
+                BuildError::UnknownPackages(_) => Some(REASON_UNKNOWN_PACKAGES),
+                BuildError::UnsupportedSystem { .. } => Some(REASON_UNSUPPORTED_SYSTEM),
+                _ => None,
             };
-            report_failure(api, &obj, ctx, reason, &message).await?;
-            Err(Error::Build(message))
+            if let Some(reason) = reason {
+                return user_error(api, obj, ctx, reason, &e.to_string()).await;
+            }
+            let n = {
+                let mut failures = ctx.failures.lock().unwrap();
+                let n = failures.entry(uid.clone()).or_insert(0);
+                *n += 1;
+                *n
+            };
+            ctx.failed.lock().unwrap().insert(
+                uid,
+                Failure {
+                    generation,
+                    retry_at: Some(Instant::now() + backoff(n)),
+                },
+            );
+            report_failure(api, obj, ctx, REASON_BUILD_FAILED, &e.to_string()).await?;
+            return Err(Error::Build(e.to_string()));
         }
+    };
+    let digest = image.oci_digest.to_string();
+    ctx.named.set(
+        &ns,
+        &name,
+        NamedEntry::Ready {
+            tag: obj.spec.tag.clone(),
+            image: image.clone(),
+        },
+    );
+    let previous = ctx.written.lock().unwrap().get(&uid).cloned().or_else(|| {
+        obj.status
+            .iter()
+            .flat_map(|s| s.nodes.iter())
+            .find(|n| n.node == ctx.node)
+            .cloned()
+    });
+    let node = NodeStatus {
+        node: ctx.node.clone(),
+        phase: PHASE_READY.into(),
+        observed_generation: generation,
+        digest: Some(digest.clone()),
+        image: Some(format!(
+            "{}/{}:{}@{digest}",
+            ctx.public_host,
+            name::Repository::Named {
+                namespace: ns.clone(),
+                name: name.clone()
+            }
+            .name(),
+            obj.spec.tag
+        )),
+        layers: Some(image.layers as i64),
+        size: Some(image.size as i64),
+        message: Some(format!(
+            "built {} layers, {} bytes",
+            image.layers, image.size
+        )),
+        reason: None,
+    };
+    let updated = patch_node(api, &name, &uid, ctx, &node).await?;
+    ensure_aggregate(api, &updated, ctx).await?;
+    if announce || previous.and_then(|m| m.digest) != Some(digest.clone()) {
+        ctx.events
+            .publish(
+                obj,
+                EventType::Normal,
+                "BuildSucceeded",
+                &format!("{digest} (generation {generation}) on {}", ctx.node),
+            )
+            .await;
     }
+    ctx.failures.lock().unwrap().remove(&uid);
+    ctx.failed.lock().unwrap().remove(&uid);
+    info!(%digest, "image ready");
+    Ok(Action::requeue(RECHECK))
 }
 
-/// Marks this node's entry Failed, updates the aggregate, records a warning.
+/// The user's error: this node's entry says why, the aggregate's `Ready`
+/// condition carries the reason, and nothing is retried until the spec changes.
+async fn user_error(
+    api: &Api<NixImage>,
+    obj: &NixImage,
+    ctx: &Context,
+    reason: &str,
+    message: &str,
+) -> Result<Action, Error> {
+    ctx.failed.lock().unwrap().insert(
+        obj.uid().unwrap_or_default(),
+        Failure {
+            generation: obj.metadata.generation.unwrap_or(0),
+            retry_at: None,
+        },
+    );
+    report_failure(api, obj, ctx, reason, message).await?;
+    Ok(Action::await_change())
+}
+
+/// Marks this node's entry Failed with a reason, updates the aggregate and
+/// records a warning, unless the entry already says exactly that.
 async fn report_failure(
     api: &Api<NixImage>,
     obj: &NixImage,
@@ -337,23 +772,35 @@ async fn report_failure(
     reason: &str,
     message: &str,
 ) -> Result<(), Error> {
+    let uid = obj.uid().unwrap_or_default();
     let node = NodeStatus {
         node: ctx.node.clone(),
         phase: PHASE_FAILED.into(),
         observed_generation: obj.metadata.generation.unwrap_or(0),
         message: Some(message.to_string()),
+        reason: Some(reason.to_string()),
         ..Default::default()
     };
-    let updated = patch_node(api, &obj.name_any(), ctx, &node).await?;
+    let same = ctx.written.lock().unwrap().get(&uid) == Some(&node)
+        || obj
+            .status
+            .iter()
+            .flat_map(|s| s.nodes.iter())
+            .any(|n| *n == node);
+    if same {
+        ensure_aggregate(api, obj, ctx).await?;
+        return Ok(());
+    }
+    let updated = patch_node(api, &obj.name_any(), &uid, ctx, &node).await?;
     ensure_aggregate(api, &updated, ctx).await?;
-    publish(
-        ctx,
-        obj,
-        EventType::Warning,
-        reason,
-        &format!("on {}: {message}", ctx.node),
-    )
-    .await;
+    ctx.events
+        .publish(
+            obj,
+            EventType::Warning,
+            reason,
+            &format!("on {}: {message}", ctx.node),
+        )
+        .await;
     Ok(())
 }
 
@@ -403,27 +850,40 @@ fn progress_reporter(
 async fn patch_node(
     api: &Api<NixImage>,
     name: &str,
+    uid: &str,
     ctx: &Context,
     node: &NodeStatus,
 ) -> Result<NixImage, Error> {
     let patch =
         json!({ "apiVersion": API_VERSION, "kind": "NixImage", "status": { "nodes": [node] } });
-    api.patch_status(
-        name,
-        &PatchParams::apply(&ctx.node_field_manager()).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(Error::PatchStatus)
+    let updated = api
+        .patch_status(
+            name,
+            &PatchParams::apply(&ctx.node_field_manager()).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(Error::PatchStatus)?;
+    ctx.written
+        .lock()
+        .unwrap()
+        .insert(uid.to_string(), node.clone());
+    Ok(updated)
 }
 
-/// The aggregate status that the node entries imply.
-pub fn aggregate(obj: &NixImage, public_host: &str, now: Time) -> NixImageStatus {
+/// The aggregate status that the node entries of the live nodes imply. It is
+/// computed from the entries alone, so every agent computes the same one.
+pub fn aggregate(obj: &NixImage, departed: &dyn Fn(&str) -> bool, now: Time) -> NixImageStatus {
     let generation = obj.metadata.generation.unwrap_or(0);
     let current = obj.status.clone().unwrap_or_default();
-    let nodes = &current.nodes;
+    let nodes: Vec<&NodeStatus> = current
+        .nodes
+        .iter()
+        .filter(|n| !departed(&n.node))
+        .collect();
     let current_gen: Vec<&NodeStatus> = nodes
         .iter()
+        .copied()
         .filter(|n| n.observed_generation == generation)
         .collect();
     let ready: Vec<&NodeStatus> = current_gen
@@ -441,13 +901,13 @@ pub fn aggregate(obj: &NixImage, public_host: &str, now: Time) -> NixImageStatus
     let (phase, reason, message) = if total == 0 {
         (
             PHASE_PENDING,
-            "NoNodes",
+            "NoNodes".to_string(),
             "no node has picked the image up yet".to_string(),
         )
     } else if digests.len() > 1 {
         (
             PHASE_INCONSISTENT,
-            "DigestMismatch",
+            "DigestMismatch".to_string(),
             format!(
                 "nodes built different digests: {}",
                 digests.iter().cloned().collect::<Vec<_>>().join(", ")
@@ -456,19 +916,21 @@ pub fn aggregate(obj: &NixImage, public_host: &str, now: Time) -> NixImageStatus
     } else if let Some(f) = failed.first() {
         (
             PHASE_FAILED,
-            "BuildFailed",
+            f.reason
+                .clone()
+                .unwrap_or_else(|| REASON_BUILD_FAILED.into()),
             format!("{}: {}", f.node, f.message.clone().unwrap_or_default()),
         )
     } else if ready.len() == total {
         (
             PHASE_READY,
-            "AllNodesReady",
+            "AllNodesReady".to_string(),
             format!("ready on {total}/{total} nodes"),
         )
     } else {
         (
             PHASE_BUILDING,
-            "Building",
+            "Building".to_string(),
             format!("ready on {}/{total} nodes", ready.len()),
         )
     };
@@ -485,18 +947,27 @@ pub fn aggregate(obj: &NixImage, public_host: &str, now: Time) -> NixImageStatus
         .unwrap_or(now);
     let one = digests.len() == 1 && phase != PHASE_INCONSISTENT;
     let sample = ready.first();
-    let ns = obj.namespace().unwrap_or_default();
+    // The reference most ready nodes give (nodes may serve on different hosts
+    // or ports during a rollout); ties go to the smallest, so all agents agree.
+    let image = one
+        .then(|| {
+            let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+            for n in &ready {
+                if let Some(i) = n.image.as_deref() {
+                    *counts.entry(i).or_default() += 1;
+                }
+            }
+            let best = counts.values().copied().max()?;
+            counts
+                .into_iter()
+                .find(|(_, c)| *c == best)
+                .map(|(i, _)| i.to_string())
+        })
+        .flatten();
     NixImageStatus {
         observed_generation: nodes.iter().map(|n| n.observed_generation).min(),
         phase: Some(phase.into()),
-        image: one.then(|| {
-            format!(
-                "{public_host}/niximage/{ns}/{}:{}@{}",
-                obj.name_any(),
-                obj.spec.tag,
-                digests.first().unwrap()
-            )
-        }),
+        image,
         digest: one.then(|| digests.first().unwrap().to_string()),
         layers: if one {
             sample.and_then(|n| n.layers)
@@ -513,7 +984,7 @@ pub fn aggregate(obj: &NixImage, public_host: &str, now: Time) -> NixImageStatus
         conditions: vec![Condition {
             type_: "Ready".into(),
             status: status.into(),
-            reason: reason.into(),
+            reason,
             message,
             observed_generation: Some(generation),
             last_transition_time,
@@ -523,11 +994,9 @@ pub fn aggregate(obj: &NixImage, public_host: &str, now: Time) -> NixImageStatus
 
 /// Writes the aggregate if it differs from what the object holds.
 async fn ensure_aggregate(api: &Api<NixImage>, obj: &NixImage, ctx: &Context) -> Result<(), Error> {
-    let want = aggregate(
-        obj,
-        &ctx.public_host,
-        Time(k8s_openapi::jiff::Timestamp::now()),
-    );
+    let now = Timestamp::now();
+    let departed = |node: &str| node != ctx.node && ctx.liveness.departed(node, now);
+    let want = aggregate(obj, &departed, Time(now));
     let have = obj.status.clone().unwrap_or_default();
     let same = have.observed_generation == want.observed_generation
         && have.phase == want.phase
@@ -551,9 +1020,17 @@ async fn ensure_aggregate(api: &Api<NixImage>, obj: &NixImage, ctx: &Context) ->
     Ok(())
 }
 
-/// On delete: forget the image and drop the GC roots that kept its closure.
+/// On delete: stop any build, forget the image and drop the GC roots that
+/// kept its closure.
 async fn cleanup(obj: Arc<NixImage>, ctx: &Context) -> Result<Action, Error> {
     let ns = obj.namespace().ok_or(Error::NoNamespace)?;
+    let uid = obj.uid().unwrap_or_default();
+    if let Some(NodeBuild::Running { task, .. }) = ctx.builds.lock().unwrap().remove(&uid) {
+        task.abort();
+    }
+    ctx.written.lock().unwrap().remove(&uid);
+    ctx.failed.lock().unwrap().remove(&uid);
+    ctx.failures.lock().unwrap().remove(&uid);
     if let Some(NamedEntry::Ready { image, .. }) = ctx.named.remove(&ns, &obj.name_any()) {
         ctx.builder.forget(&image);
         if let Err(e) = std::fs::remove_dir_all(&image.gcroot_dir) {
@@ -562,50 +1039,124 @@ async fn cleanup(obj: Arc<NixImage>, ctx: &Context) -> Result<Action, Error> {
             }
         }
     }
-    publish(
-        ctx,
-        &obj,
-        EventType::Normal,
-        "Deleted",
-        &format!("image dropped from {}", ctx.node),
-    )
-    .await;
+    ctx.events
+        .publish(
+            &obj,
+            EventType::Normal,
+            "Deleted",
+            &format!("image dropped from {}", ctx.node),
+        )
+        .await;
+    ctx.events.forget(&uid);
     Ok(Action::await_change())
 }
 
-/// Events are best effort: a failure to record one is logged, not retried.
-async fn publish(ctx: &Context, obj: &NixImage, type_: EventType, reason: &str, note: &str) {
-    let event = KubeEvent {
-        type_,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Build".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
-        warn!(error = %e, reason, "publishing an event");
+/// Watch retries: quick, and capped at 5 s, so that the agent is back within
+/// seconds of the API server (kube's default waits up to 30 s, then longer
+/// after a reset timer).
+#[derive(Debug, Clone, Default)]
+pub struct WatchBackoff {
+    next: Option<Duration>,
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let d = self.next.unwrap_or(Duration::from_millis(250));
+        self.next = Some((d * 2).min(Self::MAX));
+        Some(d)
     }
 }
 
-/// Runs the controller until shutdown; `ready` turns true once the watch has
-/// synced, and `/readyz` reports it.
-pub async fn run(ctx: Arc<Context>, ready: Arc<AtomicBool>) -> Result<(), Error> {
-    let api = Api::<NixImage>::all(ctx.client.clone());
+impl WatchBackoff {
+    pub const MAX: Duration = Duration::from_secs(5);
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = None;
+    }
+}
+
+/// What one agent watches and where the agents' Leases live.
+pub struct Scope {
+    pub lease_namespace: String,
+    /// Only NixImages of this namespace (None: all namespaces).
+    pub watch_namespace: Option<String>,
+}
+
+/// Runs the controller until shutdown: renews this node's Lease, watches the
+/// other agents' Leases and every NixImage. `ready` turns true once the
+/// NixImage watch has delivered its initial list (`/readyz` reports it).
+pub async fn run(
+    ctx: Context,
+    wiring: Wiring,
+    scope: Scope,
+    ready: Arc<AtomicBool>,
+) -> Result<(), Error> {
+    let mut ctx = ctx;
+    let api = match &scope.watch_namespace {
+        Some(ns) => Api::<NixImage>::namespaced(ctx.client.clone(), ns),
+        None => Api::<NixImage>::all(ctx.client.clone()),
+    };
     api.list(&ListParams::default().limit(1))
         .await
         .map_err(Error::List)?;
-    let controller = Controller::new(api, watcher::Config::default().any_semantic());
-    let store = controller.store();
+
+    // Leases: ours renewed, everyone's watched.
+    let lease_api: Api<Lease> = Api::namespaced(ctx.client.clone(), &scope.lease_namespace);
+    tokio::spawn(lease::keep_renewing(
+        lease_api.clone(),
+        ctx.node.clone(),
+        ctx.node_field_manager(),
+    ));
+    let (lease_store, lease_writer) = reflector::store::<Lease>();
+    let lease_watch = watcher(
+        lease_api,
+        watcher::Config::default().labels(&format!(
+            "{}={}",
+            lease::LEASE_LABEL,
+            lease::LEASE_LABEL_VALUE
+        )),
+    )
+    .backoff(WatchBackoff::default())
+    .reflect(lease_writer)
+    .for_each(|e| async move {
+        if let Err(e) = e {
+            warn!(error = %e, "watching node leases");
+        }
+    });
+    tokio::spawn(lease_watch);
+    ctx.liveness = Arc::new(lease_store);
+    let ctx = Arc::new(ctx);
+
+    // NixImages: readiness from the watch itself. (kube's Store::wait_until_ready
+    // wakes only its last waiter, and the controller's runner waits on it too.)
+    let (reader, writer) = reflector::store::<NixImage>();
+    let synced = ready.clone();
+    let objects = watcher(api, watcher::Config::default().any_semantic())
+        .inspect(move |e| {
+            if matches!(e, Ok(watcher::Event::InitDone)) && !synced.swap(true, Ordering::SeqCst) {
+                info!("NixImage watch synced");
+            }
+        })
+        .reflect(writer)
+        .applied_objects();
+    // A finished build triggers its object again.
+    let store = reader.clone();
+    let completions = tokio_stream_from(wiring.completions).filter_map(move |r| {
+        let obj = store.get(&r).map(|o| Ok((*o).clone()));
+        async move { obj }
+    });
+    let triggers = futures::stream::select(objects, completions);
+
     let metrics = ctx.metrics.clone();
     let node = ctx.node.clone();
+    let phases = reader.clone();
     tokio::spawn(async move {
-        if store.wait_until_ready().await.is_ok() {
-            ready.store(true, Ordering::SeqCst);
-            info!("NixImage watch synced");
-        }
         loop {
             let mut counts: HashMap<String, i64> = HashMap::new();
-            for o in store.state() {
+            for o in phases.state() {
                 let phase = o
                     .status
                     .as_ref()
@@ -625,7 +1176,8 @@ pub async fn run(ctx: Arc<Context>, ready: Arc<AtomicBool>) -> Result<(), Error>
             tokio::time::sleep(Duration::from_secs(15)).await;
         }
     });
-    controller
+    Controller::for_stream(triggers, reader)
+        .trigger_backoff(WatchBackoff::default())
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
@@ -635,6 +1187,13 @@ pub async fn run(ctx: Arc<Context>, ready: Arc<AtomicBool>) -> Result<(), Error>
         })
         .await;
     Ok(())
+}
+
+/// An mpsc receiver as a stream.
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<T>,
+) -> impl futures::Stream<Item = T> + Send {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 #[cfg(test)]

@@ -137,6 +137,13 @@ pub struct NodeStatus {
     pub observed_generation: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+    /// Where pods on this node pull the image from (its own registry host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Why the build failed: BuildFailed, UnknownPackages, InvalidSpec,
+    /// SourceNotAllowed or UnsupportedSystem.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layers: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -6,6 +6,7 @@ pub mod config;
 pub mod controller;
 pub mod crd;
 pub mod layers;
+pub mod lease;
 pub mod metrics;
 pub mod name;
 pub mod nix;

@@ -63,32 +63,46 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in cluster, or KUBECONFIG)")?;
-    let recorder = kube::runtime::events::Recorder::new(
-        client.clone(),
-        kube::runtime::events::Reporter {
-            controller: nixery::controller::FIELD_MANAGER.into(),
-            instance: Some(args.node_name.clone()),
-        },
-    );
-    let ctx = Arc::new(nixery::controller::Context {
+    let (mut ctx, wiring) = nixery::controller::Context::new(
         client,
-        builder: state.builder.clone(),
-        named: state.named.clone(),
-        metrics: state.metrics.clone(),
-        recorder,
-        node: args.node_name.clone(),
-        public_host,
-        progress_interval: std::time::Duration::from_secs(2),
-        failures: Default::default(),
-    });
+        state.builder.clone(),
+        state.named.clone(),
+        state.metrics.clone(),
+        &args.node_name,
+        &public_host,
+    );
+    ctx.allowed_sources = args.allowed_sources.clone();
     eprintln!(
         "nixery: agent on node {} serving on http://{addr}",
         args.node_name
     );
     let ready = state.ready.clone();
+    let ops = match args.metrics_listen {
+        Some(metrics_addr) => {
+            let l = tokio::net::TcpListener::bind(metrics_addr)
+                .await
+                .with_context(|| format!("listening on {metrics_addr} for metrics"))?;
+            eprintln!("nixery: metrics on http://{}/metrics", l.local_addr()?);
+            let router = nixery::registry::ops_router(state.clone());
+            Some(tokio::spawn(async move { axum::serve(l, router).await }))
+        }
+        None => None,
+    };
     let server = tokio::spawn(nixery::serve_on(listener, state, shutdown_signal()));
-    nixery::controller::run(ctx, ready).await?;
+    nixery::controller::run(
+        ctx,
+        wiring,
+        nixery::controller::Scope {
+            lease_namespace: args.lease_namespace.clone(),
+            watch_namespace: args.watch_namespace.clone(),
+        },
+        ready,
+    )
+    .await?;
     server.abort();
+    if let Some(ops) = ops {
+        ops.abort();
+    }
     Ok(())
 }
 

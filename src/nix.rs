@@ -61,13 +61,50 @@ impl Source {
         }
     }
 
-    /// A short human description for logs and errors.
+    /// A short human description for logs and errors, with any credentials
+    /// in a URL replaced by `***`.
     pub fn describe(&self) -> String {
         match self {
             Source::Path(p) => format!("path {}", p.display()),
-            Source::Git { url } => format!("git {url}"),
-            Source::Channel(c) => format!("channel {c}"),
+            Source::Git { url } => format!("git {}", redact_url(url)),
+            Source::Channel(c) => format!("channel {}", redact_url(c)),
         }
+    }
+
+    /// What a NixImage author may see: the kind and URL, never a server path.
+    pub fn describe_public(&self) -> String {
+        match self {
+            Source::Path(_) => "a local path".into(),
+            other => other.describe(),
+        }
+    }
+
+    /// Parses `path:DIR`, `repo:URL` or `channel:NAME`, as `--allowed-source` takes.
+    pub fn parse_tagged(s: &str) -> Option<Source> {
+        let (kind, value) = s.split_once(':')?;
+        if value.is_empty() {
+            return None;
+        }
+        match kind {
+            "path" => Some(Source::Path(value.into())),
+            "repo" | "git" => Some(Source::Git { url: value.into() }),
+            "channel" => Some(Source::Channel(value.into())),
+            _ => None,
+        }
+    }
+}
+
+/// `https://user:token@host/x` -> `https://***@host/x`.
+pub fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            match rest[..authority_end].rfind('@') {
+                Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+                None => url.to_string(),
+            }
+        }
+        None => url.to_string(),
     }
 }
 
@@ -531,6 +568,48 @@ mod tests {
             failed("error: builder for '/nix/store/x.drv' failed").unsupported_system(),
             None
         );
+    }
+
+    #[test]
+    fn credentials_in_urls_are_redacted() {
+        assert_eq!(
+            redact_url("https://user:s3cret@git.example/org/repo.git"),
+            "https://***@git.example/org/repo.git"
+        );
+        assert_eq!(
+            redact_url("https://git.example/a@b"),
+            "https://git.example/a@b"
+        );
+        assert_eq!(redact_url("/srv/nixpkgs"), "/srv/nixpkgs");
+        let s = Source::Git {
+            url: "https://tok@host/r".into(),
+        };
+        assert!(!s.describe().contains("tok"));
+        assert_eq!(
+            Source::Path("/srv/x".into()).describe_public(),
+            "a local path"
+        );
+    }
+
+    #[test]
+    fn tagged_sources_parse() {
+        assert_eq!(
+            Source::parse_tagged("repo:https://h/r"),
+            Some(Source::Git {
+                url: "https://h/r".into()
+            })
+        );
+        assert_eq!(
+            Source::parse_tagged("path:/p"),
+            Some(Source::Path("/p".into()))
+        );
+        assert_eq!(
+            Source::parse_tagged("channel:nixos-24.05"),
+            Some(Source::Channel("nixos-24.05".into()))
+        );
+        assert_eq!(Source::parse_tagged("nonsense"), None);
+        assert_eq!(Source::parse_tagged("ftp:x"), None);
+        assert_eq!(Source::parse_tagged("repo:"), None);
     }
 
     #[test]

@@ -192,6 +192,16 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
 }
 
+/// The operator's endpoints alone (`/metrics`, `/healthz`, `/readyz`), for a
+/// listener Prometheus can reach while the registry stays on loopback.
+pub fn ops_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v2", any(v2_base))

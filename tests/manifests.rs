@@ -10,7 +10,7 @@ use std::path::Path;
 use common::repo_root;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use nixery::crd::NixImage;
 use nixery::name::{parse_route, Reference, Repository, Route};
@@ -22,6 +22,8 @@ struct Docs {
     service_accounts: Vec<ServiceAccount>,
     roles: Vec<ClusterRole>,
     bindings: Vec<ClusterRoleBinding>,
+    ns_roles: Vec<Role>,
+    ns_bindings: Vec<RoleBinding>,
     daemonsets: Vec<DaemonSet>,
     crds: Vec<CustomResourceDefinition>,
     niximages: Vec<NixImage>,
@@ -61,6 +63,8 @@ fn load(dir: &Path) -> Docs {
                 "ServiceAccount" => docs.service_accounts.push(parse!()),
                 "ClusterRole" => docs.roles.push(parse!()),
                 "ClusterRoleBinding" => docs.bindings.push(parse!()),
+                "Role" => docs.ns_roles.push(parse!()),
+                "RoleBinding" => docs.ns_bindings.push(parse!()),
                 "DaemonSet" => docs.daemonsets.push(parse!()),
                 "CustomResourceDefinition" => docs.crds.push(parse!()),
                 "NixImage" => docs.niximages.push(parse!()),
@@ -144,13 +148,14 @@ fn deploy_manifests_parse_and_agree() {
     let crd = nixery::crd::crd_yaml();
     let crd: CustomResourceDefinition = serde_yaml::from_str(&crd).unwrap();
     let rules = role.rules.as_ref().unwrap();
-    let grants = |group: &str, resource: &str, verb: &str| {
+    let grants_in = |rules: &[PolicyRule], group: &str, resource: &str, verb: &str| {
         rules.iter().any(|r| {
             r.api_groups.as_ref().unwrap().iter().any(|g| g == group)
                 && r.resources.as_ref().unwrap().iter().any(|x| x == resource)
                 && r.verbs.iter().any(|v| v == verb)
         })
     };
+    let grants = |group: &str, resource: &str, verb: &str| grants_in(rules, group, resource, verb);
     for verb in ["get", "list", "watch", "patch"] {
         assert!(
             grants(&crd.spec.group, &crd.spec.names.plural, verb),
@@ -163,8 +168,25 @@ fn deploy_manifests_parse_and_agree() {
         "patch"
     ));
     assert!(grants("events.k8s.io", "events", "create"));
+    // Leases: a Role in the agent's own namespace, bound to its account,
+    // with what creating, renewing and watching them takes.
+    let lease_role = &docs.ns_roles[0];
+    assert_eq!(lease_role.metadata.namespace.as_deref(), Some(ns.as_str()));
+    let lease_rules = lease_role.rules.as_ref().unwrap();
+    for verb in ["get", "list", "watch", "create", "patch"] {
+        assert!(
+            grants_in(lease_rules, "coordination.k8s.io", "leases", verb),
+            "{verb} leases"
+        );
+    }
+    let lease_binding = &docs.ns_bindings[0];
+    assert_eq!(
+        lease_binding.role_ref.name,
+        lease_role.metadata.name.clone().unwrap()
+    );
+    assert_eq!(lease_binding.subjects.as_ref().unwrap()[0].name, sa_name);
     // Least privilege: no wildcards, no secrets, no deletes.
-    for r in rules {
+    for r in rules.iter().chain(lease_rules) {
         assert!(!r.verbs.iter().any(|v| v == "*" || v == "delete"), "{r:?}");
         assert!(
             !r.resources
@@ -200,7 +222,8 @@ fn deploy_manifests_parse_and_agree() {
         "agent".to_string(),
         "--node-name=n".to_string(),
     ];
-    argv.extend(args.iter().cloned());
+    // The kubelet expands $(VAR) from the container's env.
+    argv.extend(args.iter().map(|a| a.replace("$(HOST_IP)", "10.0.0.1")));
     <nixery::config::Cli as clap::Parser>::try_parse_from(argv)
         .expect("the DaemonSet's args parse");
     let env: BTreeMap<String, _> = c
@@ -210,18 +233,59 @@ fn deploy_manifests_parse_and_agree() {
         .iter()
         .map(|e| (e.name.clone(), e.clone()))
         .collect();
-    assert_eq!(
-        env["NODE_NAME"]
+    let field = |name: &str| {
+        env[name]
             .value_from
             .as_ref()
             .unwrap()
             .field_ref
             .as_ref()
             .unwrap()
-            .field_path,
-        "spec.nodeName"
-    );
+            .field_path
+            .clone()
+    };
+    assert_eq!(field("NODE_NAME"), "spec.nodeName");
+    assert_eq!(field("HOST_IP"), "status.hostIP");
+    assert_eq!(field("POD_NAMESPACE"), "metadata.namespace");
     assert_eq!(c.ports.as_ref().unwrap()[0].container_port, port);
+    // Metrics on the node's IP, on the port Prometheus is told to scrape.
+    let metrics = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--metrics-listen=$(HOST_IP):"))
+        .expect("--metrics-listen on the node's IP");
+    let annotations = ds
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .annotations
+        .clone()
+        .unwrap();
+    assert_eq!(annotations["prometheus.io/port"], metrics);
+    assert!(c
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .any(|p| p.name.as_deref() == Some("metrics") && p.container_port.to_string() == metrics));
+    // Pod security: what the namespace admits is what the pod needs.
+    let labels = docs.namespaces[0].metadata.labels.clone().unwrap();
+    assert_eq!(labels["pod-security.kubernetes.io/enforce"], "privileged");
+    assert_eq!(
+        pod.security_context
+            .as_ref()
+            .unwrap()
+            .seccomp_profile
+            .as_ref()
+            .unwrap()
+            .type_,
+        "RuntimeDefault"
+    );
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
     for (probe, path) in [
         (&c.readiness_probe, "/readyz"),
         (&c.liveness_probe, "/healthz"),
