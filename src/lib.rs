@@ -1,12 +1,11 @@
 //! Nixery: container images built by Nix on demand, served by a read-only OCI
 //! registry, and declared in Kubernetes as NixImage objects.
 
-pub mod builder;
+pub mod build;
+pub mod catalog;
 pub mod config;
-pub mod controller;
-pub mod crd;
+pub mod k8s;
 pub mod layers;
-pub mod lease;
 pub mod metrics;
 pub mod name;
 pub mod nix;
@@ -18,10 +17,11 @@ pub mod telemetry;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use crate::builder::{Builder, BuilderConfig};
+use crate::build::{Builder, BuilderConfig};
+use crate::catalog::NamedImages;
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::registry::{AppState, NamedImages};
+use crate::registry::AppState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use nixery::builder::{ImageSpec, Progress};
+use nixery::build::{ImageSpec, Progress};
 use nixery::config::{AgentArgs, Cli, Command, CommonArgs};
 use nixery::name::{self, Repository};
 
@@ -19,7 +19,7 @@ fn main() -> anyhow::Result<()> {
         Command::Build(args) => rt.block_on(build(args.common, &args.image)),
         Command::Agent(args) => rt.block_on(agent(args)),
         Command::Crd => {
-            print!("{}", nixery::crd::crd_yaml());
+            print!("{}", nixery::k8s::crd::crd_yaml());
             Ok(())
         }
     }
@@ -63,7 +63,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in cluster, or KUBECONFIG)")?;
-    let (mut ctx, wiring) = nixery::controller::Context::new(
+    let (mut ctx, wiring) = nixery::k8s::controller::Context::new(
         client,
         state.builder.clone(),
         state.named.clone(),
@@ -89,10 +89,10 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         None => None,
     };
     let server = tokio::spawn(nixery::serve_on(listener, state, shutdown_signal()));
-    nixery::controller::run(
+    nixery::k8s::controller::run(
         ctx,
         wiring,
-        nixery::controller::Scope {
+        nixery::k8s::controller::Scope {
             lease_namespace: args.lease_namespace.clone(),
             watch_namespace: args.watch_namespace.clone(),
         },

@@ -265,20 +265,32 @@ pub fn parse_repository(parts: &[&str]) -> Result<Repository, NameError> {
             ))),
         };
     }
+    parse_packages(parts)
+        .map(Repository::AdHoc)
+        .map_err(|e| NameError::InvalidName(format!("{}: {e}", joined())))
+}
+
+/// Package names as one image, whether from a URL path or a NixImage's
+/// `spec.contents`: each an attribute path, `niximage` never one of them, the
+/// meta-packages taken out as flags, the rest sorted and de-duplicated.
+pub fn parse_packages<S: AsRef<str>>(parts: &[S]) -> Result<AdHocImage, String> {
+    if parts.is_empty() {
+        return Err("no packages named".into());
+    }
     let mut img = AdHocImage {
         packages: BTreeSet::new(),
         shell: false,
         arch: Arch::host(),
     };
     for part in parts {
-        if !is_attr_path(part) {
-            return Err(NameError::InvalidName(format!(
-                "{}: '{}' is not a package attribute path",
-                joined(),
+        let part = part.as_ref();
+        if !is_attr_path(part) || part == NIXIMAGE_PREFIX {
+            return Err(format!(
+                "'{}' is not a package attribute path",
                 printable(part)
-            )));
+            ));
         }
-        match *part {
+        match part {
             META_SHELL => img.shell = true,
             META_ARM64 => img.arch = Arch::Arm64,
             p => {
@@ -286,7 +298,7 @@ pub fn parse_repository(parts: &[&str]) -> Result<Repository, NameError> {
             }
         }
     }
-    Ok(Repository::AdHoc(img))
+    Ok(img)
 }
 
 /// A nixpkgs attribute path: dot-separated identifiers such as
@@ -444,6 +456,8 @@ mod tests {
             "\u{0}x/manifests/latest",
             "curl//manifests/latest",
             "/manifests/latest",
+            // Reserved for NixImage names: never a package, wherever it stands.
+            "curl/niximage/manifests/latest",
         ] {
             assert!(
                 matches!(parse_route(bad), Err(NameError::InvalidName(_))),

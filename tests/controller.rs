@@ -32,8 +32,8 @@ use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::runtime::{reflector, watcher};
 use kube::Client;
-use nixery::controller::{self, Context, Wiring};
-use nixery::crd::NixImage;
+use nixery::k8s::controller::{self, Context, Wiring};
+use nixery::k8s::crd::NixImage;
 use nixery::registry::AppState;
 use serde_json::{json, Value};
 
@@ -735,7 +735,7 @@ async fn two_agents_on_different_hosts_agree_and_then_write_nothing() {
 /// A Lease of `node` renewed `ago` seconds ago (40 s duration).
 fn lease(node: &str, ago: i64) -> Lease {
     serde_json::from_value(json!({
-        "metadata": { "name": nixery::lease::lease_name(node), "namespace": "nixery-system" },
+        "metadata": { "name": nixery::k8s::lease::lease_name(node), "namespace": "nixery-system" },
         "spec": {
             "holderIdentity": node,
             "leaseDurationSeconds": 40,
@@ -745,7 +745,7 @@ fn lease(node: &str, ago: i64) -> Lease {
     .unwrap()
 }
 
-fn liveness(leases: &[Lease]) -> Arc<dyn nixery::lease::Liveness> {
+fn liveness(leases: &[Lease]) -> Arc<dyn nixery::k8s::lease::Liveness> {
     let (store, mut writer) = reflector::store::<Lease>();
     for l in leases {
         writer.apply_watcher_event(&watcher::Event::Apply(l.clone()));
@@ -838,7 +838,10 @@ async fn departed_nodes_hold_up_nothing() {
         o["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
     });
     let (result, calls) = reconcile(&server, &mut a, 3).await;
-    assert_eq!(result.unwrap(), Action::requeue(nixery::lease::RENEW_EVERY));
+    assert_eq!(
+        result.unwrap(),
+        Action::requeue(nixery::k8s::lease::RENEW_EVERY)
+    );
     assert_finalizer_patch(&calls[0], "k8s.nixos.org/nixery-node-b");
     assert_event(&calls[1], "Deleted", "Normal");
     assert_finalizer_patch(&calls[2], "k8s.nixos.org/nixery-node-a");

@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::CustomResourceExt;
-use nixery::crd::NixImage;
+use nixery::k8s::crd::NixImage;
 use serde_json::json;
 
 const CRD: &str = "niximages.k8s.nixos.org";

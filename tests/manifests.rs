@@ -12,7 +12,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use nixery::crd::NixImage;
+use nixery::k8s::crd::NixImage;
 use nixery::name::{parse_route, Reference, Repository, Route};
 use serde::Deserialize;
 
@@ -100,7 +100,7 @@ fn checked_in_crd_equals_nixery_crd() {
     let on_disk = std::fs::read_to_string(repo_root().join("crds/niximage.yaml")).unwrap();
     assert_eq!(
         on_disk,
-        nixery::crd::crd_yaml(),
+        nixery::k8s::crd::crd_yaml(),
         "crds/niximage.yaml drifted: run `cargo run -- crd > crds/niximage.yaml`"
     );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_nixery"))
@@ -145,7 +145,7 @@ fn deploy_manifests_parse_and_agree() {
         (subject.name.as_str(), subject.namespace.as_deref()),
         (sa_name.as_str(), Some(ns.as_str()))
     );
-    let crd = nixery::crd::crd_yaml();
+    let crd = nixery::k8s::crd::crd_yaml();
     let crd: CustomResourceDefinition = serde_yaml::from_str(&crd).unwrap();
     let rules = role.rules.as_ref().unwrap();
     let grants_in = |rules: &[PolicyRule], group: &str, resource: &str, verb: &str| {
@@ -364,8 +364,11 @@ fn examples_parse_and_refer_to_real_images() {
         .any(|n| n.metadata.name.as_deref() == Some("curl-and-jq")));
     for img in &docs.niximages {
         assert!(
-            nixery::controller::image_spec(&img.spec, &nixery::nix::Source::Channel("x".into()))
-                .is_ok(),
+            nixery::k8s::controller::image_spec(
+                &img.spec,
+                &nixery::nix::Source::Channel("x".into())
+            )
+            .is_ok(),
             "{:?}",
             img.metadata.name
         );

@@ -164,33 +164,48 @@ mod tests {
 
     #[test]
     fn attr_pattern_agrees_with_the_name_parser() {
-        // The API server enforces ATTR_PATTERN; the registry enforces is_attr_path.
-        let re = |s: &str| {
-            // A tiny matcher for this one pattern: identifiers joined by dots.
-            s.split('.').all(|id| {
-                let mut b = id.bytes();
-                matches!(b.next(), Some(c) if c.is_ascii_alphanumeric() || c == b'_')
-                    && b.all(|c| {
-                        c.is_ascii_alphanumeric() || matches!(c, b'_' | b'\'' | b'+' | b'-')
-                    })
-            })
-        };
+        // The API server enforces ATTR_PATTERN (a regular expression); the
+        // registry enforces is_attr_path. They must accept the same names.
+        let re = regex::Regex::new(ATTR_PATTERN).unwrap();
         for s in [
             "curl",
             "python3Packages.requests",
             "iana-etc",
             "a.b.c",
             "gtk+3",
+            "_private",
+            "it's",
             "",
             "a..b",
             ".a",
+            "a.",
+            "-a",
             "a b",
             "$(x)",
             "a/b",
+            "a;b",
+            "ä",
+            "a\n",
         ] {
-            assert_eq!(re(s), crate::name::is_attr_path(s), "{s:?}");
+            assert_eq!(re.is_match(s), crate::name::is_attr_path(s), "{s:?}");
         }
-        assert!(ATTR_PATTERN.contains(r"[A-Za-z0-9_'+-]"));
+        let tag = regex::Regex::new(TAG_PATTERN).unwrap();
+        for t in [
+            "latest",
+            "v1.2_3-rc",
+            "_x",
+            ".x",
+            "-x",
+            "",
+            &"t".repeat(128),
+            &"t".repeat(129),
+        ] {
+            assert_eq!(
+                tag.is_match(t),
+                crate::name::validate_tag(t).is_ok(),
+                "{t:?}"
+            );
+        }
     }
 
     #[test]
@@ -220,6 +235,16 @@ mod tests {
         // Validation the API server enforces.
         assert!(yaml.contains("minItems: 1"), "{yaml}");
         assert!(yaml.contains(TAG_PATTERN));
-        assert!(yaml.contains("x-kubernetes-list-map-keys"));
+        let schema = serde_json::to_value(&v.schema).unwrap();
+        let status = &schema["openAPIV3Schema"]["properties"]["status"]["properties"];
+        assert_eq!(status["nodes"]["x-kubernetes-list-type"], "map");
+        assert_eq!(
+            status["nodes"]["x-kubernetes-list-map-keys"],
+            serde_json::json!(["node"])
+        );
+        assert_eq!(
+            status["conditions"]["x-kubernetes-list-map-keys"],
+            serde_json::json!(["type"])
+        );
     }
 }

@@ -35,14 +35,14 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, info_span, warn, Instrument};
 
-use crate::builder::{BuildError, Builder, BuiltImage, ImageSpec, Progress, ProgressFn};
-use crate::crd::{NixImage, NixImageSpec, NixImageStatus, NodeStatus};
-use crate::lease::{self, Liveness};
+use crate::build::{BuildError, Builder, BuiltImage, ImageSpec, Progress, ProgressFn};
+use crate::catalog::{NamedEntry, NamedImages};
+use crate::k8s::crd::{NixImage, NixImageSpec, NixImageStatus, NodeStatus};
+use crate::k8s::lease::{self, Liveness};
 use crate::metrics::{Metrics, PhaseLabel};
-use crate::name::{self, AdHocImage, Arch};
+use crate::name;
 use crate::nix::Source;
 use crate::oci::RunConfig;
-use crate::registry::{NamedEntry, NamedImages};
 
 /// Field manager of the aggregate status fields, shared by all agents.
 pub const FIELD_MANAGER: &str = "nixery.k8s.nixos.org";
@@ -276,29 +276,10 @@ impl Events {
 /// package source is a git repository (else the revision is `latest`).
 pub fn image_spec(spec: &NixImageSpec, default_source: &Source) -> Result<ImageSpec, String> {
     name::validate_tag(&spec.tag).map_err(|e| e.to_string())?;
-    let mut img = AdHocImage {
-        packages: BTreeSet::new(),
-        shell: false,
-        arch: Arch::host(),
-    };
-    for p in &spec.contents {
-        if !name::is_attr_path(p) || p == name::NIXIMAGE_PREFIX {
-            return Err(format!(
-                "'{}' is not a package attribute path",
-                name::printable(p)
-            ));
-        }
-        match p.as_str() {
-            name::META_SHELL => img.shell = true,
-            name::META_ARM64 => img.arch = Arch::Arm64,
-            _ => {
-                img.packages.insert(p.clone());
-            }
-        }
-    }
     if spec.contents.is_empty() {
         return Err("spec.contents is empty".into());
     }
+    let img = name::parse_packages(&spec.contents)?;
     let mut out = ImageSpec::ad_hoc(&img, &spec.tag);
     if let Some(src) = &spec.source {
         out.source = Some(match (&src.path, &src.repo, &src.channel) {
@@ -1241,13 +1222,13 @@ mod tests {
         assert!(image_spec(&spec(&["$(x)"]), &path).is_err());
         assert!(image_spec(&spec(&["niximage"]), &path).is_err());
         let mut s = spec(&["curl"]);
-        s.source = Some(crate::crd::PackageSource {
+        s.source = Some(crate::k8s::crd::PackageSource {
             path: Some("/a".into()),
             repo: Some("b".into()),
             channel: None,
         });
         assert!(image_spec(&s, &path).is_err());
-        s.source = Some(crate::crd::PackageSource {
+        s.source = Some(crate::k8s::crd::PackageSource {
             repo: Some("b".into()),
             ..Default::default()
         });

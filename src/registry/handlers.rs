@@ -1,264 +1,19 @@
-//! The read-only OCI registry (axum): one `/v2/{*path}` route whose path is
-//! parsed into a validated `Route` first, errors as the distribution spec's
-//! error JSON, manifests built on demand, blobs streamed with `Range`.
-
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Instant;
+//! Request handlers: base, catalog, tags, manifests (built on demand, or a
+//! NixImage's, or by digest) and blobs (with `Range`).
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
-use axum::Router;
 use futures::StreamExt;
-use tracing::{info_span, Instrument};
 
-use crate::builder::{BuildError, Builder, BuiltImage, ImageSpec};
-use crate::metrics::{Metrics, StatusLabel};
-use crate::name::{self, Digest, NameError, Reference, Repository, Route};
+use super::{AppState, RegistryError};
+use crate::build::{BuiltImage, ImageSpec};
+use crate::catalog::NamedEntry;
+use crate::name::{self, Digest, Reference, Repository, Route};
 use crate::oci;
 
 const MAX_MANIFEST: u64 = 4 * 1024 * 1024;
-
-/// The registry's errors, one-to-one with the distribution spec's codes.
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    #[error("{0}")]
-    NameInvalid(String),
-    #[error("{0}")]
-    NameUnknown(String),
-    #[error("{message}")]
-    ManifestUnknown {
-        message: String,
-        detail: serde_json::Value,
-    },
-    #[error("{0}")]
-    BlobUnknown(String),
-    #[error("{0}")]
-    DigestInvalid(String),
-    #[error("{message}")]
-    RangeInvalid { message: String, size: u64 },
-    #[error("{0}")]
-    Unsupported(String),
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Unknown(String),
-}
-
-impl RegistryError {
-    fn code(&self) -> (StatusCode, &'static str) {
-        match self {
-            RegistryError::NameInvalid(_) => (StatusCode::BAD_REQUEST, "NAME_INVALID"),
-            RegistryError::NameUnknown(_) => (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
-            RegistryError::ManifestUnknown { .. } => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
-            RegistryError::BlobUnknown(_) => (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"),
-            RegistryError::DigestInvalid(_) => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
-            RegistryError::RangeInvalid { .. } => {
-                (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID")
-            }
-            RegistryError::Unsupported(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
-            RegistryError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
-            RegistryError::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
-            RegistryError::Unknown(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
-        }
-    }
-}
-
-impl IntoResponse for RegistryError {
-    fn into_response(self) -> Response {
-        let (status, code) = self.code();
-        let detail = match &self {
-            RegistryError::ManifestUnknown { detail, .. } => detail.clone(),
-            _ => serde_json::Value::Null,
-        };
-        let body = serde_json::json!({ "errors": [{ "code": code, "message": self.to_string(), "detail": detail }] });
-        let mut resp = (
-            status,
-            [(header::CONTENT_TYPE, "application/json")],
-            body.to_string(),
-        )
-            .into_response();
-        if let RegistryError::RangeInvalid { size, .. } = self {
-            resp.headers_mut().insert(
-                header::CONTENT_RANGE,
-                HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
-            );
-        }
-        if matches!(self, RegistryError::Unsupported(_)) {
-            resp.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-        }
-        resp
-    }
-}
-
-impl From<NameError> for RegistryError {
-    fn from(e: NameError) -> Self {
-        match e {
-            NameError::InvalidName(_) | NameError::InvalidTag(_) => {
-                RegistryError::NameInvalid(e.to_string())
-            }
-            NameError::InvalidDigest(_) => RegistryError::DigestInvalid(e.to_string()),
-            NameError::NotFound => RegistryError::NotFound("no such registry endpoint".into()),
-        }
-    }
-}
-
-impl From<&BuildError> for RegistryError {
-    fn from(e: &BuildError) -> Self {
-        match e {
-            BuildError::UnknownPackages(names) => RegistryError::ManifestUnknown {
-                message: e.to_string(),
-                detail: serde_json::json!({ "unknownPackages": names }),
-            },
-            // Not a fault of the registry: this image cannot exist here. A 4xx
-            // with a message is what clients (docker) show to the user.
-            BuildError::UnsupportedSystem { system } => RegistryError::ManifestUnknown {
-                message: e.to_string(),
-                detail: serde_json::json!({ "unsupportedSystem": system }),
-            },
-            BuildError::UnknownTag { .. } => RegistryError::ManifestUnknown {
-                message: e.to_string(),
-                detail: serde_json::Value::Null,
-            },
-            BuildError::Timeout(_) => RegistryError::Unavailable(e.to_string()),
-            other => RegistryError::Unknown(format!("building the image failed: {other}")),
-        }
-    }
-}
-
-/// Images of NixImage objects, registered by the controller.
-#[derive(Default)]
-pub struct NamedImages {
-    inner: RwLock<BTreeMap<(String, String), NamedEntry>>,
-}
-
-#[derive(Clone, Debug)]
-pub enum NamedEntry {
-    /// The object exists; its image is not built yet (or its build failed).
-    Pending {
-        tag: String,
-        message: String,
-    },
-    Ready {
-        tag: String,
-        image: Arc<BuiltImage>,
-    },
-}
-
-impl NamedImages {
-    pub fn set(&self, namespace: &str, name: &str, entry: NamedEntry) {
-        self.inner
-            .write()
-            .unwrap()
-            .insert((namespace.into(), name.into()), entry);
-    }
-    pub fn remove(&self, namespace: &str, name: &str) -> Option<NamedEntry> {
-        self.inner
-            .write()
-            .unwrap()
-            .remove(&(namespace.into(), name.into()))
-    }
-    pub fn get(&self, namespace: &str, name: &str) -> Option<NamedEntry> {
-        self.inner
-            .read()
-            .unwrap()
-            .get(&(namespace.into(), name.into()))
-            .cloned()
-    }
-    pub fn names(&self) -> Vec<String> {
-        self.inner
-            .read()
-            .unwrap()
-            .keys()
-            .map(|(ns, n)| format!("{}/{ns}/{n}", name::NIXIMAGE_PREFIX))
-            .collect()
-    }
-}
-
-#[derive(Clone)]
-pub struct AppState {
-    pub builder: Arc<Builder>,
-    pub named: Arc<NamedImages>,
-    pub metrics: Arc<Metrics>,
-    /// False until the controller's watch has synced (always true for `serve`).
-    pub ready: Arc<AtomicBool>,
-}
-
-/// The operator's endpoints alone (`/metrics`, `/healthz`, `/readyz`), for a
-/// listener Prometheus can reach while the registry stays on loopback.
-pub fn ops_router(state: AppState) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .with_state(state)
-}
-
-pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/v2", any(v2_base))
-        .route("/v2/", any(v2_base))
-        .route("/v2/{*path}", any(v2))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .fallback(|| async { RegistryError::NotFound("no such endpoint".into()) })
-        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
-        .with_state(state)
-}
-
-/// One span per request, with the path; counts responses by status.
-async fn observe(State(app): State<AppState>, req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let span = info_span!("request", method = %req.method(), path = %req.uri().path());
-    let resp = next.run(req).instrument(span.clone()).await;
-    let status = resp.status().as_u16();
-    app.metrics
-        .requests
-        .get_or_create(&StatusLabel { status })
-        .inc();
-    let ms = started.elapsed().as_secs_f64() * 1e3;
-    // Every request at debug (a pull is dozens); server errors always.
-    span.in_scope(|| {
-        if status >= 500 {
-            tracing::warn!(status, ms, "served");
-        } else {
-            tracing::debug!(status, ms, "served");
-        }
-    });
-    resp
-}
-
-async fn metrics(State(app): State<AppState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        app.metrics.render(),
-    )
-        .into_response()
-}
-
-async fn readyz(State(app): State<AppState>) -> Response {
-    if app.ready.load(Ordering::SeqCst) {
-        "ready\n".into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: waiting for the controller's watch to sync\n",
-        )
-            .into_response()
-    }
-}
 
 fn api_version_headers(resp: &mut Response) {
     resp.headers_mut().insert(
@@ -267,7 +22,7 @@ fn api_version_headers(resp: &mut Response) {
     );
 }
 
-async fn v2_base(method: Method) -> Response {
+pub(super) async fn v2_base(method: Method) -> Response {
     let mut resp = if method == Method::GET || method == Method::HEAD {
         ([(header::CONTENT_TYPE, "application/json")], "{}").into_response()
     } else {
@@ -277,7 +32,7 @@ async fn v2_base(method: Method) -> Response {
     resp
 }
 
-async fn v2(
+pub(super) async fn v2(
     State(app): State<AppState>,
     method: Method,
     headers: HeaderMap,

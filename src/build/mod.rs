@@ -1,0 +1,176 @@
+//! Building images: what to build (`ImageSpec`), what a build gives
+//! (`BuiltImage`), how it can fail (`BuildError`) and how far it got
+//! (`Progress`). The steps are in `pipeline`; who builds what, when and once,
+//! in `service`.
+
+mod pipeline;
+mod service;
+
+pub use service::{Builder, BuilderConfig};
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::Digest as _;
+
+use crate::name::{AdHocImage, Arch, Digest};
+use crate::nix::{NixError, Source};
+use crate::oci::RunConfig;
+use crate::store::StoreError;
+
+/// Packages every image gets, as Nixery does.
+pub const ALWAYS: &[&str] = &["cacert", "iana-etc"];
+/// What the `shell` meta-package stands for, as in Nixery.
+pub const SHELL: &[&str] = &["bashInteractive", "coreutils", "moreutils", "nano"];
+
+/// What to build: a package set at a tag, for an architecture, with a config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageSpec {
+    /// The packages the user asked for (metas expanded, sorted, unique).
+    pub packages: Vec<String>,
+    pub arch: Arch,
+    pub tag: String,
+    pub run: RunConfig,
+    /// Overrides the builder's package source (NixImage `spec.source`).
+    pub source: Option<Source>,
+}
+
+impl ImageSpec {
+    pub fn ad_hoc(img: &AdHocImage, tag: &str) -> Self {
+        let mut packages: BTreeSet<String> = img.packages.clone();
+        if img.shell {
+            packages.extend(SHELL.iter().map(|s| s.to_string()));
+        }
+        ImageSpec {
+            packages: packages.into_iter().collect(),
+            arch: img.arch,
+            tag: tag.to_string(),
+            run: RunConfig::default(),
+            source: None,
+        }
+    }
+
+    /// Everything Nix is asked for: the user's packages and the ones every image gets.
+    fn all_packages(&self) -> Vec<String> {
+        let set: BTreeSet<String> = self
+            .packages
+            .iter()
+            .cloned()
+            .chain(ALWAYS.iter().map(|s| s.to_string()))
+            .collect();
+        set.into_iter().collect()
+    }
+
+    /// The request key: sorted package names as spelled, source and
+    /// revision, arch, config. Spellings of one package set differ here and
+    /// meet again at the image key (`image_key`).
+    fn key(&self, source: &Source) -> String {
+        let mut h = sha2::Sha256::new();
+        h.update(format!(
+            "{:?}\0{:?}\0{}\0{:?}\0{:?}",
+            self.all_packages(),
+            source,
+            self.tag,
+            self.arch,
+            self.run
+        ));
+        hex::encode(h.finalize())
+    }
+}
+
+/// A built image: both manifest encodings, stored as blobs (one, the OCI
+/// manifest, when layers are zstd).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuiltImage {
+    pub oci_digest: Digest,
+    pub oci_manifest: bytes::Bytes,
+    pub docker_digest: Digest,
+    pub docker_manifest: bytes::Bytes,
+    pub layers: usize,
+    /// Compressed size of config and layers.
+    pub size: u64,
+    /// Store paths of the packages (roots of the closure).
+    pub roots: Vec<String>,
+    pub gcroot_dir: PathBuf,
+}
+
+impl BuiltImage {
+    /// Whether a Docker schema2 manifest exists beside the OCI one.
+    pub fn has_docker_manifest(&self) -> bool {
+        self.docker_digest != self.oci_digest
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BuildError {
+    #[error("unknown packages: {}", .0.join(", "))]
+    UnknownPackages(Vec<String>),
+    #[error("this registry cannot build {system} images: its Nix builds only for other systems, and no substituter or remote builder supplied {system} packages")]
+    UnsupportedSystem { system: String },
+    #[error(
+        "tag '{tag}' is unknown: with a {source_kind} package source the only tag is 'latest'"
+    )]
+    UnknownTag {
+        tag: String,
+        source_kind: &'static str,
+    },
+    #[error(transparent)]
+    Nix(#[from] NixError),
+    #[error("the build took longer than its timeout of {}s and was stopped", .0.as_secs())]
+    Timeout(Duration),
+    #[error("storing the image failed: {0}")]
+    Store(String),
+    #[error("the build stopped unexpectedly: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for BuildError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            // The path is ours; the reason is what an operator needs.
+            StoreError::Io { source, .. } => BuildError::Store(io_reason(&source)),
+            other => BuildError::Store(other.to_string()),
+        }
+    }
+}
+
+impl From<std::io::Error> for BuildError {
+    fn from(e: std::io::Error) -> Self {
+        BuildError::Store(io_reason(&e))
+    }
+}
+
+/// The operating system's reason for an I/O error, without the paths that
+/// some errors carry: users see "No space left on device", not our layout.
+fn io_reason(e: &std::io::Error) -> String {
+    tracing::error!(error = %e, "storage I/O failed");
+    // Wrappers (tempfile's, for one) keep the OS error as their source.
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(code) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.raw_os_error())
+        {
+            return std::io::Error::from_raw_os_error(code).to_string();
+        }
+        cur = err.source();
+    }
+    match e.kind() {
+        std::io::ErrorKind::StorageFull => "No space left on device".into(),
+        kind => kind.to_string(),
+    }
+}
+
+/// Build progress, for `nixery build` and NixImage status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    Queued,
+    Stage(&'static str),
+    NixLog(String),
+    Layers { done: usize, total: usize },
+    Done,
+}
+
+pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;

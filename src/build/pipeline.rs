@@ -1,0 +1,227 @@
+//! The pipeline's steps for one image whose names are resolved: realise the
+//! packages under the image's GC roots, read the closure graph, plan the
+//! layers, pack them (or find them in the layer cache), and store config and
+//! manifests. No single flight, caching of images or timeouts: see `service`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::StreamExt;
+use sha2::Digest as _;
+use tracing::info;
+
+use super::{BuildError, BuiltImage, ImageSpec, Progress};
+use crate::layers::{self, PathInfo, Popularity};
+use crate::metrics::Metrics;
+use crate::nix::{LogSink, Nix, Prepared};
+use crate::oci::{self, LayerBlob};
+use crate::store::BlobStore;
+
+/// What shapes the layers and where the layer cache lives.
+pub struct PipelineConfig {
+    pub state_dir: PathBuf,
+    pub max_layers: usize,
+    pub compression: oci::Compression,
+    pub popularity: Option<Popularity>,
+}
+
+pub struct Pipeline {
+    pub cfg: PipelineConfig,
+    pub nix: Arc<dyn Nix>,
+    pub store: Arc<dyn BlobStore>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Pipeline {
+    /// Realises the packages under GC roots of this image, plans and packs the
+    /// layers, and stores config and manifests.
+    pub async fn build_image(
+        &self,
+        key: &str,
+        prepared: &Prepared,
+        spec: &ImageSpec,
+        program: Option<String>,
+        report: &(dyn Fn(Progress) + Send + Sync),
+    ) -> Result<BuiltImage, BuildError> {
+        report(Progress::Stage("building"));
+        let t = Instant::now();
+        let gcroot_dir = self.cfg.state_dir.join("gcroots").join(key);
+        // Nix's log lines arrive on its reader task; forward them from here.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let sink: LogSink = Arc::new(move |line: &str| {
+            let _ = tx.send(line.to_string());
+        });
+        let gcroot = gcroot_dir.join("root");
+        let realise = self.nix.realise(&prepared.drvs, &gcroot, sink);
+        tokio::pin!(realise);
+        let realised = loop {
+            tokio::select! {
+                r = &mut realise => break r,
+                Some(line) = rx.recv() => report(Progress::NixLog(line)),
+            }
+        };
+        while let Ok(line) = rx.try_recv() {
+            report(Progress::NixLog(line));
+        }
+        realised.map_err(|e| match e.unsupported_system() {
+            Some(system) => BuildError::UnsupportedSystem { system },
+            None => BuildError::Nix(e),
+        })?;
+        info!(seconds = t.elapsed().as_secs_f64(), "realised");
+
+        report(Progress::Stage("reading closure"));
+        let closure: Vec<PathInfo> = self.nix.closure(&prepared.outs).await?;
+        let planned = layers::plan(&closure, self.cfg.max_layers, self.cfg.popularity.as_ref());
+
+        report(Progress::Stage("packing layers"));
+        let t = Instant::now();
+        let total = planned.len() + 1;
+        let roots: Vec<PathBuf> = prepared.outs.iter().map(PathBuf::from).collect();
+        let mut history: Vec<String> = planned
+            .iter()
+            .map(|l| match l.paths.as_slice() {
+                [one] => format!("nixery: {}", one.rsplit('/').next().unwrap_or(one)),
+                many => format!("nixery: {} store paths", many.len()),
+            })
+            .collect();
+        history.push("nixery: customisation layer".into());
+
+        let parallel = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        let mut blobs: Vec<LayerBlob> = Vec::with_capacity(total);
+        // After a failure no new layer starts, and the error is returned only
+        // once the layers already packing have stopped: nothing of a failed
+        // build goes on writing after its error is reported.
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let mut first_error: Option<BuildError> = None;
+        let jobs = planned.into_iter().map(|l| {
+            let failed = &failed;
+            async move {
+                if failed.load(std::sync::atomic::Ordering::SeqCst) {
+                    return None;
+                }
+                Some(self.store_path_layer(l.paths).await)
+            }
+        });
+        let mut stream = futures::stream::iter(jobs).buffered(parallel);
+        while let Some(result) = stream.next().await {
+            match result {
+                Some(Ok(blob)) => {
+                    blobs.push(blob);
+                    report(Progress::Layers {
+                        done: blobs.len(),
+                        total,
+                    });
+                }
+                Some(Err(e)) => {
+                    failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                    first_error.get_or_insert(e);
+                }
+                None => {}
+            }
+        }
+        drop(stream);
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        let store = self.store.clone();
+        let compression = self.cfg.compression;
+        let roots_for_custom = roots.clone();
+        let (custom, bin) =
+            tokio::task::spawn_blocking(move || -> Result<(LayerBlob, Vec<String>), BuildError> {
+                let c = oci::customisation(&roots_for_custom)?;
+                let (w, blob) = oci::pack_layer(&c.entries, store.writer()?, compression)?;
+                w.commit(Some(&blob.digest))?;
+                Ok((blob, c.bin))
+            })
+            .await
+            .map_err(|e| BuildError::Internal(e.to_string()))??;
+        blobs.push(custom);
+        report(Progress::Layers {
+            done: blobs.len(),
+            total,
+        });
+        info!(
+            seconds = t.elapsed().as_secs_f64(),
+            layers = blobs.len(),
+            "packed"
+        );
+
+        let mut run = spec.run.clone();
+        if run.cmd.is_none() && run.entrypoint.is_none() {
+            run.cmd = oci::default_cmd(&bin, program.as_deref());
+        }
+        let config = oci::image_config(spec.arch, &blobs, &run, &history)
+            .map_err(|e| BuildError::Internal(e.to_string()))?;
+        self.store.put(&config)?;
+        let compression = self.cfg.compression;
+        let oci_manifest = oci::manifest(false, &config, &blobs, compression)
+            .map_err(|e| BuildError::Internal(e.to_string()))?;
+        // Docker schema2 has no zstd layers: such images have OCI manifests only.
+        let docker_manifest = match compression {
+            oci::Compression::Gzip => oci::manifest(true, &config, &blobs, compression)
+                .map_err(|e| BuildError::Internal(e.to_string()))?,
+            oci::Compression::Zstd => oci_manifest.clone(),
+        };
+        // Manifests are blobs too, so they can be served by digest after a restart.
+        let oci_digest = self.store.put(&oci_manifest)?;
+        let docker_digest = self.store.put(&docker_manifest)?;
+        Ok(BuiltImage {
+            oci_digest,
+            oci_manifest: oci_manifest.into(),
+            docker_digest,
+            docker_manifest: docker_manifest.into(),
+            layers: blobs.len(),
+            size: config.len() as u64 + blobs.iter().map(|b| b.size).sum::<u64>(),
+            roots: prepared.outs.clone(),
+            gcroot_dir,
+        })
+    }
+
+    /// A layer of store paths: from the layer cache, or packed and stored.
+    async fn store_path_layer(&self, paths: Vec<String>) -> Result<LayerBlob, BuildError> {
+        let cache_file = self.layer_cache_file(&paths);
+        if let Some(blob) = self.cached_layer(&cache_file) {
+            self.metrics.layers_reused.inc();
+            return Ok(blob);
+        }
+        let store = self.store.clone();
+        let compression = self.cfg.compression;
+        let blob = tokio::task::spawn_blocking(move || -> Result<LayerBlob, BuildError> {
+            let entries = oci::store_path_entries(&paths)?;
+            let (w, blob) = oci::pack_layer(&entries, store.writer()?, compression)?;
+            w.commit(Some(&blob.digest))?;
+            crate::store::write_atomic(
+                &cache_file,
+                &serde_json::to_vec(&blob).expect("serialisable"),
+            )?;
+            Ok(blob)
+        })
+        .await
+        .map_err(|e| BuildError::Internal(e.to_string()))??;
+        self.metrics.layers_packed.inc();
+        Ok(blob)
+    }
+
+    /// Layers are keyed by their store paths and compression.
+    fn layer_cache_file(&self, paths: &[String]) -> PathBuf {
+        let mut h = sha2::Sha256::new();
+        h.update(format!("{}\n", self.cfg.compression.cache_tag()));
+        for p in paths {
+            h.update(p.as_bytes());
+            h.update(b"\n");
+        }
+        self.cfg
+            .state_dir
+            .join("layers")
+            .join(format!("{}.json", hex::encode(h.finalize())))
+    }
+
+    fn cached_layer(&self, file: &Path) -> Option<LayerBlob> {
+        let blob: LayerBlob = serde_json::from_slice(&std::fs::read(file).ok()?).ok()?;
+        // Trust the record only while its blob is really there.
+        (self.store.stat(&blob.digest).ok()?? == blob.size).then_some(blob)
+    }
+}

@@ -1,0 +1,377 @@
+//! The build service: answers "give me this image" once per image. It owns
+//! single flight (concurrent requests, and every spelling of one package set,
+//! share one build), the build slots (builds beyond the limit queue), the
+//! timeout, the per-revision cache of name answers, and the built images.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::{BoxFuture, FutureExt, Shared, WeakShared};
+use sha2::Digest as _;
+use tracing::{info, info_span, warn, Instrument};
+
+use super::pipeline::{Pipeline, PipelineConfig};
+use super::{BuildError, BuiltImage, ImageSpec, Progress, ProgressFn};
+use crate::layers::Popularity;
+use crate::metrics::Metrics;
+use crate::name::Digest;
+use crate::nix::{Nix, Prepared, Source};
+use crate::oci;
+use crate::store::BlobStore;
+
+pub struct BuilderConfig {
+    pub state_dir: PathBuf,
+    pub source: Source,
+    pub max_layers: usize,
+    pub timeout: Duration,
+    pub max_builds: usize,
+    /// How long an image built from a reference that can move (a git branch or
+    /// tag, a channel, a local path) is served before it is built again; an
+    /// image from a git commit is kept for good.
+    pub mutable_ttl: Duration,
+    pub compression: oci::Compression,
+    pub popularity: Option<Popularity>,
+}
+
+type BuildResult = Result<Arc<BuiltImage>, Arc<BuildError>>;
+/// A built image and when it expires (None: never).
+type CacheEntry = (Arc<BuiltImage>, Option<Instant>);
+type ImageResult = Result<Arc<BuiltImage>, BuildError>;
+/// Whether each name exists in one package source revision, and until when
+/// the answer holds (None: for good, as for a git commit).
+type NameAnswers = (HashMap<String, bool>, Option<Instant>);
+
+pub struct Builder {
+    cfg: BuilderConfig,
+    nix: Arc<dyn Nix>,
+    store: Arc<dyn BlobStore>,
+    metrics: Arc<Metrics>,
+    pipeline: Pipeline,
+    /// Built images by request key, with when they expire (None: never).
+    cache: Mutex<HashMap<String, CacheEntry>>,
+    /// Built images by image key (what the names resolved to): spellings of
+    /// one package set share one image, one build and one set of GC roots.
+    images: Mutex<HashMap<String, Arc<BuiltImage>>>,
+    /// Running image builds by image key. Weak, so a build that every waiter
+    /// gave up on (timeout) is dropped, which stops its Nix processes.
+    image_builds: Mutex<HashMap<String, WeakShared<BoxFuture<'static, ImageResult>>>>,
+    /// Whether names exist, per package source revision, so a repeated
+    /// unknown name costs no evaluation.
+    names: Mutex<HashMap<String, NameAnswers>>,
+    /// Manifests of built images by digest, so GETs by digest skip the disk.
+    manifests: Mutex<HashMap<Digest, (&'static str, bytes::Bytes)>>,
+    inflight: Mutex<HashMap<String, Shared<BoxFuture<'static, BuildResult>>>>,
+    slots: tokio::sync::Semaphore,
+}
+
+impl Builder {
+    pub fn new(
+        cfg: BuilderConfig,
+        nix: Arc<dyn Nix>,
+        store: Arc<dyn BlobStore>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let slots = tokio::sync::Semaphore::new(cfg.max_builds.max(1));
+        let pipeline = Pipeline {
+            cfg: PipelineConfig {
+                state_dir: cfg.state_dir.clone(),
+                max_layers: cfg.max_layers,
+                compression: cfg.compression,
+                popularity: cfg.popularity.clone(),
+            },
+            nix: nix.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+        };
+        Arc::new(Builder {
+            cfg,
+            pipeline,
+            nix,
+            store,
+            metrics,
+            cache: Default::default(),
+            images: Default::default(),
+            image_builds: Default::default(),
+            names: Default::default(),
+            manifests: Default::default(),
+            inflight: Default::default(),
+            slots,
+        })
+    }
+
+    pub fn source(&self) -> &Source {
+        &self.cfg.source
+    }
+
+    pub fn store(&self) -> &Arc<dyn BlobStore> {
+        &self.store
+    }
+
+    /// Returns the image, building it unless cached; concurrent callers for
+    /// one image share one build. `progress` follows the build this call
+    /// starts (a caller that joins a running build sees only the result).
+    pub async fn get_or_build(
+        self: &Arc<Self>,
+        spec: ImageSpec,
+        progress: Option<ProgressFn>,
+    ) -> BuildResult {
+        let source = spec
+            .source
+            .clone()
+            .unwrap_or_else(|| self.cfg.source.clone());
+        if !source.tags_are_revisions() && spec.tag != "latest" {
+            let source_kind = if matches!(source, Source::Path(_)) {
+                "local path"
+            } else {
+                "channel"
+            };
+            return Err(Arc::new(BuildError::UnknownTag {
+                tag: spec.tag.clone(),
+                source_kind,
+            }));
+        }
+        let key = spec.key(&source);
+        let expires =
+            (!source.is_immutable_at(&spec.tag)).then(|| Instant::now() + self.cfg.mutable_ttl);
+        if let Some((img, until)) = self.cache.lock().unwrap().get(&key) {
+            if until.is_none_or(|t| Instant::now() < t) {
+                self.metrics.cache_hits.inc();
+                return Ok(img.clone());
+            }
+        }
+        let fut = {
+            let mut inflight = self.inflight.lock().unwrap();
+            match inflight.get(&key) {
+                Some(f) => {
+                    self.metrics.build_waits.inc();
+                    f.clone()
+                }
+                None => {
+                    self.metrics.cache_misses.inc();
+                    let this = self.clone();
+                    let k = key.clone();
+                    let handle = tokio::spawn(async move {
+                        let result = this
+                            .build_limited(&k, &spec, &source, progress)
+                            .await
+                            .map_err(Arc::new);
+                        if let Ok(img) = &result {
+                            this.cache
+                                .lock()
+                                .unwrap()
+                                .insert(k.clone(), (img.clone(), expires));
+                            let mut manifests = this.manifests.lock().unwrap();
+                            manifests.insert(
+                                img.oci_digest.clone(),
+                                (oci::OCI_MANIFEST, img.oci_manifest.clone()),
+                            );
+                            if img.has_docker_manifest() {
+                                manifests.insert(
+                                    img.docker_digest.clone(),
+                                    (oci::DOCKER_MANIFEST, img.docker_manifest.clone()),
+                                );
+                            }
+                        }
+                        this.inflight.lock().unwrap().remove(&k);
+                        result
+                    });
+                    let f = async move {
+                        handle
+                            .await
+                            .unwrap_or_else(|e| Err(Arc::new(BuildError::Internal(e.to_string()))))
+                    }
+                    .boxed()
+                    .shared();
+                    inflight.insert(key, f.clone());
+                    f
+                }
+            }
+        };
+        fut.await
+    }
+
+    /// Waits for a build slot, then builds within the timeout.
+    async fn build_limited(
+        self: &Arc<Self>,
+        key: &str,
+        spec: &ImageSpec,
+        source: &Source,
+        progress: Option<ProgressFn>,
+    ) -> ImageResult {
+        let report: ProgressFn = Arc::new(move |p: Progress| {
+            if let Some(f) = &progress {
+                f(p)
+            }
+        });
+        report(Progress::Queued);
+        self.metrics.builds_queued.inc();
+        let permit = self.slots.acquire().await;
+        self.metrics.builds_queued.dec();
+        let _permit = permit.map_err(|e| BuildError::Internal(e.to_string()))?;
+        self.metrics.builds.inc();
+        self.metrics.builds_running.inc();
+        let started = Instant::now();
+        let span = info_span!("build", image = %spec.packages.join("/"), tag = %spec.tag, arch = spec.arch.oci(), key = &key[..12]);
+        let result =
+            tokio::time::timeout(self.cfg.timeout, self.build(spec, source, report.clone()))
+                .instrument(span.clone())
+                .await;
+        self.metrics.builds_running.dec();
+        let elapsed = started.elapsed();
+        self.metrics.build_duration.observe(elapsed.as_secs_f64());
+        let result = result.unwrap_or(Err(BuildError::Timeout(self.cfg.timeout)));
+        let _enter = span.enter();
+        match &result {
+            Ok(img) => {
+                info!(digest = %img.oci_digest, layers = img.layers, size = img.size, seconds = elapsed.as_secs_f64(), "build finished");
+                report(Progress::Done);
+            }
+            Err(e @ BuildError::UnknownPackages(_)) => {
+                self.metrics.unknown_packages.inc();
+                info!(error = %e, "unknown packages");
+            }
+            Err(e) => {
+                self.metrics.build_failures.inc();
+                warn!(error = %e, seconds = elapsed.as_secs_f64(), "build failed");
+            }
+        }
+        result
+    }
+
+    /// Resolves the names, then returns the image they make: built already
+    /// (under another spelling), being built, or built now.
+    async fn build(
+        self: &Arc<Self>,
+        spec: &ImageSpec,
+        source: &Source,
+        report: ProgressFn,
+    ) -> ImageResult {
+        let packages = spec.all_packages();
+        report(Progress::Stage("evaluating"));
+        let t = Instant::now();
+        let prepared = self.resolve(source, spec, &packages).await?;
+        info!(seconds = t.elapsed().as_secs_f64(), "evaluated");
+        // The default command of a one-package image is that package's program.
+        let program = match spec.packages.as_slice() {
+            [only] => prepared
+                .resolved
+                .iter()
+                .find(|r| &r.name == only)
+                .and_then(|r| r.program.clone()),
+            _ => None,
+        };
+        let key = self.image_key(&prepared, spec, program.as_deref());
+        if let Some(img) = self.images.lock().unwrap().get(&key) {
+            self.metrics.cache_hits.inc();
+            return Ok(img.clone());
+        }
+        let fut = {
+            let mut running = self.image_builds.lock().unwrap();
+            match running.get(&key).and_then(WeakShared::upgrade) {
+                Some(f) => {
+                    self.metrics.build_waits.inc();
+                    f
+                }
+                None => {
+                    let this = self.clone();
+                    let (k, spec) = (key.clone(), spec.clone());
+                    let f = async move {
+                        let result = this
+                            .pipeline
+                            .build_image(&k, &prepared, &spec, program, &*report)
+                            .await
+                            .map(Arc::new);
+                        if let Ok(img) = &result {
+                            this.images.lock().unwrap().insert(k.clone(), img.clone());
+                        }
+                        this.image_builds.lock().unwrap().remove(&k);
+                        result
+                    }
+                    .boxed()
+                    .shared();
+                    if let Some(weak) = f.downgrade() {
+                        running.insert(key, weak);
+                    }
+                    f
+                }
+            }
+        };
+        fut.await
+    }
+
+    /// Asks Nix what the names mean, unless every answer is known for this
+    /// package source revision and one of them is "unknown".
+    async fn resolve(
+        &self,
+        source: &Source,
+        spec: &ImageSpec,
+        packages: &[String],
+    ) -> Result<Prepared, BuildError> {
+        let revision = format!("{source:?}\0{}\0{:?}", spec.tag, spec.arch);
+        {
+            let mut names = self.names.lock().unwrap();
+            if let Some((answers, until)) = names.get(&revision) {
+                if until.is_some_and(|t| Instant::now() >= t) {
+                    names.remove(&revision);
+                } else if packages.iter().all(|p| answers.contains_key(p)) {
+                    let unknown: Vec<String> =
+                        packages.iter().filter(|p| !answers[*p]).cloned().collect();
+                    if !unknown.is_empty() {
+                        self.metrics.unknown_cached.inc();
+                        return Err(BuildError::UnknownPackages(unknown));
+                    }
+                }
+            }
+        }
+        let prepared = self
+            .nix
+            .prepare(source, &spec.tag, packages, spec.arch.nix_system())
+            .await?;
+        let until =
+            (!source.is_immutable_at(&spec.tag)).then(|| Instant::now() + self.cfg.mutable_ttl);
+        let mut names = self.names.lock().unwrap();
+        let (answers, _) = names
+            .entry(revision)
+            .or_insert_with(|| (HashMap::new(), until));
+        // Each name resolves on its own: those not unknown exist.
+        for p in packages {
+            answers.insert(p.clone(), !prepared.unknown.contains(p));
+        }
+        if prepared.unknown.is_empty() {
+            Ok(prepared)
+        } else {
+            Err(BuildError::UnknownPackages(prepared.unknown))
+        }
+    }
+
+    /// The image key: the output paths the names resolved to (sorted, unique),
+    /// the default program, and everything else that shapes the image.
+    fn image_key(&self, prepared: &Prepared, spec: &ImageSpec, program: Option<&str>) -> String {
+        let outs: BTreeSet<&str> = prepared.outs.iter().map(String::as_str).collect();
+        let mut h = sha2::Sha256::new();
+        h.update(format!(
+            "{outs:?}\0{:?}\0{:?}\0{program:?}\0{}\0{}\0{}",
+            spec.arch,
+            spec.run,
+            self.cfg.compression.cache_tag(),
+            self.cfg.max_layers,
+            self.cfg.popularity.is_some(),
+        ));
+        hex::encode(h.finalize())
+    }
+
+    /// A manifest this builder built, by digest, with its media type.
+    pub fn manifest(&self, digest: &Digest) -> Option<(&'static str, bytes::Bytes)> {
+        self.manifests.lock().unwrap().get(digest).cloned()
+    }
+
+    /// Drops an image from the cache (used when its NixImage is deleted).
+    pub fn forget(&self, img: &BuiltImage) {
+        self.cache
+            .lock()
+            .unwrap()
+            .retain(|_, (v, _)| v.oci_digest != img.oci_digest);
+    }
+}

@@ -1,0 +1,118 @@
+//! The registry's errors: one variant per distribution-spec error code, each
+//! with its HTTP status, rendered as the spec's `{"errors":[...]}` JSON.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use crate::build::BuildError;
+use crate::name::NameError;
+
+/// The registry's errors, one-to-one with the distribution spec's codes.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0}")]
+    NameInvalid(String),
+    #[error("{0}")]
+    NameUnknown(String),
+    #[error("{message}")]
+    ManifestUnknown {
+        message: String,
+        detail: serde_json::Value,
+    },
+    #[error("{0}")]
+    BlobUnknown(String),
+    #[error("{0}")]
+    DigestInvalid(String),
+    #[error("{message}")]
+    RangeInvalid { message: String, size: u64 },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unknown(String),
+}
+
+impl RegistryError {
+    fn code(&self) -> (StatusCode, &'static str) {
+        match self {
+            RegistryError::NameInvalid(_) => (StatusCode::BAD_REQUEST, "NAME_INVALID"),
+            RegistryError::NameUnknown(_) => (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
+            RegistryError::ManifestUnknown { .. } => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
+            RegistryError::BlobUnknown(_) => (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"),
+            RegistryError::DigestInvalid(_) => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
+            RegistryError::RangeInvalid { .. } => {
+                (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID")
+            }
+            RegistryError::Unsupported(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
+            RegistryError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+            RegistryError::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+            RegistryError::Unknown(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
+        }
+    }
+}
+
+impl IntoResponse for RegistryError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.code();
+        let detail = match &self {
+            RegistryError::ManifestUnknown { detail, .. } => detail.clone(),
+            _ => serde_json::Value::Null,
+        };
+        let body = serde_json::json!({ "errors": [{ "code": code, "message": self.to_string(), "detail": detail }] });
+        let mut resp = (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response();
+        if let RegistryError::RangeInvalid { size, .. } = self {
+            resp.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
+            );
+        }
+        if matches!(self, RegistryError::Unsupported(_)) {
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        }
+        resp
+    }
+}
+
+impl From<NameError> for RegistryError {
+    fn from(e: NameError) -> Self {
+        match e {
+            NameError::InvalidName(_) | NameError::InvalidTag(_) => {
+                RegistryError::NameInvalid(e.to_string())
+            }
+            NameError::InvalidDigest(_) => RegistryError::DigestInvalid(e.to_string()),
+            NameError::NotFound => RegistryError::NotFound("no such registry endpoint".into()),
+        }
+    }
+}
+
+impl From<&BuildError> for RegistryError {
+    fn from(e: &BuildError) -> Self {
+        match e {
+            BuildError::UnknownPackages(names) => RegistryError::ManifestUnknown {
+                message: e.to_string(),
+                detail: serde_json::json!({ "unknownPackages": names }),
+            },
+            // Not a fault of the registry: this image cannot exist here. A 4xx
+            // with a message is what clients (docker) show to the user.
+            BuildError::UnsupportedSystem { system } => RegistryError::ManifestUnknown {
+                message: e.to_string(),
+                detail: serde_json::json!({ "unsupportedSystem": system }),
+            },
+            BuildError::UnknownTag { .. } => RegistryError::ManifestUnknown {
+                message: e.to_string(),
+                detail: serde_json::Value::Null,
+            },
+            BuildError::Timeout(_) => RegistryError::Unavailable(e.to_string()),
+            other => RegistryError::Unknown(format!("building the image failed: {other}")),
+        }
+    }
+}

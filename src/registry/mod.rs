@@ -1,0 +1,103 @@
+//! The read-only OCI registry (axum): one `/v2/{*path}` route whose path is
+//! parsed into a validated `Route` first (`name`), handlers that call the
+//! build service and the catalog (`handlers`), and errors as the distribution
+//! spec's error JSON (`error`). No business logic lives here.
+
+mod error;
+mod handlers;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+use tracing::{info_span, Instrument};
+
+pub use error::RegistryError;
+use handlers::{v2, v2_base};
+
+use crate::build::Builder;
+use crate::catalog::NamedImages;
+use crate::metrics::{Metrics, StatusLabel};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub builder: Arc<Builder>,
+    pub named: Arc<NamedImages>,
+    pub metrics: Arc<Metrics>,
+    /// False until the controller's watch has synced (always true for `serve`).
+    pub ready: Arc<AtomicBool>,
+}
+
+/// The operator's endpoints alone (`/metrics`, `/healthz`, `/readyz`), for a
+/// listener Prometheus can reach while the registry stays on loopback.
+pub fn ops_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v2", any(v2_base))
+        .route("/v2/", any(v2_base))
+        .route("/v2/{*path}", any(v2))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { RegistryError::NotFound("no such endpoint".into()) })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+/// One span per request, with the path; counts responses by status.
+async fn observe(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let span = info_span!("request", method = %req.method(), path = %req.uri().path());
+    let resp = next.run(req).instrument(span.clone()).await;
+    let status = resp.status().as_u16();
+    app.metrics
+        .requests
+        .get_or_create(&StatusLabel { status })
+        .inc();
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    // Every request at debug (a pull is dozens); server errors always.
+    span.in_scope(|| {
+        if status >= 500 {
+            tracing::warn!(status, ms, "served");
+        } else {
+            tracing::debug!(status, ms, "served");
+        }
+    });
+    resp
+}
+
+async fn metrics(State(app): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(app): State<AppState>) -> Response {
+    if app.ready.load(Ordering::SeqCst) {
+        "ready\n".into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: waiting for the controller's watch to sync\n",
+        )
+            .into_response()
+    }
+}
