@@ -1,12 +1,21 @@
-//! The catalog: which images exist and under what names. Today it holds the
-//! images of NixImage objects, which the controller registers and the
-//! registry serves.
+//! The catalog: every image that exists and the names it answers to. Requests
+//! (a package set as spelled, at a source revision) point at images (keyed by
+//! what the names resolved to); manifests are indexed by digest; NixImage
+//! objects name images too. Persisted in the state directory, so a restart
+//! serves every stored image without evaluating anything.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::build::BuiltImage;
-use crate::name;
+use crate::name::{self, Digest};
+use crate::oci;
+use crate::store::BlobStore;
+
+/// Manifests are small; a larger blob is not one of ours.
+const MAX_MANIFEST: u64 = 4 * 1024 * 1024;
 
 /// Images of NixImage objects, registered by the controller.
 #[derive(Default)]
@@ -54,5 +63,323 @@ impl NamedImages {
             .keys()
             .map(|(ns, n)| format!("{}/{ns}/{n}", name::NIXIMAGE_PREFIX))
             .collect()
+    }
+}
+
+/// One request's answer: the image, and until when it holds (None: for
+/// good, as for a git commit; a branch, channel or path can move).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct RequestEntry {
+    image: String,
+    /// Seconds since the epoch.
+    expires: Option<u64>,
+}
+
+/// An image as the catalog file records it (manifests live in the blob store).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct ImageEntry {
+    oci_digest: Digest,
+    docker_digest: Digest,
+    layers: usize,
+    size: u64,
+    roots: Vec<String>,
+    gcroot_dir: PathBuf,
+    /// Seconds since the epoch.
+    built: u64,
+}
+
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct CatalogFile {
+    version: u32,
+    images: BTreeMap<String, ImageEntry>,
+    requests: BTreeMap<String, RequestEntry>,
+}
+
+#[derive(Default)]
+struct Inner {
+    requests: HashMap<String, RequestEntry>,
+    images: HashMap<String, (Arc<BuiltImage>, u64)>,
+    manifests: HashMap<Digest, (&'static str, bytes::Bytes)>,
+}
+
+pub struct Catalog {
+    /// Where the catalog is persisted (None: memory only).
+    file: Option<PathBuf>,
+    inner: RwLock<Inner>,
+    pub named: NamedImages,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Catalog {
+    /// A catalog that lives in memory only.
+    pub fn in_memory() -> Self {
+        Catalog {
+            file: None,
+            inner: Default::default(),
+            named: Default::default(),
+        }
+    }
+
+    /// Opens the catalog persisted at `state_dir/catalog.json`. An image
+    /// whose manifests are no longer in `store` is left out (and rebuilt when
+    /// asked for); an unreadable file is set aside, not fatal.
+    pub fn open(state_dir: &Path, store: &dyn BlobStore) -> Self {
+        let file = state_dir.join("catalog.json");
+        let mut catalog = Catalog {
+            file: Some(file.clone()),
+            ..Catalog::in_memory()
+        };
+        let parsed: CatalogFile = match std::fs::read(&file) {
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(error = %e, file = %file.display(), "the catalog is unreadable; starting empty");
+                    let _ = std::fs::rename(&file, file.with_extension("json.unreadable"));
+                    return catalog;
+                }
+            },
+            Err(_) => return catalog,
+        };
+        let inner = catalog.inner.get_mut().unwrap();
+        for (key, e) in parsed.images {
+            let read = |d: &Digest| store.read_small(d, MAX_MANIFEST).ok().flatten();
+            let (Some(oci_manifest), Some(docker_manifest)) =
+                (read(&e.oci_digest), read(&e.docker_digest))
+            else {
+                tracing::warn!(image = %e.oci_digest, "a catalogued image's manifest is gone; it will be rebuilt");
+                continue;
+            };
+            let img = BuiltImage {
+                oci_digest: e.oci_digest,
+                oci_manifest: oci_manifest.into(),
+                docker_digest: e.docker_digest,
+                docker_manifest: docker_manifest.into(),
+                layers: e.layers,
+                size: e.size,
+                roots: e.roots,
+                gcroot_dir: e.gcroot_dir,
+            };
+            index_manifests(&mut inner.manifests, &img);
+            inner.images.insert(key, (Arc::new(img), e.built));
+        }
+        for (key, r) in parsed.requests {
+            if inner.images.contains_key(&r.image) {
+                inner.requests.insert(key, r);
+            }
+        }
+        tracing::info!(
+            images = inner.images.len(),
+            requests = inner.requests.len(),
+            "catalog loaded"
+        );
+        catalog
+    }
+
+    /// The image a request resolved to, while that answer holds.
+    pub fn request(&self, key: &str) -> Option<Arc<BuiltImage>> {
+        let inner = self.inner.read().unwrap();
+        let r = inner.requests.get(key)?;
+        if r.expires.is_some_and(|t| now_secs() >= t) {
+            return None;
+        }
+        inner.images.get(&r.image).map(|(img, _)| img.clone())
+    }
+
+    /// The image built for an image key.
+    pub fn image(&self, image_key: &str) -> Option<Arc<BuiltImage>> {
+        let inner = self.inner.read().unwrap();
+        inner.images.get(image_key).map(|(img, _)| img.clone())
+    }
+
+    /// Records a built image under its image key.
+    pub fn add_image(&self, image_key: &str, img: Arc<BuiltImage>) {
+        {
+            let mut inner = self.inner.write().unwrap();
+            index_manifests(&mut inner.manifests, &img);
+            inner
+                .images
+                .insert(image_key.to_string(), (img, now_secs()));
+        }
+        self.persist();
+    }
+
+    /// Records that a request resolves to an image, for `ttl` (None: for good).
+    pub fn add_request(&self, key: &str, image_key: &str, ttl: Option<Duration>) {
+        {
+            let mut inner = self.inner.write().unwrap();
+            inner.requests.insert(
+                key.to_string(),
+                RequestEntry {
+                    image: image_key.to_string(),
+                    expires: ttl.map(|t| now_secs() + t.as_secs()),
+                },
+            );
+        }
+        self.persist();
+    }
+
+    /// A manifest of a catalogued image, by digest, with its media type.
+    pub fn manifest(&self, digest: &Digest) -> Option<(&'static str, bytes::Bytes)> {
+        self.inner.read().unwrap().manifests.get(digest).cloned()
+    }
+
+    /// Drops an image and every request that resolved to it (its NixImage was
+    /// deleted); the next request builds it again, from the layer cache.
+    pub fn forget(&self, img: &BuiltImage) {
+        {
+            let mut inner = self.inner.write().unwrap();
+            let keys: Vec<String> = inner
+                .images
+                .iter()
+                .filter(|(_, (i, _))| i.oci_digest == img.oci_digest)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in &keys {
+                inner.images.remove(k);
+            }
+            inner.requests.retain(|_, r| !keys.contains(&r.image));
+            inner.manifests.remove(&img.oci_digest);
+            inner.manifests.remove(&img.docker_digest);
+        }
+        self.persist();
+    }
+
+    /// Writes the catalog file (atomically). A failure (a full disk) is
+    /// logged; the catalog in memory stays right, and the next write retries.
+    fn persist(&self) {
+        let Some(file) = &self.file else { return };
+        let bytes = {
+            let inner = self.inner.read().unwrap();
+            let f = CatalogFile {
+                version: 1,
+                images: inner
+                    .images
+                    .iter()
+                    .map(|(k, (img, built))| {
+                        (
+                            k.clone(),
+                            ImageEntry {
+                                oci_digest: img.oci_digest.clone(),
+                                docker_digest: img.docker_digest.clone(),
+                                layers: img.layers,
+                                size: img.size,
+                                roots: img.roots.clone(),
+                                gcroot_dir: img.gcroot_dir.clone(),
+                                built: *built,
+                            },
+                        )
+                    })
+                    .collect(),
+                requests: inner
+                    .requests
+                    .iter()
+                    .map(|(k, r)| (k.clone(), r.clone()))
+                    .collect(),
+            };
+            serde_json::to_vec(&f).expect("the catalog serialises")
+        };
+        if let Err(e) = crate::store::write_atomic(file, &bytes) {
+            tracing::warn!(error = %e, "writing the catalog");
+        }
+    }
+}
+
+fn index_manifests(index: &mut HashMap<Digest, (&'static str, bytes::Bytes)>, img: &BuiltImage) {
+    index.insert(
+        img.oci_digest.clone(),
+        (oci::OCI_MANIFEST, img.oci_manifest.clone()),
+    );
+    if img.has_docker_manifest() {
+        index.insert(
+            img.docker_digest.clone(),
+            (oci::DOCKER_MANIFEST, img.docker_manifest.clone()),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::LocalStore;
+
+    fn image(store: &LocalStore, tag: &str) -> BuiltImage {
+        let oci = format!(
+            "{{\"mediaType\":\"{}\",\"t\":\"{tag}\"}}",
+            oci::OCI_MANIFEST
+        );
+        let docker = format!(
+            "{{\"mediaType\":\"{}\",\"t\":\"{tag}\"}}",
+            oci::DOCKER_MANIFEST
+        );
+        BuiltImage {
+            oci_digest: store.put(oci.as_bytes()).unwrap(),
+            oci_manifest: oci.into(),
+            docker_digest: store.put(docker.as_bytes()).unwrap(),
+            docker_manifest: docker.into(),
+            layers: 3,
+            size: 1000,
+            roots: vec!["/nix/store/x-hello".into()],
+            gcroot_dir: "/state/gcroots/k".into(),
+        }
+    }
+
+    #[test]
+    fn a_reopened_catalog_serves_what_was_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let a = Arc::new(image(&store, "a"));
+        let b = Arc::new(image(&store, "b"));
+        {
+            let c = Catalog::open(dir.path(), &store);
+            c.add_image("ka", a.clone());
+            c.add_request("req-a", "ka", None);
+            c.add_request("req-a-alias", "ka", Some(Duration::from_secs(3600)));
+            c.add_image("kb", b.clone());
+            c.add_request("req-b-expired", "kb", Some(Duration::ZERO));
+        }
+        let c = Catalog::open(dir.path(), &store);
+        assert_eq!(c.request("req-a").unwrap().oci_digest, a.oci_digest);
+        assert_eq!(
+            c.request("req-a-alias").unwrap().docker_manifest,
+            a.docker_manifest
+        );
+        assert!(
+            c.request("req-b-expired").is_none(),
+            "expiry survives a restart"
+        );
+        assert_eq!(c.image("kb").unwrap().oci_digest, b.oci_digest);
+        let (media, bytes) = c.manifest(&a.docker_digest).unwrap();
+        assert_eq!(
+            (media, bytes),
+            (oci::DOCKER_MANIFEST, a.docker_manifest.clone())
+        );
+
+        // Forgetting an image drops its requests, in the file too.
+        c.forget(&a);
+        assert!(c.request("req-a").is_none() && c.manifest(&a.oci_digest).is_none());
+        let c = Catalog::open(dir.path(), &store);
+        assert!(c.request("req-a-alias").is_none());
+        assert!(c.image("kb").is_some());
+    }
+
+    #[test]
+    fn images_whose_manifests_are_gone_are_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let a = Arc::new(image(&store, "a"));
+        Catalog::open(dir.path(), &store).add_image("ka", a.clone());
+        std::fs::remove_file(store.blob_path(&a.oci_digest)).unwrap();
+        let c = Catalog::open(dir.path(), &store);
+        assert!(c.image("ka").is_none());
+        // A corrupt file is set aside, not fatal.
+        std::fs::write(dir.path().join("catalog.json"), b"{not json").unwrap();
+        assert!(Catalog::open(dir.path(), &store).image("ka").is_none());
+        assert!(dir.path().join("catalog.json.unreadable").exists());
     }
 }

@@ -18,7 +18,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use crate::build::{Builder, BuilderConfig};
-use crate::catalog::NamedImages;
+use crate::catalog::Catalog;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::registry::AppState;
@@ -42,6 +42,7 @@ pub fn app_state(settings: &Settings) -> Result<AppState, Error> {
     std::fs::create_dir_all(&settings.state_dir)
         .map_err(|e| Error::StateDir(settings.state_dir.clone(), e))?;
     let store = Arc::new(store::LocalStore::open(&settings.state_dir)?);
+    let catalog = Arc::new(Catalog::open(&settings.state_dir, &*store));
     let nix = Arc::new(
         nix::NixCli::new(&settings.state_dir, settings.nix_options.clone())
             .map_err(|e| Error::StateDir(settings.state_dir.clone(), e))?,
@@ -60,11 +61,12 @@ pub fn app_state(settings: &Settings) -> Result<AppState, Error> {
         },
         nix,
         store,
+        catalog.clone(),
         metrics.clone(),
     );
     Ok(AppState {
         builder,
-        named: Arc::new(NamedImages::default()),
+        catalog,
         metrics,
         ready: Arc::new(AtomicBool::new(true)),
     })

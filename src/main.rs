@@ -66,7 +66,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let (mut ctx, wiring) = nixery::k8s::controller::Context::new(
         client,
         state.builder.clone(),
-        state.named.clone(),
+        state.catalog.clone(),
         state.metrics.clone(),
         &args.node_name,
         &public_host,

@@ -343,7 +343,7 @@ fn agent(node: &str, host: &str, state: &AppState, configure: impl FnOnce(&mut C
     let (mut ctx, wiring) = Context::new(
         client,
         state.builder.clone(),
-        state.named.clone(),
+        state.catalog.clone(),
         state.metrics.clone(),
         node,
         host,

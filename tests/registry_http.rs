@@ -725,3 +725,53 @@ async fn zstd_layers_when_chosen() {
         r.header("docker-content-digest")
     );
 }
+
+#[tokio::test]
+async fn a_restart_serves_stored_images_without_evaluating() {
+    let dir = tempfile::tempdir().unwrap();
+    let docker = [("accept", DOCKER_MANIFEST)];
+    let (oci_digest, docker_digest) = {
+        let app = state(dir.path());
+        let a = get(&app, "/v2/shell/hello/manifests/latest").await;
+        let b = request(
+            &app,
+            Method::GET,
+            "/v2/shell/hello/manifests/latest",
+            &docker,
+        )
+        .await;
+        (
+            a.header("docker-content-digest").unwrap().to_string(),
+            b.header("docker-content-digest").unwrap().to_string(),
+        )
+    };
+    // A new process on the same state: the catalog answers, no build starts
+    // (a build is where Nix evaluates), for either manifest encoding.
+    let app = state(dir.path());
+    let a = get(&app, "/v2/hello/shell/manifests/latest").await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.header("docker-content-digest"), Some(oci_digest.as_str()));
+    let b = request(
+        &app,
+        Method::GET,
+        "/v2/shell/hello/manifests/latest",
+        &docker,
+    )
+    .await;
+    assert_eq!(
+        b.header("docker-content-digest"),
+        Some(docker_digest.as_str())
+    );
+    // The schema2 manifest by digest, with its own media type.
+    let by_digest = get(&app, &format!("/v2/shell/hello/manifests/{docker_digest}")).await;
+    assert_eq!(by_digest.status, StatusCode::OK);
+    assert_eq!(by_digest.header("content-type"), Some(DOCKER_MANIFEST));
+    assert_eq!(by_digest.body, b.body);
+    let m = String::from_utf8_lossy(&get(&app, "/metrics").await.body).into_owned();
+    assert_eq!(
+        metric(&m, "nixery_builds_total"),
+        0.0,
+        "nothing was evaluated"
+    );
+    assert_eq!(metric(&m, "nixery_cache_hits_total"), 2.0);
+}

@@ -14,9 +14,9 @@ use tracing::{info, info_span, warn, Instrument};
 
 use super::pipeline::{Pipeline, PipelineConfig};
 use super::{BuildError, BuiltImage, ImageSpec, Progress, ProgressFn};
+use crate::catalog::Catalog;
 use crate::layers::Popularity;
 use crate::metrics::Metrics;
-use crate::name::Digest;
 use crate::nix::{Nix, Prepared, Source};
 use crate::oci;
 use crate::store::BlobStore;
@@ -36,8 +36,6 @@ pub struct BuilderConfig {
 }
 
 type BuildResult = Result<Arc<BuiltImage>, Arc<BuildError>>;
-/// A built image and when it expires (None: never).
-type CacheEntry = (Arc<BuiltImage>, Option<Instant>);
 type ImageResult = Result<Arc<BuiltImage>, BuildError>;
 /// Whether each name exists in one package source revision, and until when
 /// the answer holds (None: for good, as for a git commit).
@@ -49,19 +47,19 @@ pub struct Builder {
     store: Arc<dyn BlobStore>,
     metrics: Arc<Metrics>,
     pipeline: Pipeline,
-    /// Built images by request key, with when they expire (None: never).
-    cache: Mutex<HashMap<String, CacheEntry>>,
-    /// Built images by image key (what the names resolved to): spellings of
-    /// one package set share one image, one build and one set of GC roots.
-    images: Mutex<HashMap<String, Arc<BuiltImage>>>,
+    /// The settings that shape every image (compression, layer budget,
+    /// popularity table), as part of every key.
+    shape: String,
+    /// What exists: requests -> images (by image key, what the names
+    /// resolved to, so spellings of one package set share one image, one
+    /// build and one set of GC roots) -> manifests.
+    catalog: Arc<Catalog>,
     /// Running image builds by image key. Weak, so a build that every waiter
     /// gave up on (timeout) is dropped, which stops its Nix processes.
     image_builds: Mutex<HashMap<String, WeakShared<BoxFuture<'static, ImageResult>>>>,
     /// Whether names exist, per package source revision, so a repeated
     /// unknown name costs no evaluation.
     names: Mutex<HashMap<String, NameAnswers>>,
-    /// Manifests of built images by digest, so GETs by digest skip the disk.
-    manifests: Mutex<HashMap<Digest, (&'static str, bytes::Bytes)>>,
     inflight: Mutex<HashMap<String, Shared<BoxFuture<'static, BuildResult>>>>,
     slots: tokio::sync::Semaphore,
 }
@@ -71,9 +69,23 @@ impl Builder {
         cfg: BuilderConfig,
         nix: Arc<dyn Nix>,
         store: Arc<dyn BlobStore>,
+        catalog: Arc<Catalog>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let slots = tokio::sync::Semaphore::new(cfg.max_builds.max(1));
+        let shape = {
+            let mut h = sha2::Sha256::new();
+            if let Some(p) = &cfg.popularity {
+                let sorted: std::collections::BTreeMap<_, _> = p.iter().collect();
+                h.update(serde_json::to_vec(&sorted).expect("serialisable"));
+            }
+            format!(
+                "{}/{}/{}",
+                cfg.compression.cache_tag(),
+                cfg.max_layers,
+                hex::encode(h.finalize())
+            )
+        };
         let pipeline = Pipeline {
             cfg: PipelineConfig {
                 state_dir: cfg.state_dir.clone(),
@@ -88,14 +100,13 @@ impl Builder {
         Arc::new(Builder {
             cfg,
             pipeline,
+            shape,
             nix,
             store,
             metrics,
-            cache: Default::default(),
-            images: Default::default(),
+            catalog,
             image_builds: Default::default(),
             names: Default::default(),
-            manifests: Default::default(),
             inflight: Default::default(),
             slots,
         })
@@ -132,14 +143,10 @@ impl Builder {
                 source_kind,
             }));
         }
-        let key = spec.key(&source);
-        let expires =
-            (!source.is_immutable_at(&spec.tag)).then(|| Instant::now() + self.cfg.mutable_ttl);
-        if let Some((img, until)) = self.cache.lock().unwrap().get(&key) {
-            if until.is_none_or(|t| Instant::now() < t) {
-                self.metrics.cache_hits.inc();
-                return Ok(img.clone());
-            }
+        let key = self.request_key(&spec, &source);
+        if let Some(img) = self.catalog.request(&key) {
+            self.metrics.cache_hits.inc();
+            return Ok(img);
         }
         let fut = {
             let mut inflight = self.inflight.lock().unwrap();
@@ -157,23 +164,6 @@ impl Builder {
                             .build_limited(&k, &spec, &source, progress)
                             .await
                             .map_err(Arc::new);
-                        if let Ok(img) = &result {
-                            this.cache
-                                .lock()
-                                .unwrap()
-                                .insert(k.clone(), (img.clone(), expires));
-                            let mut manifests = this.manifests.lock().unwrap();
-                            manifests.insert(
-                                img.oci_digest.clone(),
-                                (oci::OCI_MANIFEST, img.oci_manifest.clone()),
-                            );
-                            if img.has_docker_manifest() {
-                                manifests.insert(
-                                    img.docker_digest.clone(),
-                                    (oci::DOCKER_MANIFEST, img.docker_manifest.clone()),
-                                );
-                            }
-                        }
                         this.inflight.lock().unwrap().remove(&k);
                         result
                     });
@@ -214,10 +204,12 @@ impl Builder {
         self.metrics.builds_running.inc();
         let started = Instant::now();
         let span = info_span!("build", image = %spec.packages.join("/"), tag = %spec.tag, arch = spec.arch.oci(), key = &key[..12]);
-        let result =
-            tokio::time::timeout(self.cfg.timeout, self.build(spec, source, report.clone()))
-                .instrument(span.clone())
-                .await;
+        let result = tokio::time::timeout(
+            self.cfg.timeout,
+            self.build(key, spec, source, report.clone()),
+        )
+        .instrument(span.clone())
+        .await;
         self.metrics.builds_running.dec();
         let elapsed = started.elapsed();
         self.metrics.build_duration.observe(elapsed.as_secs_f64());
@@ -244,6 +236,7 @@ impl Builder {
     /// (under another spelling), being built, or built now.
     async fn build(
         self: &Arc<Self>,
+        request: &str,
         spec: &ImageSpec,
         source: &Source,
         report: ProgressFn,
@@ -263,9 +256,13 @@ impl Builder {
             _ => None,
         };
         let key = self.image_key(&prepared, spec, program.as_deref());
-        if let Some(img) = self.images.lock().unwrap().get(&key) {
+        // This request resolves to that image: for good at a git commit, else
+        // until the source may have moved.
+        let ttl = (!source.is_immutable_at(&spec.tag)).then_some(self.cfg.mutable_ttl);
+        if let Some(img) = self.catalog.image(&key) {
             self.metrics.cache_hits.inc();
-            return Ok(img.clone());
+            self.catalog.add_request(request, &key, ttl);
+            return Ok(img);
         }
         let fut = {
             let mut running = self.image_builds.lock().unwrap();
@@ -284,7 +281,7 @@ impl Builder {
                             .await
                             .map(Arc::new);
                         if let Ok(img) = &result {
-                            this.images.lock().unwrap().insert(k.clone(), img.clone());
+                            this.catalog.add_image(&k, img.clone());
                         }
                         this.image_builds.lock().unwrap().remove(&k);
                         result
@@ -292,13 +289,15 @@ impl Builder {
                     .boxed()
                     .shared();
                     if let Some(weak) = f.downgrade() {
-                        running.insert(key, weak);
+                        running.insert(key.clone(), weak);
                     }
                     f
                 }
             }
         };
-        fut.await
+        let img = fut.await?;
+        self.catalog.add_request(request, &key, ttl);
+        Ok(img)
     }
 
     /// Asks Nix what the names mean, unless every answer is known for this
@@ -346,32 +345,28 @@ impl Builder {
         }
     }
 
+    /// The request key: the spec as spelled (`ImageSpec::key`) and the
+    /// settings that shape an image, since the catalog outlives a process
+    /// whose settings may change.
+    fn request_key(&self, spec: &ImageSpec, source: &Source) -> String {
+        let mut h = sha2::Sha256::new();
+        h.update(format!("{}\0{}", spec.key(source), self.shape));
+        hex::encode(h.finalize())
+    }
+
     /// The image key: the output paths the names resolved to (sorted, unique),
     /// the default program, and everything else that shapes the image.
     fn image_key(&self, prepared: &Prepared, spec: &ImageSpec, program: Option<&str>) -> String {
         let outs: BTreeSet<&str> = prepared.outs.iter().map(String::as_str).collect();
         let mut h = sha2::Sha256::new();
         h.update(format!(
-            "{outs:?}\0{:?}\0{:?}\0{program:?}\0{}\0{}\0{}",
-            spec.arch,
-            spec.run,
-            self.cfg.compression.cache_tag(),
-            self.cfg.max_layers,
-            self.cfg.popularity.is_some(),
+            "{outs:?}\0{:?}\0{:?}\0{program:?}\0{}",
+            spec.arch, spec.run, self.shape,
         ));
         hex::encode(h.finalize())
     }
 
-    /// A manifest this builder built, by digest, with its media type.
-    pub fn manifest(&self, digest: &Digest) -> Option<(&'static str, bytes::Bytes)> {
-        self.manifests.lock().unwrap().get(digest).cloned()
-    }
-
-    /// Drops an image from the cache (used when its NixImage is deleted).
-    pub fn forget(&self, img: &BuiltImage) {
-        self.cache
-            .lock()
-            .unwrap()
-            .retain(|_, (v, _)| v.oci_digest != img.oci_digest);
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
     }
 }

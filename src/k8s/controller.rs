@@ -36,7 +36,7 @@ use serde_json::json;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::build::{BuildError, Builder, BuiltImage, ImageSpec, Progress, ProgressFn};
-use crate::catalog::{NamedEntry, NamedImages};
+use crate::catalog::{Catalog, NamedEntry};
 use crate::k8s::crd::{NixImage, NixImageSpec, NixImageStatus, NodeStatus};
 use crate::k8s::lease::{self, Liveness};
 use crate::metrics::{Metrics, PhaseLabel};
@@ -124,7 +124,7 @@ struct Failure {
 pub struct Context {
     pub client: Client,
     pub builder: Arc<Builder>,
-    pub named: Arc<NamedImages>,
+    pub catalog: Arc<Catalog>,
     pub metrics: Arc<Metrics>,
     pub events: Events,
     pub node: String,
@@ -157,7 +157,7 @@ impl Context {
     pub fn new(
         client: Client,
         builder: Arc<Builder>,
-        named: Arc<NamedImages>,
+        catalog: Arc<Catalog>,
         metrics: Arc<Metrics>,
         node: &str,
         public_host: &str,
@@ -173,7 +173,7 @@ impl Context {
         let ctx = Context {
             client,
             builder,
-            named,
+            catalog,
             metrics,
             events,
             node: node.into(),
@@ -486,7 +486,7 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
     let ready_here = mine
         .as_ref()
         .is_some_and(|m| m.phase == PHASE_READY && m.observed_generation == generation);
-    let registered = match ctx.named.get(&ns, &name) {
+    let registered = match ctx.catalog.named.get(&ns, &name) {
         Some(NamedEntry::Ready { tag, image }) if tag == obj.spec.tag => {
             Some(image.oci_digest.to_string())
         }
@@ -557,7 +557,7 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
                 ),
             )
             .await;
-        ctx.named.set(
+        ctx.catalog.named.set(
             &ns,
             &name,
             NamedEntry::Pending {
@@ -634,7 +634,7 @@ async fn finish(
     let image = match result {
         Ok(image) => image,
         Err(e) => {
-            ctx.named.set(
+            ctx.catalog.named.set(
                 &ns,
                 &name,
                 NamedEntry::Pending {
@@ -668,7 +668,7 @@ async fn finish(
         }
     };
     let digest = image.oci_digest.to_string();
-    ctx.named.set(
+    ctx.catalog.named.set(
         &ns,
         &name,
         NamedEntry::Ready {
@@ -1012,8 +1012,8 @@ async fn cleanup(obj: Arc<NixImage>, ctx: &Context) -> Result<Action, Error> {
     ctx.written.lock().unwrap().remove(&uid);
     ctx.failed.lock().unwrap().remove(&uid);
     ctx.failures.lock().unwrap().remove(&uid);
-    if let Some(NamedEntry::Ready { image, .. }) = ctx.named.remove(&ns, &obj.name_any()) {
-        ctx.builder.forget(&image);
+    if let Some(NamedEntry::Ready { image, .. }) = ctx.catalog.named.remove(&ns, &obj.name_any()) {
+        ctx.catalog.forget(&image);
         if let Err(e) = std::fs::remove_dir_all(&image.gcroot_dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 warn!(error = %e, dir = %image.gcroot_dir.display(), "removing GC roots");

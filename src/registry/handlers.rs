@@ -69,7 +69,7 @@ async fn handle(
     match route {
         Route::Base => Ok(v2_base(method.clone()).await),
         Route::Catalog => {
-            let names = app.named.names();
+            let names = app.catalog.named.names();
             Ok(paginated("repositories", None, names, query))
         }
         Route::Upload { .. } => Err(RegistryError::Unsupported(
@@ -79,15 +79,17 @@ async fn handle(
             let tags = match &repo {
                 Repository::AdHoc(_) if app.builder.source().tags_are_revisions() => vec![],
                 Repository::AdHoc(_) => vec!["latest".to_string()],
-                Repository::Named { namespace, name } => match app.named.get(namespace, name) {
-                    Some(NamedEntry::Ready { tag, .. }) => vec![tag],
-                    Some(NamedEntry::Pending { .. }) => vec![],
-                    None => {
-                        return Err(RegistryError::NameUnknown(format!(
-                            "no NixImage {namespace}/{name}"
-                        )))
+                Repository::Named { namespace, name } => {
+                    match app.catalog.named.get(namespace, name) {
+                        Some(NamedEntry::Ready { tag, .. }) => vec![tag],
+                        Some(NamedEntry::Pending { .. }) => vec![],
+                        None => {
+                            return Err(RegistryError::NameUnknown(format!(
+                                "no NixImage {namespace}/{name}"
+                            )))
+                        }
                     }
-                },
+                }
             };
             Ok(paginated("tags", Some(repo.name()), tags, query))
         }
@@ -220,7 +222,7 @@ async fn manifest(
 ) -> Result<Response, RegistryError> {
     match (repo, reference) {
         (_, Reference::Digest(digest)) => {
-            if let Some((media_type, bytes)) = app.builder.manifest(&digest) {
+            if let Some((media_type, bytes)) = app.catalog.manifest(&digest) {
                 return Ok(manifest_response(app, head, media_type, &digest, bytes));
             }
             let store = app.builder.store().clone();
@@ -255,7 +257,7 @@ async fn manifest(
             Ok(serve_built(app, headers, head, &built))
         }
         (Repository::Named { namespace, name }, Reference::Tag(tag)) => {
-            match app.named.get(&namespace, &name) {
+            match app.catalog.named.get(&namespace, &name) {
                 None => Err(RegistryError::NameUnknown(format!(
                     "no NixImage {namespace}/{name}"
                 ))),

@@ -22,13 +22,13 @@ pub use error::RegistryError;
 use handlers::{v2, v2_base};
 
 use crate::build::Builder;
-use crate::catalog::NamedImages;
+use crate::catalog::Catalog;
 use crate::metrics::{Metrics, StatusLabel};
 
 #[derive(Clone)]
 pub struct AppState {
     pub builder: Arc<Builder>,
-    pub named: Arc<NamedImages>,
+    pub catalog: Arc<Catalog>,
     pub metrics: Arc<Metrics>,
     /// False until the controller's watch has synced (always true for `serve`).
     pub ready: Arc<AtomicBool>,
