@@ -775,3 +775,53 @@ async fn a_restart_serves_stored_images_without_evaluating() {
     );
     assert_eq!(metric(&m, "nixery_cache_hits_total"), 2.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_caller_of_a_build_reads_one_state_stream() {
+    use nixery::build::{ImageSpec, Progress};
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let app = state(dir.path());
+    let img = nixery::name::parse_packages(&["curl", "jq", "shell"]).unwrap();
+    let spec = ImageSpec::ad_hoc(&img, "latest");
+    let recorder = || {
+        let events: Arc<Mutex<Vec<Progress>>> = Default::default();
+        let sink = events.clone();
+        let f: nixery::build::ProgressFn = Arc::new(move |p| sink.lock().unwrap().push(p));
+        (events, f)
+    };
+    let (first_events, first) = recorder();
+    let (joiner_events, joiner) = recorder();
+    let started = app
+        .builder
+        .start(spec.clone())
+        .ok()
+        .expect("a build starts");
+    // The build is listed while it runs, with its state.
+    let running = app.builder.running();
+    assert_eq!(running.len(), 1);
+    assert!(running[0].borrow().image.contains("curl"));
+    let a = app.builder.get_or_build(spec.clone(), Some(first));
+    let b = app.builder.get_or_build(spec.clone(), Some(joiner));
+    let (a, b) = tokio::join!(a, b);
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.oci_digest, b.oci_digest);
+    assert!(started.result.await.is_ok());
+    for events in [first_events, joiner_events] {
+        let events = events.lock().unwrap();
+        assert_eq!(events.last(), Some(&Progress::Done), "{events:?}");
+        let total = a.layers;
+        assert!(
+            events.contains(&Progress::Layers { done: total, total }),
+            "{events:?}"
+        );
+    }
+    assert!(app.builder.running().is_empty());
+    let m = String::from_utf8_lossy(&get(&app, "/metrics").await.body).into_owned();
+    assert_eq!(
+        metric(&m, "nixery_builds_total"),
+        1.0,
+        "one build for all three"
+    );
+    assert_eq!(metric(&m, "nixery_build_waits_total"), 2.0);
+}

@@ -174,3 +174,83 @@ pub enum Progress {
 }
 
 pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
+
+/// How many of Nix's last log lines a build's state keeps.
+pub const LOG_TAIL: usize = 20;
+
+/// A build's state as everyone interested sees it (the starting request and
+/// any that join it, `nixery build`, the controller, the page): one
+/// `tokio::sync::watch` channel per build.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BuildState {
+    /// The image as asked for (`curl/shell`).
+    pub image: String,
+    pub tag: String,
+    /// queued, evaluating, building, reading closure, packing layers, done, failed.
+    pub stage: String,
+    /// Layers packed and in all, once packing started.
+    pub layers: Option<(usize, usize)>,
+    /// The end of Nix's log.
+    pub log: std::collections::VecDeque<String>,
+    /// Log lines seen in all (so a reader can tell new lines from old).
+    pub log_lines: u64,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+impl BuildState {
+    pub fn new(spec: &ImageSpec) -> Self {
+        BuildState {
+            image: spec.packages.join("/"),
+            tag: spec.tag.clone(),
+            stage: "queued".into(),
+            layers: None,
+            log: Default::default(),
+            log_lines: 0,
+            error: None,
+        }
+    }
+
+    /// Applies one progress event.
+    pub fn apply(&mut self, p: &Progress) {
+        match p {
+            Progress::Queued => self.stage = "queued".into(),
+            Progress::Stage(s) => self.stage = (*s).into(),
+            Progress::NixLog(line) => {
+                self.log.push_back(line.clone());
+                if self.log.len() > LOG_TAIL {
+                    self.log.pop_front();
+                }
+                self.log_lines += 1;
+            }
+            Progress::Layers { done, total } => self.layers = Some((*done, *total)),
+            Progress::Done => self.stage = "done".into(),
+        }
+    }
+
+    /// The progress events that lead from `old` to `self`, for callers that
+    /// take events (`nixery build`, the controller's status).
+    pub fn events_since(&self, old: &BuildState) -> Vec<Progress> {
+        let mut out = Vec::new();
+        if self.stage != old.stage {
+            out.push(match self.stage.as_str() {
+                "queued" => Progress::Queued,
+                "done" => Progress::Done,
+                "evaluating" => Progress::Stage("evaluating"),
+                "building" => Progress::Stage("building"),
+                "reading closure" => Progress::Stage("reading closure"),
+                "packing layers" => Progress::Stage("packing layers"),
+                _ => Progress::Stage("failed"),
+            });
+        }
+        let new_lines = (self.log_lines - old.log_lines.min(self.log_lines)) as usize;
+        let skip = self.log.len().saturating_sub(new_lines);
+        out.extend(self.log.iter().skip(skip).cloned().map(Progress::NixLog));
+        if self.layers != old.layers {
+            if let Some((done, total)) = self.layers {
+                out.push(Progress::Layers { done, total });
+            }
+        }
+        out
+    }
+}

@@ -13,13 +13,14 @@ use sha2::Digest as _;
 use tracing::{info, info_span, warn, Instrument};
 
 use super::pipeline::{Pipeline, PipelineConfig};
-use super::{BuildError, BuiltImage, ImageSpec, Progress, ProgressFn};
+use super::{BuildError, BuildState, BuiltImage, ImageSpec, Progress, ProgressFn};
 use crate::catalog::Catalog;
 use crate::layers::Popularity;
 use crate::metrics::Metrics;
 use crate::nix::{Nix, Prepared, Source};
 use crate::oci;
 use crate::store::BlobStore;
+use tokio::sync::watch;
 
 pub struct BuilderConfig {
     pub state_dir: PathBuf,
@@ -36,6 +37,13 @@ pub struct BuilderConfig {
 }
 
 type BuildResult = Result<Arc<BuiltImage>, Arc<BuildError>>;
+type SharedResult = Shared<BoxFuture<'static, BuildResult>>;
+
+/// A build started or joined: its state stream and its result.
+pub struct Build {
+    pub state: watch::Receiver<BuildState>,
+    pub result: SharedResult,
+}
 type ImageResult = Result<Arc<BuiltImage>, BuildError>;
 /// Whether each name exists in one package source revision, and until when
 /// the answer holds (None: for good, as for a git commit).
@@ -60,7 +68,8 @@ pub struct Builder {
     /// Whether names exist, per package source revision, so a repeated
     /// unknown name costs no evaluation.
     names: Mutex<HashMap<String, NameAnswers>>,
-    inflight: Mutex<HashMap<String, Shared<BoxFuture<'static, BuildResult>>>>,
+    /// Running builds by request key: their result and their state stream.
+    inflight: Mutex<HashMap<String, (SharedResult, watch::Receiver<BuildState>)>>,
     slots: tokio::sync::Semaphore,
 }
 
@@ -121,13 +130,63 @@ impl Builder {
     }
 
     /// Returns the image, building it unless cached; concurrent callers for
-    /// one image share one build. `progress` follows the build this call
-    /// starts (a caller that joins a running build sees only the result).
+    /// one image share one build. `progress` gets the events of that build's
+    /// state stream, whether this call started the build or joined it.
     pub async fn get_or_build(
         self: &Arc<Self>,
         spec: ImageSpec,
         progress: Option<ProgressFn>,
     ) -> BuildResult {
+        let build = match self.start(spec) {
+            Ok(b) => b,
+            Err(done) => return done,
+        };
+        let Some(progress) = progress else {
+            return build.result.await;
+        };
+        let mut state = build.state;
+        let mut seen = BuildState {
+            stage: String::new(),
+            ..state.borrow().clone()
+        };
+        seen.log_lines = 0;
+        let result = build.result;
+        tokio::pin!(result);
+        loop {
+            let now = state.borrow_and_update().clone();
+            for p in now.events_since(&seen) {
+                progress(p);
+            }
+            seen = now;
+            tokio::select! {
+                r = &mut result => {
+                    let last = state.borrow().clone();
+                    for p in last.events_since(&seen) {
+                        progress(p);
+                    }
+                    return r;
+                }
+                changed = state.changed() => if changed.is_err() {
+                    return result.await;
+                }
+            }
+        }
+    }
+
+    /// The builds running now, with their state streams.
+    pub fn running(&self) -> Vec<watch::Receiver<BuildState>> {
+        self.inflight
+            .lock()
+            .unwrap()
+            .values()
+            .map(|(_, s)| s.clone())
+            .collect()
+    }
+
+    /// Starts (or joins) the build of an image: its state stream and its
+    /// result. `Err` holds the answer when there is nothing to build (the
+    /// catalog has it, or the request is refused).
+    pub fn start(self: &Arc<Self>, spec: ImageSpec) -> Result<Build, BuildResult> {
         let source = spec
             .source
             .clone()
@@ -138,48 +197,59 @@ impl Builder {
             } else {
                 "channel"
             };
-            return Err(Arc::new(BuildError::UnknownTag {
+            return Err(Err(Arc::new(BuildError::UnknownTag {
                 tag: spec.tag.clone(),
                 source_kind,
-            }));
+            })));
         }
         let key = self.request_key(&spec, &source);
         if let Some(img) = self.catalog.request(&key) {
             self.metrics.cache_hits.inc();
-            return Ok(img);
+            return Err(Ok(img));
         }
-        let fut = {
-            let mut inflight = self.inflight.lock().unwrap();
-            match inflight.get(&key) {
-                Some(f) => {
-                    self.metrics.build_waits.inc();
-                    f.clone()
-                }
-                None => {
-                    self.metrics.cache_misses.inc();
-                    let this = self.clone();
-                    let k = key.clone();
-                    let handle = tokio::spawn(async move {
-                        let result = this
-                            .build_limited(&k, &spec, &source, progress)
-                            .await
-                            .map_err(Arc::new);
-                        this.inflight.lock().unwrap().remove(&k);
-                        result
-                    });
-                    let f = async move {
-                        handle
-                            .await
-                            .unwrap_or_else(|e| Err(Arc::new(BuildError::Internal(e.to_string()))))
-                    }
-                    .boxed()
-                    .shared();
-                    inflight.insert(key, f.clone());
-                    f
-                }
-            }
+        let mut inflight = self.inflight.lock().unwrap();
+        if let Some((result, state)) = inflight.get(&key) {
+            self.metrics.build_waits.inc();
+            return Ok(Build {
+                state: state.clone(),
+                result: result.clone(),
+            });
+        }
+        self.metrics.cache_misses.inc();
+        let (tx, rx) = watch::channel(BuildState::new(&spec));
+        let tx = Arc::new(tx);
+        let report: ProgressFn = {
+            let tx = tx.clone();
+            Arc::new(move |p: Progress| tx.send_modify(|s| s.apply(&p)))
         };
-        fut.await
+        let this = self.clone();
+        let k = key.clone();
+        let handle = tokio::spawn(async move {
+            let result = this
+                .build_limited(&k, &spec, &source, report)
+                .await
+                .map_err(Arc::new);
+            if let Err(e) = &result {
+                tx.send_modify(|s| {
+                    s.stage = "failed".into();
+                    s.error = Some(e.to_string());
+                });
+            }
+            this.inflight.lock().unwrap().remove(&k);
+            result
+        });
+        let f = async move {
+            handle
+                .await
+                .unwrap_or_else(|e| Err(Arc::new(BuildError::Internal(e.to_string()))))
+        }
+        .boxed()
+        .shared();
+        inflight.insert(key, (f.clone(), rx.clone()));
+        Ok(Build {
+            state: rx,
+            result: f,
+        })
     }
 
     /// Waits for a build slot, then builds within the timeout.
@@ -188,13 +258,8 @@ impl Builder {
         key: &str,
         spec: &ImageSpec,
         source: &Source,
-        progress: Option<ProgressFn>,
+        report: ProgressFn,
     ) -> ImageResult {
-        let report: ProgressFn = Arc::new(move |p: Progress| {
-            if let Some(f) = &progress {
-                f(p)
-            }
-        });
         report(Progress::Queued);
         self.metrics.builds_queued.inc();
         let permit = self.slots.acquire().await;
