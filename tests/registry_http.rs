@@ -792,11 +792,7 @@ async fn every_caller_of_a_build_reads_one_state_stream() {
     };
     let (first_events, first) = recorder();
     let (joiner_events, joiner) = recorder();
-    let started = app
-        .builder
-        .start(spec.clone())
-        .ok()
-        .expect("a build starts");
+    let started = app.builder.start(spec.clone()).expect("a build starts");
     // The build is listed while it runs, with its state.
     let running = app.builder.running();
     assert_eq!(running.len(), 1);
