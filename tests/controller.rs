@@ -1,5 +1,8 @@
 //! Reconciler tests against kube-rs's mocked API server (tower-test), with
-//! the real pipeline (real Nix on nix/offline-pkgs) behind the controller.
+//! the real pipeline behind the controller: a fake Nix (canned packages, real
+//! store files) for most, real Nix on nix/offline-pkgs where the test is about
+//! what Nix makes (images that real clients run, real packing progress, a
+//! source that cannot be fetched).
 //!
 //! The fake API server models what a real one (kube-apiserver 1.34) does with
 //! the calls the agent makes, and checks each call the way it would:
@@ -361,7 +364,22 @@ fn agent(node: &str, host: &str, state: &AppState, configure: impl FnOnce(&mut C
 /// holding the agent's finalizer, with the given contents.
 fn one_agent(contents: &[&str]) -> (tempfile::TempDir, AppState, Agent, Server) {
     let dir = tempfile::tempdir().unwrap();
+    let state = fake_state(dir.path()).0;
+    one_agent_on(dir, state, contents)
+}
+
+/// The same, with real Nix.
+fn one_agent_real_nix(contents: &[&str]) -> (tempfile::TempDir, AppState, Agent, Server) {
+    let dir = tempfile::tempdir().unwrap();
     let state = nixery::app_state(&settings(dir.path())).unwrap();
+    one_agent_on(dir, state, contents)
+}
+
+fn one_agent_on(
+    dir: tempfile::TempDir,
+    state: AppState,
+    contents: &[&str],
+) -> (tempfile::TempDir, AppState, Agent, Server) {
     let a = agent("node-a", "127.0.0.1:5000", &state, |_| {});
     let server = Server::new(niximage(
         "curl-and-jq",
@@ -554,7 +572,7 @@ async fn build_status_events_no_rewrites_spec_change_and_deletion() {
     assert_eq!(status.conditions[0].status, "True");
 
     // Deletion: the finalizer drops the image and the node's GC roots.
-    let gcroots = std::fs::read_dir(dir.path().join("gcroots"))
+    let gcroots = std::fs::read_dir(dir.path().join("state/gcroots"))
         .unwrap()
         .count();
     assert!(gcroots >= 2);
@@ -574,7 +592,7 @@ async fn build_status_events_no_rewrites_spec_change_and_deletion() {
         "NAME_UNKNOWN"
     );
     assert_eq!(
-        std::fs::read_dir(dir.path().join("gcroots"))
+        std::fs::read_dir(dir.path().join("state/gcroots"))
             .unwrap()
             .count(),
         gcroots - 1,
@@ -678,10 +696,14 @@ async fn failed_build_backs_off_and_user_errors_wait_for_a_spec_change() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_agents_on_different_hosts_agree_and_then_write_nothing() {
+    // Two nodes, one package set: the same store paths on both.
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let nix = Arc::new(nixery::nix::fake::FakeNix::standard(
+        &da.path().join("store"),
+    ));
     let (sa, sb) = (
-        nixery::app_state(&settings(da.path())).unwrap(),
-        nixery::app_state(&settings(db.path())).unwrap(),
+        nixery::app_state_with(&settings(da.path()), nix.clone()).unwrap(),
+        nixery::app_state_with(&settings(db.path()), nix).unwrap(),
     );
     // A rollout that changes the port: the nodes serve on different hosts.
     let mut a = agent("node-a", "127.0.0.1:5000", &sa, |_| {});
@@ -756,7 +778,7 @@ fn liveness(leases: &[Lease]) -> Arc<dyn nixery::k8s::lease::Liveness> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn departed_nodes_hold_up_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let state = nixery::app_state(&settings(dir.path())).unwrap();
+    let state = fake_state(dir.path()).0;
     // node-b's agent stopped renewing its Lease 100 s ago; node-c is alive.
     let leases = [lease("node-a", 1), lease("node-b", 100), lease("node-c", 2)];
     let mut a = agent("node-a", "127.0.0.1:5000", &state, |c| {
@@ -978,7 +1000,7 @@ async fn named_image_pulls_with_real_clients_then_404s_after_deletion() {
     {
         return;
     }
-    let (_dir, state, mut a, server) = one_agent(&["curl", "jq", "shell"]);
+    let (_dir, state, mut a, server) = one_agent_real_nix(&["curl", "jq", "shell"]);
     build_to_ready(&server, &mut a, ("0/1", "1/1")).await;
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1060,7 +1082,7 @@ async fn invalid_spec_is_reported_and_not_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_comes_from_the_watch_and_recovers_after_an_outage() {
     let dir = tempfile::tempdir().unwrap();
-    let state = nixery::app_state(&settings(dir.path())).unwrap();
+    let state = fake_state(dir.path()).0;
     state.ready.store(false, Ordering::SeqCst);
     let Agent {
         ctx,

@@ -11,9 +11,11 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 use crate::layers::PathInfo;
 
+pub mod fake;
+
 /// The Nix file that resolves package lists; written next to the state so
 /// the binary carries everything it needs.
-pub const PREPARE_IMAGE_NIX: &str = include_str!("../nix/prepare-image.nix");
+pub const PREPARE_IMAGE_NIX: &str = include_str!("../../nix/prepare-image.nix");
 
 /// Where packages come from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -1,0 +1,384 @@
+//! The pipeline against real Nix (the host's, and Debian 13's in the Nix
+//! version matrix) on nix/offline-pkgs: what Nix decides (unknown names,
+//! case-insensitive names and aliases, systems it cannot build, failing and
+//! slow builds and their processes) and what real closures give (reproducible
+//! digests, shared layers, budgets, zstd).
+
+mod common;
+
+use std::time::Duration;
+
+use axum::http::{Method, StatusCode};
+use common::*;
+use nixery::oci::{DOCKER_MANIFEST, OCI_MANIFEST};
+
+fn state(dir: &std::path::Path) -> nixery::registry::AppState {
+    nixery::app_state(&settings(dir)).unwrap()
+}
+
+#[tokio::test]
+async fn unknown_packages_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = state(dir.path());
+    let r = get(
+        &app,
+        "/v2/shell/nosuchpkg/alsomissing.attr/manifests/latest",
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN")
+    );
+    let first = r.body.clone();
+    let msg = r.error_message();
+    assert!(
+        msg.contains("nosuchpkg") && msg.contains("alsomissing.attr"),
+        "{msg}"
+    );
+    assert_eq!(
+        r.json()["errors"][0]["detail"]["unknownPackages"],
+        serde_json::json!(["alsomissing.attr", "nosuchpkg"])
+    );
+    // An attribute that exists but is not a package is unknown too.
+    let r = get(&app, "/v2/hostLibs/manifests/latest").await;
+    assert!(r.error_message().contains("hostLibs"));
+    // Unknown names are a user's error: counted apart from build failures.
+    let m = String::from_utf8_lossy(&get(&app, "/metrics").await.body).into_owned();
+    assert_eq!(metric(&m, "nixery_build_failures_total"), 0.0);
+    assert_eq!(metric(&m, "nixery_unknown_packages_total"), 2.0);
+    assert_eq!(metric(&m, "nixery_unknown_cached_total"), 0.0);
+    // Asked again, the answer comes from the name cache, without Nix, and
+    // says the same; a request that also names an unanswered package is
+    // evaluated, so every unknown name is still named.
+    let again = get(
+        &app,
+        "/v2/alsomissing.attr/nosuchpkg/shell/manifests/latest",
+    )
+    .await;
+    assert_eq!(again.status, StatusCode::NOT_FOUND);
+    assert_eq!(again.body, first);
+    let m = String::from_utf8_lossy(&get(&app, "/metrics").await.body).into_owned();
+    assert_eq!(metric(&m, "nixery_unknown_cached_total"), 1.0);
+    let mixed = get(&app, "/v2/nosuchpkg/thirdmissing/manifests/latest").await;
+    assert_eq!(
+        mixed.json()["errors"][0]["detail"]["unknownPackages"],
+        serde_json::json!(["nosuchpkg", "thirdmissing"])
+    );
+    let m = String::from_utf8_lossy(&get(&app, "/metrics").await.body).into_owned();
+    assert_eq!(metric(&m, "nixery_unknown_cached_total"), 1.0);
+}
+
+#[tokio::test]
+async fn lowercase_names_and_aliases_are_one_image() {
+    // Registry clients refuse uppercase repository names, so a top-level
+    // attribute is found case-insensitively (as in Nixery); every spelling of
+    // one package set is one image: one digest, one build, one set of GC roots.
+    let dir = tempfile::tempdir().unwrap();
+    let app = state(dir.path());
+    let docker = [("accept", DOCKER_MANIFEST)];
+    let digest = |r: &Resp| r.header("docker-content-digest").unwrap().to_string();
+    let lower = request(
+        &app,
+        Method::GET,
+        "/v2/bashinteractive/jq/manifests/latest",
+        &docker,
+    )
+    .await;
+    assert_eq!(
+        lower.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&lower.body)
+    );
+    let m = String::from_utf8_lossy(&get(&app, "/metrics").await.body).into_owned();
+    let packed = metric(&m, "nixery_layers_packed_total");
+    for alias in [
+        "/v2/bashInteractive/jq/manifests/latest",
+        "/v2/jq/BASHINTERACTIVE/manifests/latest",
+        "/v2/bashinteractive.out/jq.out/manifests/latest",
+    ] {
+        let r = request(&app, Method::GET, alias, &docker).await;
+        assert_eq!(r.status, StatusCode::OK, "{alias}");
+        assert_eq!(digest(&r), digest(&lower), "{alias}");
+    }
+    let m = String::from_utf8_lossy(&get(&app, "/metrics").await.body).into_owned();
+    assert_eq!(
+        metric(&m, "nixery_layers_packed_total"),
+        packed,
+        "nothing packed again"
+    );
+    assert_eq!(metric(&m, "nixery_cache_hits_total"), 3.0);
+    let roots = std::fs::read_dir(dir.path().join("gcroots"))
+        .unwrap()
+        .count();
+    assert_eq!(roots, 1, "one set of GC roots for every spelling");
+    // `hello` and `hello.out` are one package: the same default command too.
+    let a = get(&app, "/v2/hello/manifests/latest").await;
+    let b = get(&app, "/v2/hello.out.out/manifests/latest").await;
+    assert_eq!(digest(&a), digest(&b));
+    // Nested sets stay exact: the top-level name is found, the nested one not.
+    let r = get(&app, "/v2/hostlibs.LIBZ/manifests/latest").await;
+    assert_eq!(
+        r.json()["errors"][0]["detail"]["unknownPackages"],
+        serde_json::json!(["hostlibs.LIBZ"])
+    );
+    assert_eq!(
+        get(&app, "/v2/hostlibs.libz/manifests/latest").await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn failing_build_says_why_and_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = state(dir.path());
+    for attempt in 1..=2 {
+        let r = get(&app, "/v2/broken/manifests/latest").await;
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN")
+        );
+        assert!(
+            r.error_message().contains("fails to build on purpose"),
+            "{}",
+            r.error_message()
+        );
+        let m = String::from_utf8_lossy(&get(&app, "/metrics").await.body).into_owned();
+        assert_eq!(
+            metric(&m, "nixery_builds_total"),
+            attempt as f64,
+            "a failure is not cached"
+        );
+        assert_eq!(metric(&m, "nixery_build_failures_total"), attempt as f64);
+    }
+}
+
+/// Command lines of every process on the machine (from /proc, so no `ps`
+/// is needed), joined with spaces.
+fn command_lines() -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| {
+            String::from_utf8_lossy(&c)
+                .replace('\0', " ")
+                .trim()
+                .to_string()
+        })
+        .collect()
+}
+
+fn slow_builder_running() -> bool {
+    command_lines()
+        .iter()
+        .any(|l| l.contains("slow: sleeping") || l == "sleep 20")
+}
+
+#[tokio::test]
+async fn build_past_its_timeout_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    s.build_timeout = Duration::from_secs(5);
+    let app = nixery::app_state(&s).unwrap();
+    let pull = tokio::spawn({
+        let app = app.clone();
+        async move { get(&app, "/v2/slow/manifests/latest").await }
+    });
+    // The builder really runs (else "stopped" below would prove nothing).
+    let mut seen = false;
+    for _ in 0..100 {
+        if slow_builder_running() {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen, "the slow builder never started");
+    let r = pull.await.unwrap();
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")
+    );
+    assert!(
+        r.error_message().contains("timeout of 5s"),
+        "{}",
+        r.error_message()
+    );
+    // Nothing of the build is left running (Nix's builders run as nixbld
+    // users, in sessions of their own).
+    let mut gone = false;
+    for _ in 0..40 {
+        if !slow_builder_running() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        gone,
+        "the slow builder survived its timeout:\n{}",
+        command_lines().join("\n")
+    );
+    // The registry still serves other images.
+    assert_eq!(
+        get(&app, "/v2/hello/manifests/latest").await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn same_image_in_fresh_state_dirs_has_the_same_digest() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ra = get(&state(a.path()), "/v2/shell/curl/manifests/latest").await;
+    let rb = get(&state(b.path()), "/v2/curl/shell/manifests/latest").await;
+    assert_eq!(ra.status, StatusCode::OK);
+    assert_eq!(
+        ra.header("docker-content-digest"),
+        rb.header("docker-content-digest")
+    );
+    assert_eq!(ra.body, rb.body);
+}
+
+#[tokio::test]
+async fn images_that_share_dependencies_share_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = state(dir.path());
+    let layers = |r: &Resp| -> std::collections::BTreeSet<String> {
+        r.json()["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let a = layers(&get(&app, "/v2/appA/manifests/latest").await);
+    let b = layers(&get(&app, "/v2/appB/manifests/latest").await);
+    let shared = a.intersection(&b).count();
+    // shared-base-0..4, glibc, cacert and iana-etc are common; the apps and
+    // customisation layers are not.
+    assert!(shared >= 8, "only {shared} shared layers");
+    assert_eq!(a.len() - shared, 2);
+    // And layers found in the layer cache were not packed again.
+    let m = String::from_utf8_lossy(&get(&app, "/metrics").await.body).into_owned();
+    assert!(metric(&m, "nixery_layers_reused_total") >= 8.0);
+}
+
+#[tokio::test]
+async fn closures_larger_than_the_budget_fit_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    s.max_layers = 20;
+    let app = nixery::app_state(&s).unwrap();
+    let r = get(&app, "/v2/deep/manifests/latest").await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(r.json()["layers"].as_array().unwrap().len(), 20);
+    let r = get(&app, "/v2/wide/manifests/latest").await;
+    assert_eq!(r.json()["layers"].as_array().unwrap().len(), 20);
+}
+
+#[tokio::test]
+async fn arm64_on_a_host_that_cannot_build_it_says_so() {
+    // This machine cannot build for aarch64-linux and has no substituter: the
+    // meta-package reached Nix as the system (not as a package name), and the
+    // client is told plainly that this registry cannot make such images.
+    let dir = tempfile::tempdir().unwrap();
+    let app = state(dir.path());
+    let r = get(&app, "/v2/arm64/hello/manifests/latest").await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN")
+    );
+    let msg = r.error_message();
+    assert!(
+        msg.starts_with("this registry cannot build aarch64-linux images"),
+        "{msg}"
+    );
+    assert_eq!(
+        r.json()["errors"][0]["detail"]["unsupportedSystem"],
+        "aarch64-linux"
+    );
+    // Nix's own words (store paths, features) stay in the logs.
+    assert!(!msg.contains("/nix/store"), "{msg}");
+}
+
+#[tokio::test]
+async fn images_from_movable_sources_expire() {
+    // A local path can change: with a zero TTL every request evaluates again;
+    // the names resolve to the same output paths, so the image is the one
+    // already built (nothing realised or packed again).
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    s.cache_ttl = Duration::ZERO;
+    let app = nixery::app_state(&s).unwrap();
+    let a = get(&app, "/v2/hello/manifests/latest").await;
+    let b = get(&app, "/v2/hello/manifests/latest").await;
+    assert_eq!(
+        a.header("docker-content-digest"),
+        b.header("docker-content-digest")
+    );
+    let m = String::from_utf8_lossy(&get(&app, "/metrics").await.body).into_owned();
+    assert_eq!(metric(&m, "nixery_builds_total"), 2.0);
+    assert_eq!(metric(&m, "nixery_cache_hits_total"), 1.0);
+    assert_eq!(metric(&m, "nixery_layers_reused_total"), 0.0);
+}
+
+#[tokio::test]
+async fn zstd_layers_when_chosen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    s.compression = nixery::oci::Compression::Zstd;
+    let app = nixery::app_state(&s).unwrap();
+    let r = request(
+        &app,
+        Method::GET,
+        "/v2/hello/manifests/latest",
+        &[("accept", OCI_MANIFEST)],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let manifest = r.json();
+    let config = get(
+        &app,
+        &format!(
+            "/v2/hello/blobs/{}",
+            manifest["config"]["digest"].as_str().unwrap()
+        ),
+    )
+    .await
+    .json();
+    for (i, layer) in manifest["layers"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(layer["mediaType"], nixery::oci::OCI_LAYER_ZSTD);
+        let blob = get(
+            &app,
+            &format!("/v2/hello/blobs/{}", layer["digest"].as_str().unwrap()),
+        )
+        .await;
+        let tar = zstd::decode_all(blob.body.as_slice()).unwrap();
+        assert_eq!(
+            nixery::name::Digest::of(&tar).as_str(),
+            config["rootfs"]["diff_ids"][i].as_str().unwrap()
+        );
+    }
+    // Docker schema2 cannot say zstd: a schema2-only client gets the OCI manifest.
+    let d = request(
+        &app,
+        Method::GET,
+        "/v2/hello/manifests/latest",
+        &[("accept", DOCKER_MANIFEST)],
+    )
+    .await;
+    assert_eq!(d.header("content-type"), Some(OCI_MANIFEST));
+    assert_eq!(d.body, r.body);
+    // gzip and zstd layers never share a cache entry.
+    let gz = get(&state(dir.path()), "/v2/hello/manifests/latest").await;
+    assert_ne!(
+        gz.header("docker-content-digest"),
+        r.header("docker-content-digest")
+    );
+}
