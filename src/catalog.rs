@@ -129,7 +129,7 @@ impl Catalog {
     /// Opens the catalog persisted at `state_dir/catalog.json`. An image
     /// whose manifests are no longer in `store` is left out (and rebuilt when
     /// asked for); an unreadable file is set aside, not fatal.
-    pub fn open(state_dir: &Path, store: &dyn BlobStore) -> Self {
+    pub async fn open(state_dir: &Path, store: &dyn BlobStore) -> Self {
         let file = state_dir.join("catalog.json");
         let mut catalog = Catalog {
             file: Some(file.clone()),
@@ -146,12 +146,18 @@ impl Catalog {
             },
             Err(_) => return catalog,
         };
-        let inner = catalog.inner.get_mut().unwrap();
+        let mut loaded = Vec::new();
         for (key, e) in parsed.images {
-            let read = |d: &Digest| store.read_small(d, MAX_MANIFEST).ok().flatten();
-            let (Some(oci_manifest), Some(docker_manifest)) =
-                (read(&e.oci_digest), read(&e.docker_digest))
-            else {
+            let read = |d: Digest| async move {
+                crate::store::get_small(store, &d, MAX_MANIFEST)
+                    .await
+                    .ok()
+                    .flatten()
+            };
+            let (Some(oci_manifest), Some(docker_manifest)) = (
+                read(e.oci_digest.clone()).await,
+                read(e.docker_digest.clone()).await,
+            ) else {
                 tracing::warn!(image = %e.oci_digest, "a catalogued image's manifest is gone; it will be rebuilt");
                 continue;
             };
@@ -165,8 +171,12 @@ impl Catalog {
                 roots: e.roots,
                 gcroot_dir: e.gcroot_dir,
             };
+            loaded.push((key, img, e.built));
+        }
+        let inner = catalog.inner.get_mut().unwrap();
+        for (key, img, built) in loaded {
             index_manifests(&mut inner.manifests, &img);
-            inner.images.insert(key, (Arc::new(img), e.built));
+            inner.images.insert(key, (Arc::new(img), built));
         }
         for (key, r) in parsed.requests {
             if inner.images.contains_key(&r.image) {
@@ -306,9 +316,9 @@ fn index_manifests(index: &mut HashMap<Digest, (&'static str, bytes::Bytes)>, im
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::LocalStore;
+    use crate::store::{put_bytes, LocalStore};
 
-    fn image(store: &LocalStore, tag: &str) -> BuiltImage {
+    async fn image(store: &LocalStore, tag: &str) -> BuiltImage {
         let oci = format!(
             "{{\"mediaType\":\"{}\",\"t\":\"{tag}\"}}",
             oci::OCI_MANIFEST
@@ -318,9 +328,9 @@ mod tests {
             oci::DOCKER_MANIFEST
         );
         BuiltImage {
-            oci_digest: store.put(oci.as_bytes()).unwrap(),
+            oci_digest: put_bytes(store, oci.as_bytes()).await.unwrap(),
             oci_manifest: oci.into(),
-            docker_digest: store.put(docker.as_bytes()).unwrap(),
+            docker_digest: put_bytes(store, docker.as_bytes()).await.unwrap(),
             docker_manifest: docker.into(),
             layers: 3,
             size: 1000,
@@ -329,21 +339,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_reopened_catalog_serves_what_was_built() {
+    #[tokio::test]
+    async fn a_reopened_catalog_serves_what_was_built() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path()).unwrap();
-        let a = Arc::new(image(&store, "a"));
-        let b = Arc::new(image(&store, "b"));
+        let a = Arc::new(image(&store, "a").await);
+        let b = Arc::new(image(&store, "b").await);
         {
-            let c = Catalog::open(dir.path(), &store);
+            let c = Catalog::open(dir.path(), &store).await;
             c.add_image("ka", a.clone());
             c.add_request("req-a", "ka", None);
             c.add_request("req-a-alias", "ka", Some(Duration::from_secs(3600)));
             c.add_image("kb", b.clone());
             c.add_request("req-b-expired", "kb", Some(Duration::ZERO));
         }
-        let c = Catalog::open(dir.path(), &store);
+        let c = Catalog::open(dir.path(), &store).await;
         assert_eq!(c.request("req-a").unwrap().oci_digest, a.oci_digest);
         assert_eq!(
             c.request("req-a-alias").unwrap().docker_manifest,
@@ -363,23 +373,28 @@ mod tests {
         // Forgetting an image drops its requests, in the file too.
         c.forget(&a);
         assert!(c.request("req-a").is_none() && c.manifest(&a.oci_digest).is_none());
-        let c = Catalog::open(dir.path(), &store);
+        let c = Catalog::open(dir.path(), &store).await;
         assert!(c.request("req-a-alias").is_none());
         assert!(c.image("kb").is_some());
     }
 
-    #[test]
-    fn images_whose_manifests_are_gone_are_left_out() {
+    #[tokio::test]
+    async fn images_whose_manifests_are_gone_are_left_out() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path()).unwrap();
-        let a = Arc::new(image(&store, "a"));
-        Catalog::open(dir.path(), &store).add_image("ka", a.clone());
+        let a = Arc::new(image(&store, "a").await);
+        Catalog::open(dir.path(), &store)
+            .await
+            .add_image("ka", a.clone());
         std::fs::remove_file(store.blob_path(&a.oci_digest)).unwrap();
-        let c = Catalog::open(dir.path(), &store);
+        let c = Catalog::open(dir.path(), &store).await;
         assert!(c.image("ka").is_none());
         // A corrupt file is set aside, not fatal.
         std::fs::write(dir.path().join("catalog.json"), b"{not json").unwrap();
-        assert!(Catalog::open(dir.path(), &store).image("ka").is_none());
+        assert!(Catalog::open(dir.path(), &store)
+            .await
+            .image("ka")
+            .is_none());
         assert!(dir.path().join("catalog.json.unreadable").exists());
     }
 }

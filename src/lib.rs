@@ -38,23 +38,26 @@ pub enum Error {
 }
 
 /// Builds the shared state of a registry from settings, with the host's Nix.
-pub fn app_state(settings: &Settings) -> Result<AppState, Error> {
+pub async fn app_state(settings: &Settings) -> Result<AppState, Error> {
     std::fs::create_dir_all(&settings.state_dir)
         .map_err(|e| Error::StateDir(settings.state_dir.clone(), e))?;
     let nix = Arc::new(
         nix::NixCli::new(&settings.state_dir, settings.nix_options.clone())
             .map_err(|e| Error::StateDir(settings.state_dir.clone(), e))?,
     );
-    app_state_with(settings, nix)
+    app_state_with(settings, nix).await
 }
 
 /// Builds the shared state of a registry from settings and a Nix (the
 /// host's, or the tests' fake).
-pub fn app_state_with(settings: &Settings, nix: Arc<dyn nix::Nix>) -> Result<AppState, Error> {
+pub async fn app_state_with(
+    settings: &Settings,
+    nix: Arc<dyn nix::Nix>,
+) -> Result<AppState, Error> {
     std::fs::create_dir_all(&settings.state_dir)
         .map_err(|e| Error::StateDir(settings.state_dir.clone(), e))?;
     let store = Arc::new(store::LocalStore::open(&settings.state_dir)?);
-    let catalog = Arc::new(Catalog::open(&settings.state_dir, &*store));
+    let catalog = Arc::new(Catalog::open(&settings.state_dir, &*store).await);
     let metrics = Arc::new(Metrics::default());
     let builder = Builder::new(
         BuilderConfig {

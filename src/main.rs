@@ -31,7 +31,7 @@ fn env(key: &str) -> Option<String> {
 
 async fn serve(args: CommonArgs) -> anyhow::Result<()> {
     let settings = args.resolve(env)?;
-    let state = nixery::app_state(&settings)?;
+    let state = nixery::app_state(&settings).await?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("listening on {}", settings.listen))?;
@@ -49,7 +49,7 @@ async fn serve(args: CommonArgs) -> anyhow::Result<()> {
 /// `nixery agent`: the registry plus the NixImage controller for this node.
 async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let settings = args.common.resolve(env)?;
-    let state = nixery::app_state(&settings)?;
+    let state = nixery::app_state(&settings).await?;
     state
         .ready
         .store(false, std::sync::atomic::Ordering::SeqCst);
@@ -132,7 +132,7 @@ async fn build(args: CommonArgs, image: &str) -> anyhow::Result<()> {
             "niximage/... names are built by the controller; `nixery build` takes package names"
         ),
     };
-    let state = nixery::app_state(&settings)?;
+    let state = nixery::app_state(&settings).await?;
     let tty = std::io::stderr().is_terminal();
     let bar = indicatif::ProgressBar::new_spinner();
     if tty {

@@ -362,16 +362,16 @@ fn agent(node: &str, host: &str, state: &AppState, configure: impl FnOnce(&mut C
 
 /// One agent (node-a) and the API server's copy of a fresh `curl-and-jq`
 /// holding the agent's finalizer, with the given contents.
-fn one_agent(contents: &[&str]) -> (tempfile::TempDir, AppState, Agent, Server) {
+async fn one_agent(contents: &[&str]) -> (tempfile::TempDir, AppState, Agent, Server) {
     let dir = tempfile::tempdir().unwrap();
-    let state = fake_state(dir.path()).0;
+    let state = fake_state(dir.path()).await.0;
     one_agent_on(dir, state, contents)
 }
 
 /// The same, with real Nix.
-fn one_agent_real_nix(contents: &[&str]) -> (tempfile::TempDir, AppState, Agent, Server) {
+async fn one_agent_real_nix(contents: &[&str]) -> (tempfile::TempDir, AppState, Agent, Server) {
     let dir = tempfile::tempdir().unwrap();
-    let state = nixery::app_state(&settings(dir.path())).unwrap();
+    let state = nixery::app_state(&settings(dir.path())).await.unwrap();
     one_agent_on(dir, state, contents)
 }
 
@@ -515,7 +515,7 @@ async fn build_to_ready(server: &Server, a: &mut Agent, ready_nodes: (&str, &str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn build_status_events_no_rewrites_spec_change_and_deletion() {
-    let (dir, state, mut a, server) = one_agent(&["curl", "jq"]);
+    let (dir, state, mut a, server) = one_agent(&["curl", "jq"]).await;
 
     // The reconcile that starts the build returns at once; completion
     // triggers the object, and the next reconcile reports Ready.
@@ -602,7 +602,7 @@ async fn build_status_events_no_rewrites_spec_change_and_deletion() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_object_after_a_build_neither_rebuilds_nor_flips_back() {
-    let (_dir, _state, mut a, server) = one_agent(&["hello"]);
+    let (_dir, _state, mut a, server) = one_agent(&["hello"]).await;
     let (result, _) = reconcile(&server, &mut a, 3).await;
     assert!(result.is_ok());
     // The informer's copy from before the build finished (status Building).
@@ -622,7 +622,7 @@ async fn a_stale_object_after_a_build_neither_rebuilds_nor_flips_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_build_backs_off_and_user_errors_wait_for_a_spec_change() {
-    let (_dir, state, mut a, server) = one_agent(&["broken"]);
+    let (_dir, state, mut a, server) = one_agent(&["broken"]).await;
     let (result, _) = reconcile(&server, &mut a, 3).await;
     assert!(result.is_ok());
     build_finished(&mut a).await;
@@ -702,8 +702,12 @@ async fn two_agents_on_different_hosts_agree_and_then_write_nothing() {
         &da.path().join("store"),
     ));
     let (sa, sb) = (
-        nixery::app_state_with(&settings(da.path()), nix.clone()).unwrap(),
-        nixery::app_state_with(&settings(db.path()), nix).unwrap(),
+        nixery::app_state_with(&settings(da.path()), nix.clone())
+            .await
+            .unwrap(),
+        nixery::app_state_with(&settings(db.path()), nix)
+            .await
+            .unwrap(),
     );
     // A rollout that changes the port: the nodes serve on different hosts.
     let mut a = agent("node-a", "127.0.0.1:5000", &sa, |_| {});
@@ -778,7 +782,7 @@ fn liveness(leases: &[Lease]) -> Arc<dyn nixery::k8s::lease::Liveness> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn departed_nodes_hold_up_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let state = fake_state(dir.path()).0;
+    let state = fake_state(dir.path()).await.0;
     // node-b's agent stopped renewing its Lease 100 s ago; node-c is alive.
     let leases = [lease("node-a", 1), lease("node-b", 100), lease("node-c", 2)];
     let mut a = agent("node-a", "127.0.0.1:5000", &state, |c| {
@@ -876,7 +880,7 @@ async fn departed_nodes_hold_up_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_allowed_package_sources_are_built() {
     let dir = tempfile::tempdir().unwrap();
-    let state = nixery::app_state(&settings(dir.path())).unwrap();
+    let state = nixery::app_state(&settings(dir.path())).await.unwrap();
     let allowed = "file:///nonexistent/allowed.tar.gz";
     let mut a = agent("node-a", "127.0.0.1:5000", &state, |c| {
         c.allowed_sources = vec![nixery::nix::Source::Channel(allowed.into())]
@@ -920,7 +924,7 @@ async fn only_allowed_package_sources_are_built() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_build_shows_how_far_it_got() {
     let dir = tempfile::tempdir().unwrap();
-    let state = nixery::app_state(&settings(dir.path())).unwrap();
+    let state = nixery::app_state(&settings(dir.path())).await.unwrap();
     // Report every stage change at once.
     let mut a = agent("node-a", "127.0.0.1:5000", &state, |c| {
         c.progress_interval = Duration::ZERO
@@ -1000,7 +1004,7 @@ async fn named_image_pulls_with_real_clients_then_404s_after_deletion() {
     {
         return;
     }
-    let (_dir, state, mut a, server) = one_agent_real_nix(&["curl", "jq", "shell"]);
+    let (_dir, state, mut a, server) = one_agent_real_nix(&["curl", "jq", "shell"]).await;
     build_to_ready(&server, &mut a, ("0/1", "1/1")).await;
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1057,7 +1061,7 @@ async fn named_image_pulls_with_real_clients_then_404s_after_deletion() {
 async fn invalid_spec_is_reported_and_not_retried() {
     // The CRD's schema rejects such names at the API server; the controller
     // still refuses them itself, as a user error (no backoff, no build).
-    let (_dir, state, mut a, server) = one_agent(&["curl", "$(reboot)"]);
+    let (_dir, state, mut a, server) = one_agent(&["curl", "$(reboot)"]).await;
     let (result, calls) = reconcile(&server, &mut a, 3).await;
     assert_eq!(result.unwrap(), Action::await_change());
     assert_node_patch(&calls[0], "node-a", "Failed");
@@ -1082,7 +1086,7 @@ async fn invalid_spec_is_reported_and_not_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_comes_from_the_watch_and_recovers_after_an_outage() {
     let dir = tempfile::tempdir().unwrap();
-    let state = fake_state(dir.path()).0;
+    let state = fake_state(dir.path()).await.0;
     state.ready.store(false, Ordering::SeqCst);
     let Agent {
         ctx,

@@ -12,14 +12,14 @@ use axum::http::{Method, StatusCode};
 use common::*;
 use nixery::oci::{DOCKER_MANIFEST, OCI_MANIFEST};
 
-fn state(dir: &std::path::Path) -> nixery::registry::AppState {
-    nixery::app_state(&settings(dir)).unwrap()
+async fn state(dir: &std::path::Path) -> nixery::registry::AppState {
+    nixery::app_state(&settings(dir)).await.unwrap()
 }
 
 #[tokio::test]
 async fn unknown_packages_are_named() {
     let dir = tempfile::tempdir().unwrap();
-    let app = state(dir.path());
+    let app = state(dir.path()).await;
     let r = get(
         &app,
         "/v2/shell/nosuchpkg/alsomissing.attr/manifests/latest",
@@ -74,7 +74,7 @@ async fn lowercase_names_and_aliases_are_one_image() {
     // attribute is found case-insensitively (as in Nixery); every spelling of
     // one package set is one image: one digest, one build, one set of GC roots.
     let dir = tempfile::tempdir().unwrap();
-    let app = state(dir.path());
+    let app = state(dir.path()).await;
     let docker = [("accept", DOCKER_MANIFEST)];
     let digest = |r: &Resp| r.header("docker-content-digest").unwrap().to_string();
     let lower = request(
@@ -131,7 +131,7 @@ async fn lowercase_names_and_aliases_are_one_image() {
 #[tokio::test]
 async fn failing_build_says_why_and_is_retried() {
     let dir = tempfile::tempdir().unwrap();
-    let app = state(dir.path());
+    let app = state(dir.path()).await;
     for attempt in 1..=2 {
         let r = get(&app, "/v2/broken/manifests/latest").await;
         assert_eq!(
@@ -180,7 +180,7 @@ async fn build_past_its_timeout_is_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path());
     s.build_timeout = Duration::from_secs(5);
-    let app = nixery::app_state(&s).unwrap();
+    let app = nixery::app_state(&s).await.unwrap();
     let pull = tokio::spawn({
         let app = app.clone();
         async move { get(&app, "/v2/slow/manifests/latest").await }
@@ -230,8 +230,8 @@ async fn build_past_its_timeout_is_stopped() {
 #[tokio::test]
 async fn same_image_in_fresh_state_dirs_has_the_same_digest() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let ra = get(&state(a.path()), "/v2/shell/curl/manifests/latest").await;
-    let rb = get(&state(b.path()), "/v2/curl/shell/manifests/latest").await;
+    let ra = get(&state(a.path()).await, "/v2/shell/curl/manifests/latest").await;
+    let rb = get(&state(b.path()).await, "/v2/curl/shell/manifests/latest").await;
     assert_eq!(ra.status, StatusCode::OK);
     assert_eq!(
         ra.header("docker-content-digest"),
@@ -243,7 +243,7 @@ async fn same_image_in_fresh_state_dirs_has_the_same_digest() {
 #[tokio::test]
 async fn images_that_share_dependencies_share_layers() {
     let dir = tempfile::tempdir().unwrap();
-    let app = state(dir.path());
+    let app = state(dir.path()).await;
     let layers = |r: &Resp| -> std::collections::BTreeSet<String> {
         r.json()["layers"]
             .as_array()
@@ -269,7 +269,7 @@ async fn closures_larger_than_the_budget_fit_it() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path());
     s.max_layers = 20;
-    let app = nixery::app_state(&s).unwrap();
+    let app = nixery::app_state(&s).await.unwrap();
     let r = get(&app, "/v2/deep/manifests/latest").await;
     assert_eq!(
         r.status,
@@ -288,7 +288,7 @@ async fn arm64_on_a_host_that_cannot_build_it_says_so() {
     // meta-package reached Nix as the system (not as a package name), and the
     // client is told plainly that this registry cannot make such images.
     let dir = tempfile::tempdir().unwrap();
-    let app = state(dir.path());
+    let app = state(dir.path()).await;
     let r = get(&app, "/v2/arm64/hello/manifests/latest").await;
     assert_eq!(
         (r.status, r.error_code().as_str()),
@@ -315,7 +315,7 @@ async fn images_from_movable_sources_expire() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path());
     s.cache_ttl = Duration::ZERO;
-    let app = nixery::app_state(&s).unwrap();
+    let app = nixery::app_state(&s).await.unwrap();
     let a = get(&app, "/v2/hello/manifests/latest").await;
     let b = get(&app, "/v2/hello/manifests/latest").await;
     assert_eq!(
@@ -333,7 +333,7 @@ async fn zstd_layers_when_chosen() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path());
     s.compression = nixery::oci::Compression::Zstd;
-    let app = nixery::app_state(&s).unwrap();
+    let app = nixery::app_state(&s).await.unwrap();
     let r = request(
         &app,
         Method::GET,
@@ -376,7 +376,7 @@ async fn zstd_layers_when_chosen() {
     assert_eq!(d.header("content-type"), Some(OCI_MANIFEST));
     assert_eq!(d.body, r.body);
     // gzip and zstd layers never share a cache entry.
-    let gz = get(&state(dir.path()), "/v2/hello/manifests/latest").await;
+    let gz = get(&state(dir.path()).await, "/v2/hello/manifests/latest").await;
     assert_ne!(
         gz.header("docker-content-digest"),
         r.header("docker-content-digest")

@@ -11,14 +11,14 @@ use common::*;
 use nixery::oci::{DOCKER_MANIFEST, OCI_MANIFEST};
 
 /// A registry on a fresh state directory, with the fake Nix.
-fn state(dir: &std::path::Path) -> nixery::registry::AppState {
-    fake_state(dir).0
+async fn state(dir: &std::path::Path) -> nixery::registry::AppState {
+    fake_state(dir).await.0
 }
 
 #[tokio::test]
 async fn base_health_and_metrics() {
     let dir = tempfile::tempdir().unwrap();
-    let app = state(dir.path());
+    let app = state(dir.path()).await;
     let r = get(&app, "/v2/").await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(
@@ -40,7 +40,7 @@ async fn base_health_and_metrics() {
 #[tokio::test]
 async fn manifests_blobs_and_negotiation() {
     let dir = tempfile::tempdir().unwrap();
-    let app = state(dir.path());
+    let app = state(dir.path()).await;
 
     // OCI by default and when accepted.
     let oci = request(
@@ -213,7 +213,7 @@ async fn manifests_blobs_and_negotiation() {
 #[tokio::test]
 async fn invalid_and_hostile_names() {
     let dir = tempfile::tempdir().unwrap();
-    let app = state(dir.path());
+    let app = state(dir.path()).await;
     for path in [
         "/v2/curl%22%3B%20builtins.abort%20%22x/manifests/latest",
         "/v2/$%7Bbuiltins.currentTime%7D/manifests/latest",
@@ -258,7 +258,7 @@ async fn invalid_and_hostile_names() {
 #[tokio::test]
 async fn pushes_and_deletes_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let app = state(dir.path());
+    let app = state(dir.path()).await;
     let d = format!("sha256:{}", "a".repeat(64));
     for (method, path) in [
         (Method::PUT, "/v2/curl/manifests/latest".to_string()),
@@ -288,7 +288,7 @@ async fn pushes_and_deletes_are_refused() {
 #[tokio::test]
 async fn tags_catalog_and_named_images() {
     let dir = tempfile::tempdir().unwrap();
-    let app = state(dir.path());
+    let app = state(dir.path()).await;
     let r = get(&app, "/v2/shell/curl/tags/list").await;
     assert_eq!(
         r.json(),
@@ -316,7 +316,7 @@ async fn tags_catalog_and_named_images() {
 #[tokio::test]
 async fn concurrent_first_pulls_share_one_build() {
     let dir = tempfile::tempdir().unwrap();
-    let app = state(dir.path());
+    let app = state(dir.path()).await;
     let reqs = (0..20).map(|_| {
         let app = app.clone();
         tokio::spawn(async move { get(&app, "/v2/jq/shell/manifests/latest").await })
@@ -342,7 +342,7 @@ async fn concurrent_first_pulls_share_one_build() {
 async fn head_of_an_unbuilt_image_builds_it() {
     // containerd resolves tags with HEAD: that must build, not 404.
     let dir = tempfile::tempdir().unwrap();
-    let app = state(dir.path());
+    let app = state(dir.path()).await;
     let head = request(
         &app,
         Method::HEAD,
@@ -366,7 +366,7 @@ async fn a_restart_serves_stored_images_without_evaluating() {
     let dir = tempfile::tempdir().unwrap();
     let docker = [("accept", DOCKER_MANIFEST)];
     let (oci_digest, docker_digest) = {
-        let app = state(dir.path());
+        let app = state(dir.path()).await;
         let a = get(&app, "/v2/shell/hello/manifests/latest").await;
         let b = request(
             &app,
@@ -382,7 +382,7 @@ async fn a_restart_serves_stored_images_without_evaluating() {
     };
     // A new process on the same state: the catalog answers, Nix is never
     // asked, for either manifest encoding.
-    let (app, nix) = fake_state(dir.path());
+    let (app, nix) = fake_state(dir.path()).await;
     let a = get(&app, "/v2/hello/shell/manifests/latest").await;
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(a.header("docker-content-digest"), Some(oci_digest.as_str()));
@@ -419,7 +419,7 @@ async fn every_caller_of_a_build_reads_one_state_stream() {
     use nixery::build::{ImageSpec, Progress};
     use std::sync::{Arc, Mutex};
     let dir = tempfile::tempdir().unwrap();
-    let app = state(dir.path());
+    let app = state(dir.path()).await;
     let img = nixery::name::parse_packages(&["curl", "jq", "shell"]).unwrap();
     let spec = ImageSpec::ad_hoc(&img, "latest");
     let recorder = || {

@@ -16,7 +16,7 @@ use crate::layers::{self, PathInfo, Popularity};
 use crate::metrics::Metrics;
 use crate::nix::{LogSink, Nix, Prepared};
 use crate::oci::{self, LayerBlob};
-use crate::store::BlobStore;
+use crate::store::{put_bytes, BlobStore, Staged, Stager};
 
 /// What shapes the layers and where the layer cache lives.
 pub struct PipelineConfig {
@@ -126,18 +126,20 @@ impl Pipeline {
         if let Some(e) = first_error {
             return Err(e);
         }
-        let store = self.store.clone();
+        let staging = self.store.staging_dir().to_path_buf();
         let compression = self.cfg.compression;
         let roots_for_custom = roots.clone();
-        let (custom, bin) =
-            tokio::task::spawn_blocking(move || -> Result<(LayerBlob, Vec<String>), BuildError> {
+        let (custom, staged, bin) = tokio::task::spawn_blocking(
+            move || -> Result<(LayerBlob, Staged, Vec<String>), BuildError> {
                 let c = oci::customisation(&roots_for_custom)?;
-                let (w, blob) = oci::pack_layer(&c.entries, store.writer()?, compression)?;
-                w.commit(Some(&blob.digest))?;
-                Ok((blob, c.bin))
-            })
-            .await
-            .map_err(|e| BuildError::Internal(e.to_string()))??;
+                let (w, blob) = oci::pack_layer(&c.entries, Stager::new(&staging)?, compression)?;
+                let staged = w.finish(Some(&blob.digest))?;
+                Ok((blob, staged, c.bin))
+            },
+        )
+        .await
+        .map_err(|e| BuildError::Internal(e.to_string()))??;
+        self.store.put(staged).await?;
         blobs.push(custom);
         report(Progress::Layers {
             done: blobs.len(),
@@ -155,7 +157,7 @@ impl Pipeline {
         }
         let config = oci::image_config(spec.arch, &blobs, &run, &history)
             .map_err(|e| BuildError::Internal(e.to_string()))?;
-        self.store.put(&config)?;
+        put_bytes(&*self.store, &config).await?;
         let compression = self.cfg.compression;
         let oci_manifest = oci::manifest(false, &config, &blobs, compression)
             .map_err(|e| BuildError::Internal(e.to_string()))?;
@@ -166,8 +168,8 @@ impl Pipeline {
             oci::Compression::Zstd => oci_manifest.clone(),
         };
         // Manifests are blobs too, so they can be served by digest after a restart.
-        let oci_digest = self.store.put(&oci_manifest)?;
-        let docker_digest = self.store.put(&docker_manifest)?;
+        let oci_digest = put_bytes(&*self.store, &oci_manifest).await?;
+        let docker_digest = put_bytes(&*self.store, &docker_manifest).await?;
         Ok(BuiltImage {
             oci_digest,
             oci_manifest: oci_manifest.into(),
@@ -183,24 +185,27 @@ impl Pipeline {
     /// A layer of store paths: from the layer cache, or packed and stored.
     async fn store_path_layer(&self, paths: Vec<String>) -> Result<LayerBlob, BuildError> {
         let cache_file = self.layer_cache_file(&paths);
-        if let Some(blob) = self.cached_layer(&cache_file) {
+        if let Some(blob) = self.cached_layer(&cache_file).await {
             self.metrics.layers_reused.inc();
             return Ok(blob);
         }
-        let store = self.store.clone();
+        let staging = self.store.staging_dir().to_path_buf();
         let compression = self.cfg.compression;
-        let blob = tokio::task::spawn_blocking(move || -> Result<LayerBlob, BuildError> {
-            let entries = oci::store_path_entries(&paths)?;
-            let (w, blob) = oci::pack_layer(&entries, store.writer()?, compression)?;
-            w.commit(Some(&blob.digest))?;
-            crate::store::write_atomic(
-                &cache_file,
-                &serde_json::to_vec(&blob).expect("serialisable"),
-            )?;
-            Ok(blob)
-        })
-        .await
-        .map_err(|e| BuildError::Internal(e.to_string()))??;
+        let (blob, staged) =
+            tokio::task::spawn_blocking(move || -> Result<(LayerBlob, Staged), BuildError> {
+                let entries = oci::store_path_entries(&paths)?;
+                let (w, blob) = oci::pack_layer(&entries, Stager::new(&staging)?, compression)?;
+                let staged = w.finish(Some(&blob.digest))?;
+                Ok((blob, staged))
+            })
+            .await
+            .map_err(|e| BuildError::Internal(e.to_string()))??;
+        self.store.put(staged).await?;
+        // Recorded only once the blob is stored.
+        crate::store::write_atomic(
+            &cache_file,
+            &serde_json::to_vec(&blob).expect("serialisable"),
+        )?;
         self.metrics.layers_packed.inc();
         Ok(blob)
     }
@@ -219,9 +224,9 @@ impl Pipeline {
             .join(format!("{}.json", hex::encode(h.finalize())))
     }
 
-    fn cached_layer(&self, file: &Path) -> Option<LayerBlob> {
+    async fn cached_layer(&self, file: &Path) -> Option<LayerBlob> {
         let blob: LayerBlob = serde_json::from_slice(&std::fs::read(file).ok()?).ok()?;
         // Trust the record only while its blob is really there.
-        (self.store.stat(&blob.digest).ok()?? == blob.size).then_some(blob)
+        (self.store.stat(&blob.digest).await.ok()?? == blob.size).then_some(blob)
     }
 }

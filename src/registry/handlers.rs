@@ -226,10 +226,8 @@ async fn manifest(
                 return Ok(manifest_response(app, head, media_type, &digest, bytes));
             }
             let store = app.builder.store().clone();
-            let d = digest.clone();
-            let bytes = tokio::task::spawn_blocking(move || store.read_small(&d, MAX_MANIFEST))
+            let bytes = crate::store::get_small(&*store, &digest, MAX_MANIFEST)
                 .await
-                .map_err(|e| RegistryError::Unknown(e.to_string()))?
                 .map_err(|e| {
                     tracing::error!(error = %e, "reading a manifest");
                     RegistryError::Unknown("the registry could not read its storage".into())
@@ -330,6 +328,7 @@ async fn blob(
     };
     let size = store
         .stat(&digest)
+        .await
         .map_err(storage_error)?
         .ok_or_else(unknown)?;
     let range = match headers.get(header::RANGE) {
@@ -341,7 +340,7 @@ async fn blob(
         Response::new(Body::empty())
     } else {
         let stream = store
-            .read(&digest, (start, end))
+            .get(&digest, Some((start, end)))
             .await
             .map_err(storage_error)?
             .ok_or_else(unknown)?;

@@ -45,14 +45,16 @@ pub fn settings(state_dir: &Path) -> Settings {
 
 /// A registry with the fake Nix (its store under `dir`), and that Nix, so a
 /// test can count evaluations and builds.
-pub fn fake_state(
+pub async fn fake_state(
     dir: &Path,
 ) -> (
     nixery::registry::AppState,
     std::sync::Arc<nixery::nix::fake::FakeNix>,
 ) {
     let nix = std::sync::Arc::new(nixery::nix::fake::FakeNix::standard(&dir.join("fake")));
-    let state = nixery::app_state_with(&settings(&dir.join("state")), nix.clone()).unwrap();
+    let state = nixery::app_state_with(&settings(&dir.join("state")), nix.clone())
+        .await
+        .unwrap();
     (state, nix)
 }
 
