@@ -4,7 +4,7 @@
 //! objects name images too. Persisted in the state directory, so a restart
 //! serves every stored image without evaluating anything.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -71,6 +71,10 @@ impl NamedImages {
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct RequestEntry {
     image: String,
+    /// The repository it was asked under (canonical name), whose content the
+    /// image then is.
+    #[serde(default)]
+    repo: Option<String>,
     /// Seconds since the epoch.
     expires: Option<u64>,
 }
@@ -98,8 +102,27 @@ struct CatalogFile {
 #[derive(Default)]
 struct Inner {
     requests: HashMap<String, RequestEntry>,
-    images: HashMap<String, (Arc<BuiltImage>, u64)>,
+    /// Image key -> (image, when built, every digest it is made of).
+    images: HashMap<String, (Arc<BuiltImage>, u64, HashSet<Digest>)>,
     manifests: HashMap<Digest, (&'static str, bytes::Bytes)>,
+}
+
+/// Every digest an image is made of: its manifests, config and layers.
+pub fn digests_of(img: &BuiltImage) -> HashSet<Digest> {
+    let mut out: HashSet<Digest> = [img.oci_digest.clone(), img.docker_digest.clone()].into();
+    for m in [&img.oci_manifest, &img.docker_manifest] {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(m) else {
+            continue;
+        };
+        let descriptors =
+            std::iter::once(&v["config"]).chain(v["layers"].as_array().into_iter().flatten());
+        for d in descriptors {
+            if let Some(Ok(d)) = d["digest"].as_str().map(str::parse::<Digest>) {
+                out.insert(d);
+            }
+        }
+    }
+    out
 }
 
 pub struct Catalog {
@@ -176,7 +199,8 @@ impl Catalog {
         let inner = catalog.inner.get_mut().unwrap();
         for (key, img, built) in loaded {
             index_manifests(&mut inner.manifests, &img);
-            inner.images.insert(key, (Arc::new(img), built));
+            let digests = digests_of(&img);
+            inner.images.insert(key, (Arc::new(img), built, digests));
         }
         for (key, r) in parsed.requests {
             if inner.images.contains_key(&r.image) {
@@ -198,13 +222,41 @@ impl Catalog {
         if r.expires.is_some_and(|t| now_secs() >= t) {
             return None;
         }
-        inner.images.get(&r.image).map(|(img, _)| img.clone())
+        inner.images.get(&r.image).map(|(img, _, _)| img.clone())
+    }
+
+    /// Whether `digest` is content of repository `repo` (canonical name): of
+    /// an image asked for under that name.
+    pub fn in_repository(&self, repo: &str, digest: &Digest) -> bool {
+        let inner = self.inner.read().unwrap();
+        inner
+            .requests
+            .values()
+            .filter(|r| r.repo.as_deref() == Some(repo))
+            .filter_map(|r| inner.images.get(&r.image))
+            .any(|(_, _, digests)| digests.contains(digest))
+    }
+
+    /// Records the repository a catalogued request is asked under, when the
+    /// record lacks it (a catalog from before repositories were recorded).
+    pub fn note_repository(&self, key: &str, repo: &str) {
+        {
+            let inner = self.inner.read().unwrap();
+            match inner.requests.get(key) {
+                Some(r) if r.repo.is_none() => {}
+                _ => return,
+            }
+        }
+        if let Some(r) = self.inner.write().unwrap().requests.get_mut(key) {
+            r.repo = Some(repo.to_string());
+        }
+        self.persist();
     }
 
     /// The image built for an image key.
     pub fn image(&self, image_key: &str) -> Option<Arc<BuiltImage>> {
         let inner = self.inner.read().unwrap();
-        inner.images.get(image_key).map(|(img, _)| img.clone())
+        inner.images.get(image_key).map(|(img, _, _)| img.clone())
     }
 
     /// Records a built image under its image key.
@@ -212,21 +264,30 @@ impl Catalog {
         {
             let mut inner = self.inner.write().unwrap();
             index_manifests(&mut inner.manifests, &img);
+            let digests = digests_of(&img);
             inner
                 .images
-                .insert(image_key.to_string(), (img, now_secs()));
+                .insert(image_key.to_string(), (img, now_secs(), digests));
         }
         self.persist();
     }
 
-    /// Records that a request resolves to an image, for `ttl` (None: for good).
-    pub fn add_request(&self, key: &str, image_key: &str, ttl: Option<Duration>) {
+    /// Records that a request (asked under repository `repo`) resolves to an
+    /// image, for `ttl` (None: for good).
+    pub fn add_request(
+        &self,
+        key: &str,
+        image_key: &str,
+        repo: Option<&str>,
+        ttl: Option<Duration>,
+    ) {
         {
             let mut inner = self.inner.write().unwrap();
             inner.requests.insert(
                 key.to_string(),
                 RequestEntry {
                     image: image_key.to_string(),
+                    repo: repo.map(str::to_string),
                     expires: ttl.map(|t| now_secs() + t.as_secs()),
                 },
             );
@@ -247,7 +308,7 @@ impl Catalog {
             let keys: Vec<String> = inner
                 .images
                 .iter()
-                .filter(|(_, (i, _))| i.oci_digest == img.oci_digest)
+                .filter(|(_, (i, _, _))| i.oci_digest == img.oci_digest)
                 .map(|(k, _)| k.clone())
                 .collect();
             for k in &keys {
@@ -271,7 +332,7 @@ impl Catalog {
                 images: inner
                     .images
                     .iter()
-                    .map(|(k, (img, built))| {
+                    .map(|(k, (img, built, _))| {
                         (
                             k.clone(),
                             ImageEntry {
@@ -348,10 +409,15 @@ mod tests {
         {
             let c = Catalog::open(dir.path(), &store).await;
             c.add_image("ka", a.clone());
-            c.add_request("req-a", "ka", None);
-            c.add_request("req-a-alias", "ka", Some(Duration::from_secs(3600)));
+            c.add_request("req-a", "ka", Some("hello"), None);
+            c.add_request(
+                "req-a-alias",
+                "ka",
+                Some("HELLO"),
+                Some(Duration::from_secs(3600)),
+            );
             c.add_image("kb", b.clone());
-            c.add_request("req-b-expired", "kb", Some(Duration::ZERO));
+            c.add_request("req-b-expired", "kb", Some("b"), Some(Duration::ZERO));
         }
         let c = Catalog::open(dir.path(), &store).await;
         assert_eq!(c.request("req-a").unwrap().oci_digest, a.oci_digest);
@@ -364,6 +430,12 @@ mod tests {
             "expiry survives a restart"
         );
         assert_eq!(c.image("kb").unwrap().oci_digest, b.oci_digest);
+        // Content belongs to the repositories it was asked under, even after
+        // the answer expired (the content is still what was served).
+        assert!(c.in_repository("hello", &a.oci_digest));
+        assert!(c.in_repository("HELLO", &a.docker_digest));
+        assert!(!c.in_repository("b", &a.oci_digest));
+        assert!(c.in_repository("b", &b.oci_digest));
         let (media, bytes) = c.manifest(&a.docker_digest).unwrap();
         assert_eq!(
             (media, bytes),

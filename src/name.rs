@@ -187,6 +187,11 @@ pub enum Route {
     Tags {
         repo: Repository,
     },
+    /// `/v2/<name>/referrers/<digest>` (content discovery).
+    Referrers {
+        repo: Repository,
+        digest: Digest,
+    },
 }
 
 /// Parses the part of the path after `/v2/`.
@@ -217,12 +222,45 @@ pub fn parse_route(path: &str) -> Result<Route, NameError> {
             });
         }
     }
+    if n >= 3 && parts[n - 2] == "referrers" {
+        let repo = parse_repository(&parts[..n - 2])?;
+        let digest = parts[n - 1].parse()?;
+        return Ok(Route::Referrers { repo, digest });
+    }
     if n >= 3 && parts[n - 2] == "tags" && parts[n - 1] == "list" {
         return Ok(Route::Tags {
             repo: parse_repository(&parts[..n - 2])?,
         });
     }
     Err(NameError::NotFound)
+}
+
+/// Decodes percent-escapes in a request path (`%6F` is `o`), before the path
+/// is parsed; an escaped slash (`%2F`), which would change the path's
+/// structure, and escapes that do not decode to UTF-8 are invalid names.
+pub fn decode_path(raw: &str) -> Result<String, NameError> {
+    if !raw.contains('%') {
+        return Ok(raw.to_string());
+    }
+    let bad = || NameError::InvalidName(printable(raw));
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = raw.get(i + 1..i + 3).ok_or_else(bad)?;
+            let b = u8::from_str_radix(hex, 16).map_err(|_| bad())?;
+            if b == b'/' {
+                return Err(bad());
+            }
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad())
 }
 
 pub fn parse_reference(s: &str) -> Result<Reference, NameError> {
@@ -501,6 +539,37 @@ mod tests {
             assert!(parse_reference(bad).is_err(), "{bad}");
         }
         assert!(parse_reference("v1.2_3-rc").is_ok());
+    }
+
+    #[test]
+    fn percent_escapes_decode_but_never_into_a_slash() {
+        assert_eq!(
+            decode_path("hell%6F/manifests/latest").unwrap(),
+            "hello/manifests/latest"
+        );
+        assert_eq!(decode_path("plain").unwrap(), "plain");
+        for bad in ["a%2Fb", "a%2fb", "a%zz", "a%6", "%ff%fe"] {
+            assert!(decode_path(bad).is_err(), "{bad}");
+        }
+        // Decoded, a name is validated like any other.
+        let d = decode_path("%24(reboot)/manifests/latest").unwrap();
+        assert!(matches!(parse_route(&d), Err(NameError::InvalidName(_))));
+    }
+
+    #[test]
+    fn referrers_route() {
+        let d = format!("sha256:{}", "b".repeat(64));
+        match parse_route(&format!("shell/hello/referrers/{d}")).unwrap() {
+            Route::Referrers { repo, digest } => {
+                assert_eq!(repo.name(), "hello/shell");
+                assert_eq!(digest.as_str(), d);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse_route("hello/referrers/sha256:zz"),
+            Err(NameError::InvalidDigest(_))
+        ));
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct ImageSpec {
     pub run: RunConfig,
     /// Overrides the builder's package source (NixImage `spec.source`).
     pub source: Option<Source>,
+    /// The repository it is asked under (canonical name), if any.
+    pub repository: Option<String>,
 }
 
 impl ImageSpec {
@@ -49,6 +51,7 @@ impl ImageSpec {
             tag: tag.to_string(),
             run: RunConfig::default(),
             source: None,
+            repository: Some(img.name()),
         }
     }
 

@@ -205,6 +205,9 @@ impl Builder {
         let key = self.request_key(&spec, &source);
         if let Some(img) = self.catalog.request(&key) {
             self.metrics.cache_hits.inc();
+            if let Some(repo) = &spec.repository {
+                self.catalog.note_repository(&key, repo);
+            }
             return Err(Ok(img));
         }
         let mut inflight = self.inflight.lock().unwrap();
@@ -326,7 +329,8 @@ impl Builder {
         let ttl = (!source.is_immutable_at(&spec.tag)).then_some(self.cfg.mutable_ttl);
         if let Some(img) = self.catalog.image(&key) {
             self.metrics.cache_hits.inc();
-            self.catalog.add_request(request, &key, ttl);
+            self.catalog
+                .add_request(request, &key, spec.repository.as_deref(), ttl);
             return Ok(img);
         }
         let fut = {
@@ -361,8 +365,23 @@ impl Builder {
             }
         };
         let img = fut.await?;
-        self.catalog.add_request(request, &key, ttl);
+        self.catalog
+            .add_request(request, &key, spec.repository.as_deref(), ttl);
         Ok(img)
+    }
+
+    /// The names of a spec that its package source lacks (none: all exist),
+    /// from the cache of name answers or one evaluation.
+    pub async fn unknown_names(&self, spec: &ImageSpec) -> Result<Vec<String>, BuildError> {
+        let source = spec
+            .source
+            .clone()
+            .unwrap_or_else(|| self.cfg.source.clone());
+        match self.resolve(&source, spec, &spec.all_packages()).await {
+            Ok(_) => Ok(vec![]),
+            Err(BuildError::UnknownPackages(names)) => Ok(names),
+            Err(e) => Err(e),
+        }
     }
 
     /// Asks Nix what the names mean, unless every answer is known for this

@@ -29,8 +29,9 @@ pub enum RegistryError {
     Unsupported(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A path under /v2/ that is no endpoint of this registry.
     #[error("{0}")]
-    NotFound(String),
+    NoSuchEndpoint(String),
     #[error("{0}")]
     Unknown(String),
 }
@@ -43,12 +44,14 @@ impl RegistryError {
             RegistryError::ManifestUnknown { .. } => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
             RegistryError::BlobUnknown(_) => (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"),
             RegistryError::DigestInvalid(_) => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
+            // The spec's table has no code for this: UNSUPPORTED ("invalid
+            // set of parameters"), with the 416 and Content-Range of RFC 9110.
             RegistryError::RangeInvalid { .. } => {
-                (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID")
+                (StatusCode::RANGE_NOT_SATISFIABLE, "UNSUPPORTED")
             }
             RegistryError::Unsupported(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
             RegistryError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
-            RegistryError::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+            RegistryError::NoSuchEndpoint(_) => (StatusCode::NOT_FOUND, "UNSUPPORTED"),
             RegistryError::Unknown(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
         }
     }
@@ -75,8 +78,13 @@ impl IntoResponse for RegistryError {
             );
         }
         if matches!(self, RegistryError::Unsupported(_)) {
-            resp.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            let h = resp.headers_mut();
+            h.insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, OPTIONS"),
+            );
+            // A write's body is not read: the connection cannot be reused.
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
     }
@@ -85,11 +93,16 @@ impl IntoResponse for RegistryError {
 impl From<NameError> for RegistryError {
     fn from(e: NameError) -> Self {
         match e {
-            NameError::InvalidName(_) | NameError::InvalidTag(_) => {
-                RegistryError::NameInvalid(e.to_string())
-            }
+            NameError::InvalidName(_) => RegistryError::NameInvalid(e.to_string()),
+            // A tag that cannot exist names no manifest (the spec's 404).
+            NameError::InvalidTag(_) => RegistryError::ManifestUnknown {
+                message: e.to_string(),
+                detail: serde_json::Value::Null,
+            },
             NameError::InvalidDigest(_) => RegistryError::DigestInvalid(e.to_string()),
-            NameError::NotFound => RegistryError::NotFound("no such registry endpoint".into()),
+            NameError::NotFound => {
+                RegistryError::NoSuchEndpoint("no such registry endpoint".into())
+            }
         }
     }
 }

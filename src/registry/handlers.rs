@@ -22,9 +22,21 @@ fn api_version_headers(resp: &mut Response) {
     );
 }
 
+/// `OPTIONS` on any registry path: what may be done there.
+fn options() -> Response {
+    let mut resp = StatusCode::OK.into_response();
+    resp.headers_mut().insert(
+        header::ALLOW,
+        HeaderValue::from_static("GET, HEAD, OPTIONS"),
+    );
+    resp
+}
+
 pub(super) async fn v2_base(method: Method) -> Response {
     let mut resp = if method == Method::GET || method == Method::HEAD {
         ([(header::CONTENT_TYPE, "application/json")], "{}").into_response()
+    } else if method == Method::OPTIONS {
+        options()
     } else {
         RegistryError::Unsupported("this registry is read-only".into()).into_response()
     };
@@ -38,15 +50,15 @@ pub(super) async fn v2(
     headers: HeaderMap,
     req: Request,
 ) -> Response {
-    // The raw path: percent-escapes stay escaped and so fail validation.
-    let path = req
-        .uri()
-        .path()
-        .strip_prefix("/v2/")
-        .unwrap_or("")
-        .to_string();
+    // Percent-escapes are decoded (never into a slash), then the path is
+    // validated like any other.
+    let raw = req.uri().path().strip_prefix("/v2/").unwrap_or("");
     let query = req.uri().query().unwrap_or("").to_string();
-    let mut resp = match handle(&app, &method, &headers, &path, &query).await {
+    let result = match name::decode_path(raw) {
+        Ok(path) => handle(&app, &method, &headers, &path, &query).await,
+        Err(e) => Err(e.into()),
+    };
+    let mut resp = match result {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
@@ -61,11 +73,14 @@ async fn handle(
     path: &str,
     query: &str,
 ) -> Result<Response, RegistryError> {
-    let route = name::parse_route(path)?;
+    if *method == Method::OPTIONS {
+        return Ok(options());
+    }
     let head = *method == Method::HEAD;
     if *method != Method::GET && !head {
         return Err(RegistryError::Unsupported(format!("{method} is not supported: this registry is read-only; images are built from their names")));
     }
+    let route = name::parse_route(path)?;
     match route {
         Route::Base => Ok(v2_base(method.clone()).await),
         Route::Catalog => {
@@ -77,8 +92,22 @@ async fn handle(
         )),
         Route::Tags { repo } => {
             let tags = match &repo {
+                // Any revision of a git source is a tag: none can be listed.
                 Repository::AdHoc(_) if app.builder.source().tags_are_revisions() => vec![],
-                Repository::AdHoc(_) => vec!["latest".to_string()],
+                Repository::AdHoc(img) => {
+                    let unknown = app
+                        .builder
+                        .unknown_names(&ImageSpec::ad_hoc(img, "latest"))
+                        .await
+                        .map_err(|e| RegistryError::from(&e))?;
+                    if !unknown.is_empty() {
+                        return Err(RegistryError::NameUnknown(format!(
+                            "no such packages: {}",
+                            unknown.join(", ")
+                        )));
+                    }
+                    vec!["latest".to_string()]
+                }
                 Repository::Named { namespace, name } => {
                     match app.catalog.named.get(namespace, name) {
                         Some(NamedEntry::Ready { tag, .. }) => vec![tag],
@@ -91,10 +120,18 @@ async fn handle(
                     }
                 }
             };
-            Ok(paginated("tags", Some(repo.name()), tags, query))
+            // The name as requested, not its canonical spelling.
+            let requested = path.strip_suffix("/tags/list").unwrap_or(path);
+            Ok(paginated("tags", Some(requested.to_string()), tags, query))
         }
+        Route::Referrers { .. } => Ok(referrers(head)),
         Route::Manifest { repo, reference } => manifest(app, headers, head, repo, reference).await,
-        Route::Blob { digest, .. } => blob(app, headers, head, digest).await,
+        Route::Blob { repo, digest } => {
+            in_repository(app, &repo, &digest, || {
+                RegistryError::BlobUnknown(format!("blob {digest} is not in {}", repo.name()))
+            })?;
+            blob(app, headers, head, digest).await
+        }
     }
 }
 
@@ -114,7 +151,9 @@ fn paginated(key: &str, name: Option<String>, mut items: Vec<String>, query: &st
     if let Some(last) = &last {
         items.retain(|i| i > last);
     }
-    let more = matches!(n, Some(n) if items.len() > n);
+    // More to come only when a page was asked for and filled (n=0 asks for
+    // nothing, and must not link back to itself).
+    let more = matches!(n, Some(n) if n > 0 && items.len() > n);
     if let Some(n) = n {
         items.truncate(n);
     }
@@ -155,6 +194,72 @@ fn digest_headers(h: &mut HeaderMap, digest: &Digest) {
     );
 }
 
+/// 304 when the client's `If-None-Match` already names this content.
+fn not_modified(headers: &HeaderMap, digest: &Digest) -> Option<Response> {
+    let tag = format!("\"{digest}\"");
+    let matches = headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().trim_start_matches("W/"))
+        .any(|t| t == "*" || t == tag);
+    if !matches {
+        return None;
+    }
+    let mut resp = StatusCode::NOT_MODIFIED.into_response();
+    digest_headers(resp.headers_mut(), digest);
+    Some(resp)
+}
+
+/// Content is served by digest only under a repository that holds it: an
+/// image asked for under that name, or the NixImage's image.
+fn in_repository(
+    app: &AppState,
+    repo: &Repository,
+    digest: &Digest,
+    missing: impl FnOnce() -> RegistryError,
+) -> Result<(), RegistryError> {
+    let holds = match repo {
+        Repository::AdHoc(img) => app.catalog.in_repository(&img.name(), digest),
+        Repository::Named { namespace, name } => match app.catalog.named.get(namespace, name) {
+            Some(NamedEntry::Ready { image, .. }) => {
+                crate::catalog::digests_of(&image).contains(digest)
+            }
+            _ => false,
+        },
+    };
+    if holds {
+        Ok(())
+    } else {
+        Err(missing())
+    }
+}
+
+/// The referrers API: no image here has referrers (signatures, SBOMs), so the
+/// answer is always an empty index, as the spec asks (never a 404).
+fn referrers(head: bool) -> Response {
+    let body = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": oci::OCI_INDEX,
+        "manifests": [],
+    })
+    .to_string();
+    let len = body.len();
+    let mut resp = if head {
+        Response::new(Body::empty())
+    } else {
+        Response::new(Body::from(body))
+    };
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(oci::OCI_INDEX),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    resp
+}
+
 /// Docker schema2 only for clients that accept it and not OCI.
 fn wants_docker(headers: &HeaderMap) -> bool {
     let accept: String = headers
@@ -168,11 +273,15 @@ fn wants_docker(headers: &HeaderMap) -> bool {
 
 fn manifest_response(
     app: &AppState,
+    headers: &HeaderMap,
     head: bool,
     media_type: &str,
     digest: &Digest,
     bytes: bytes::Bytes,
 ) -> Response {
+    if let Some(resp) = not_modified(headers, digest) {
+        return resp;
+    }
     let len = bytes.len();
     let body = if head {
         Body::empty()
@@ -197,6 +306,7 @@ fn serve_built(app: &AppState, headers: &HeaderMap, head: bool, img: &BuiltImage
     if wants_docker(headers) && img.has_docker_manifest() {
         manifest_response(
             app,
+            headers,
             head,
             oci::DOCKER_MANIFEST,
             &img.docker_digest,
@@ -205,6 +315,7 @@ fn serve_built(app: &AppState, headers: &HeaderMap, head: bool, img: &BuiltImage
     } else {
         manifest_response(
             app,
+            headers,
             head,
             oci::OCI_MANIFEST,
             &img.oci_digest,
@@ -221,9 +332,15 @@ async fn manifest(
     reference: Reference,
 ) -> Result<Response, RegistryError> {
     match (repo, reference) {
-        (_, Reference::Digest(digest)) => {
+        (repo, Reference::Digest(digest)) => {
+            in_repository(app, &repo, &digest, || RegistryError::ManifestUnknown {
+                message: format!("manifest {digest} is not in {}", repo.name()),
+                detail: serde_json::Value::Null,
+            })?;
             if let Some((media_type, bytes)) = app.catalog.manifest(&digest) {
-                return Ok(manifest_response(app, head, media_type, &digest, bytes));
+                return Ok(manifest_response(
+                    app, headers, head, media_type, &digest, bytes,
+                ));
             }
             let store = app.builder.store().clone();
             let bytes = crate::store::get_small(&*store, &digest, MAX_MANIFEST)
@@ -240,6 +357,7 @@ async fn manifest(
             let media_type = oci::manifest_media_type(&bytes).ok_or_else(unknown)?;
             Ok(manifest_response(
                 app,
+                headers,
                 head,
                 media_type,
                 &digest,
@@ -275,19 +393,44 @@ async fn manifest(
     }
 }
 
-/// Parses a single `bytes=` range against a blob size: (start, end exclusive).
-pub fn parse_range(value: &str, size: u64) -> Result<(u64, u64), RegistryError> {
+/// Parses a `Range` header against a blob size: Some((start, end exclusive))
+/// for one satisfiable byte range, None for a header to ignore (another unit,
+/// several ranges, bad syntax: RFC 9110 lets a server serve the whole blob),
+/// and 416 for one byte range that lies outside the blob.
+pub fn parse_range(value: &str, size: u64) -> Result<Option<(u64, u64)>, RegistryError> {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((a, b)) = spec.split_once('-') else {
+        return Ok(None);
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let number = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit());
+    let well_formed = match (a.is_empty(), b.is_empty()) {
+        (true, false) => number(b),
+        (false, true) => number(a),
+        (false, false) => number(a) && number(b) && a.parse::<u64>().ok() <= b.parse::<u64>().ok(),
+        (true, true) => false,
+    };
+    if !well_formed {
+        return Ok(None);
+    }
+    single_range(spec, size).map(Some)
+}
+
+/// One well-formed `first-last`, `first-` or `-suffix` byte range.
+fn single_range(spec: &str, size: u64) -> Result<(u64, u64), RegistryError> {
+    let value = format!("bytes={spec}");
     let bad = || RegistryError::RangeInvalid {
         message: format!(
             "invalid or unsatisfiable range '{}'",
-            name::printable(value)
+            name::printable(&value)
         ),
         size,
     };
-    let spec = value.trim().strip_prefix("bytes=").ok_or_else(bad)?;
-    if spec.contains(',') {
-        return Err(bad());
-    }
     let (a, b) = spec.split_once('-').ok_or_else(bad)?;
     let (a, b) = (a.trim(), b.trim());
     let range = if a.is_empty() {
@@ -331,8 +474,11 @@ async fn blob(
         .await
         .map_err(storage_error)?
         .ok_or_else(unknown)?;
+    if let Some(resp) = not_modified(headers, &digest) {
+        return Ok(resp);
+    }
     let range = match headers.get(header::RANGE) {
-        Some(v) => Some(parse_range(v.to_str().unwrap_or(""), size)?),
+        Some(v) => parse_range(v.to_str().unwrap_or(""), size)?,
         None => None,
     };
     let (start, end) = range.unwrap_or((0, size));
@@ -380,26 +526,28 @@ mod tests {
 
     #[test]
     fn ranges() {
-        assert_eq!(parse_range("bytes=0-9", 100).unwrap(), (0, 10));
-        assert_eq!(parse_range("bytes=90-", 100).unwrap(), (90, 100));
-        assert_eq!(parse_range("bytes=-10", 100).unwrap(), (90, 100));
-        assert_eq!(parse_range("bytes=95-200", 100).unwrap(), (95, 100));
-        for bad in [
-            "bytes=100-",
-            "bytes=10-5",
-            "bytes=a-b",
+        let r = |v: &str| parse_range(v, 100);
+        assert_eq!(r("bytes=0-9").unwrap(), Some((0, 10)));
+        assert_eq!(r("bytes=90-").unwrap(), Some((90, 100)));
+        assert_eq!(r("bytes=-10").unwrap(), Some((90, 100)));
+        assert_eq!(r("bytes=95-200").unwrap(), Some((95, 100)));
+        assert_eq!(r("bytes=-200").unwrap(), Some((0, 100)));
+        // Not honoured, so ignored (the whole blob is served), as RFC 9110 allows.
+        for ignored in [
             "items=0-1",
             "bytes=0-1,5-6",
-            "bytes=-0",
+            "bytes=a-b",
             "bytes=",
             "bytes=-",
+            "bytes=10-5",
             "",
         ] {
+            assert_eq!(r(ignored).unwrap(), None, "{ignored}");
+        }
+        // One byte range outside the blob: 416.
+        for bad in ["bytes=100-", "bytes=100-200", "bytes=-0"] {
             assert!(
-                matches!(
-                    parse_range(bad, 100),
-                    Err(RegistryError::RangeInvalid { .. })
-                ),
+                matches!(r(bad), Err(RegistryError::RangeInvalid { size: 100, .. })),
                 "{bad}"
             );
         }

@@ -52,7 +52,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .fallback(|| async { RegistryError::NotFound("no such endpoint".into()) })
+        .fallback(|| async { RegistryError::NoSuchEndpoint("no such endpoint".into()) })
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
