@@ -13,7 +13,7 @@ if [ $# -gt 0 ] && [ "$1" != "--" ]; then root="$1"; shift; fi
 [ "${1:-}" = "--" ] && shift
 bash scripts/debian13-root.sh "$root"
 nix_version=$(bash scripts/in-root.sh "$root" nix --version)
-tests=(nix_contract clients controller)
+tests=(nix_contract clients clients_controller controller)
 mapfile -t bins < <(
   cargo test --no-run --message-format=json $(printf -- '--test %s ' "${tests[@]}") 2>/dev/null |
     python3 -c 'import json,sys

@@ -2,6 +2,8 @@
 //! set, in-process requests, and the real `nixery` binary as a child process.
 #![allow(dead_code)]
 
+pub mod apiserver;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
