@@ -648,3 +648,112 @@ async fn readiness_comes_from_the_watch_and_recovers_after_an_outage() {
     agent_task.abort();
     drop(watches);
 }
+
+/// A git repository with one commit on `main`; returns its URL and a way to
+/// commit again (which moves `main`).
+fn git_repo(root: &std::path::Path) -> (String, impl Fn() -> String) {
+    let repo = root.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let git = move |args: &[&str]| {
+        let (ok, out, err) = run(std::process::Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args(args)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@t")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@t"));
+        assert!(ok, "git {args:?}: {err}");
+        out.trim().to_string()
+    };
+    git(&["init", "-q", "-b", "main"]);
+    let url = format!("file://{}", root.join("repo").display());
+    let commit = move || {
+        git(&["commit", "-q", "--allow-empty", "-m", "a change"]);
+        git(&["rev-parse", "HEAD"])
+    };
+    (url, commit)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moving_source_is_pinned_for_every_node_and_followed_after_the_ttl() {
+    if !have_tool("git", "a_moving_source_is_pinned") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (url, commit) = git_repo(dir.path());
+    let first = commit();
+    // TTL 0: every reconcile looks at the branch again (writing only when it moved).
+    let mut s = settings(&dir.path().join("state"));
+    s.cache_ttl = Duration::ZERO;
+    let nix = Arc::new(nixery::nix::fake::FakeNix::standard(
+        &dir.path().join("fake"),
+    ));
+    let state = nixery::app_state_with(&s, nix).await.unwrap();
+    let mut a = agent("node-a", "127.0.0.1:5000", &state, |c| {
+        c.allowed_sources = vec![nixery::nix::Source::Git { url: url.clone() }]
+    });
+    let server = Server::new(niximage(
+        "curl-and-jq",
+        1,
+        &["hello"],
+        &["k8s.nixos.org/nixery-node-a"],
+    ));
+    server.edit(|o| {
+        o["spec"]["source"] = json!({ "repo": url });
+        o["spec"]["tag"] = json!("main");
+    });
+
+    // The branch is resolved once, into status, before anything is built.
+    let (result, calls) = reconcile(&server, &mut a, 4).await;
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(calls[0].manager(), "nixery.k8s.nixos.org-revision");
+    assert_eq!(calls[0].body["status"]["revision"], first.as_str());
+    assert_node_patch(&calls[1], "node-a", "Building");
+    let status = server.object().status.unwrap();
+    assert_eq!(status.revision.as_deref(), Some(first.as_str()));
+    assert_eq!(
+        status.revision_of.as_deref(),
+        Some(format!("{url}#main").as_str())
+    );
+    build_finished(&mut a).await;
+    let (_, calls) = reconcile(&server, &mut a, 3).await;
+    assert_node_patch(&calls[0], "node-a", "Ready");
+    assert_eq!(
+        calls[0].body["status"]["nodes"][0]["revision"],
+        first.as_str()
+    );
+    // The branch has not moved: looked at again, nothing written.
+    let (_, calls) = reconcile(&server, &mut a, 0).await;
+    assert!(calls.is_empty(), "{calls:#?}");
+    // The registry serves it under the object's own tag.
+    let r = get(&state, "/v2/niximage/default/curl-and-jq/manifests/main").await;
+    assert_eq!(r.status, StatusCode::OK);
+
+    // The branch moves: the new commit goes into status and the node rebuilds.
+    let second = commit();
+    let (result, calls) = reconcile(&server, &mut a, 4).await;
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(calls[0].body["status"]["revision"], second.as_str());
+    assert_node_patch(&calls[1], "node-a", "Building");
+    // Until it is rebuilt, the node's Ready entry of the old revision does not count.
+    assert_aggregate_patch(&calls[2], "Building", "0/1");
+    build_finished(&mut a).await;
+    let (_, calls) = reconcile(&server, &mut a, 3).await;
+    assert_eq!(
+        calls[0].body["status"]["nodes"][0]["revision"],
+        second.as_str()
+    );
+
+    // A branch that does not exist is the user's to fix.
+    server.edit(|o| {
+        o["metadata"]["generation"] = json!(2);
+        o["spec"]["tag"] = json!("no-such-branch");
+    });
+    let (result, calls) = reconcile(&server, &mut a, 3).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert_event(&calls[2], "UnknownRevision", "Warning");
+    assert!(server.object().status.unwrap().conditions[0]
+        .message
+        .contains("no branch or tag 'no-such-branch'"));
+}

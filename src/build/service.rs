@@ -450,6 +450,11 @@ impl Builder {
         hex::encode(h.finalize())
     }
 
+    /// How long an answer from a source that can move holds.
+    pub fn mutable_ttl(&self) -> Duration {
+        self.cfg.mutable_ttl
+    }
+
     pub fn catalog(&self) -> &Arc<Catalog> {
         &self.catalog
     }

@@ -62,6 +62,9 @@ pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
 pub const REASON_UNKNOWN_PACKAGES: &str = "UnknownPackages";
 pub const REASON_SOURCE_NOT_ALLOWED: &str = "SourceNotAllowed";
 pub const REASON_UNSUPPORTED_SYSTEM: &str = "UnsupportedSystem";
+pub const REASON_UNKNOWN_REVISION: &str = "UnknownRevision";
+/// Field manager of the resolved revision (`status.revision*`), shared by all agents.
+pub const REVISION_MANAGER: &str = "nixery.k8s.nixos.org-revision";
 /// A build that failed for another reason: retried with backoff.
 pub const REASON_BUILD_FAILED: &str = "BuildFailed";
 
@@ -103,10 +106,12 @@ impl Error {
 enum NodeBuild {
     Running {
         generation: i64,
+        revision: Option<String>,
         task: tokio::task::JoinHandle<()>,
     },
     Done {
         generation: i64,
+        revision: Option<String>,
         result: Result<Arc<BuiltImage>, Arc<BuildError>>,
         /// Whether BuildStarted was announced (a restarted agent re-registers quietly).
         announced: bool,
@@ -144,6 +149,8 @@ pub struct Context {
     /// The node entry this agent last wrote, per object UID.
     written: Mutex<HashMap<String, NodeStatus>>,
     failed: Mutex<HashMap<String, Failure>>,
+    /// When this agent last resolved each object's moving source (and to what).
+    resolved: Mutex<HashMap<String, (String, Instant)>>,
     /// Objects whose build finished, to reconcile again.
     completions: tokio::sync::mpsc::UnboundedSender<ObjectRef<NixImage>>,
 }
@@ -185,6 +192,7 @@ impl Context {
             builds: Default::default(),
             written: Default::default(),
             failed: Default::default(),
+            resolved: Default::default(),
             completions: tx,
         };
         (ctx, Wiring { completions: rx })
@@ -475,6 +483,18 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
         return user_error(api, &obj, ctx, REASON_SOURCE_NOT_ALLOWED, &message).await;
     }
 
+    // A moving git source builds the commit it names now, the same on every node.
+    let mut spec = spec;
+    let revision = match pin_revision(api, &obj, ctx, &source, &spec.tag).await? {
+        Pin::Fixed(r) => r,
+        Pin::Unknown(message) => {
+            return user_error(api, &obj, ctx, REASON_UNKNOWN_REVISION, &message).await
+        }
+    };
+    if let Some(r) = &revision {
+        spec.tag = r.clone();
+    }
+
     // This node's entry: what we last wrote, else (after a restart) what the object says.
     let mine = ctx.written.lock().unwrap().get(&uid).cloned().or_else(|| {
         obj.status
@@ -483,9 +503,9 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
             .find(|n| n.node == ctx.node)
             .cloned()
     });
-    let ready_here = mine
-        .as_ref()
-        .is_some_and(|m| m.phase == PHASE_READY && m.observed_generation == generation);
+    let ready_here = mine.as_ref().is_some_and(|m| {
+        m.phase == PHASE_READY && m.observed_generation == generation && m.revision == revision
+    });
     let registered = match ctx.catalog.named.get(&ns, &name) {
         Some(NamedEntry::Ready { tag, image }) if tag == obj.spec.tag => {
             Some(image.oci_digest.to_string())
@@ -505,8 +525,16 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
     let done = {
         let mut builds = ctx.builds.lock().unwrap();
         match builds.get(&uid) {
-            Some(NodeBuild::Done { generation: g, .. }) if *g == generation => builds.remove(&uid),
-            Some(NodeBuild::Running { generation: g, .. }) if *g == generation => {
+            Some(NodeBuild::Done {
+                generation: g,
+                revision: r,
+                ..
+            }) if *g == generation && *r == revision => builds.remove(&uid),
+            Some(NodeBuild::Running {
+                generation: g,
+                revision: r,
+                ..
+            }) if *g == generation && *r == revision => {
                 // Its completion triggers this object again.
                 return Ok(Action::requeue(RECHECK));
             }
@@ -517,7 +545,7 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
         result, announced, ..
     }) = done
     {
-        return finish(api, &obj, ctx, result, announced || !ready_here).await;
+        return finish(api, &obj, ctx, result, revision, announced || !ready_here).await;
     }
 
     // A failed build waits for its backoff (or, for the user's errors, for a
@@ -566,8 +594,92 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
             },
         );
     }
-    start_build(api, &obj, ctx, spec, generation, announce);
+    start_build(api, &obj, ctx, spec, generation, revision, announce);
     Ok(Action::requeue(RECHECK))
+}
+
+/// What a moving source names now.
+enum Pin {
+    /// The commit to build (None: the source does not move, or is a commit).
+    Fixed(Option<String>),
+    /// The branch or tag does not exist (the user's error).
+    Unknown(String),
+}
+
+/// For a git source at a branch or tag: the commit it names, resolved once
+/// and shared by every node through `status.revision`, resolved again after
+/// the cache TTL (written only when it changed, so agents that agree write
+/// nothing). For any other source, None (and an old revision is cleared).
+async fn pin_revision(
+    api: &Api<NixImage>,
+    obj: &NixImage,
+    ctx: &Context,
+    source: &Source,
+    tag: &str,
+) -> Result<Pin, Error> {
+    let status = obj.status.clone().unwrap_or_default();
+    let apply = |fields: serde_json::Value| async move {
+        let patch = json!({ "apiVersion": API_VERSION, "kind": "NixImage", "status": fields });
+        api.patch_status(
+            &obj.name_any(),
+            &PatchParams::apply(REVISION_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(Error::PatchStatus)
+    };
+    let url = match source {
+        Source::Git { url } if !crate::nix::is_commit(tag) => url,
+        _ => {
+            if status.revision.is_some() {
+                apply(json!({})).await?;
+            }
+            return Ok(Pin::Fixed(None));
+        }
+    };
+    let uid = obj.uid().unwrap_or_default();
+    let of = format!("{}#{tag}", crate::nix::redact_url(url));
+    let ttl = ctx.builder.mutable_ttl();
+    let resolved_at = status
+        .revision_resolved
+        .as_deref()
+        .and_then(|t| t.parse::<Timestamp>().ok());
+    let fresh =
+        resolved_at.is_some_and(|t| Timestamp::now().duration_since(t).unsigned_abs() < ttl);
+    let checked = ctx
+        .resolved
+        .lock()
+        .unwrap()
+        .get(&uid)
+        .is_some_and(|(o, at)| *o == of && at.elapsed() < ttl);
+    if status.revision.is_some() && status.revision_of.as_deref() == Some(&of) && (fresh || checked)
+    {
+        return Ok(Pin::Fixed(status.revision));
+    }
+    let commit = match crate::nix::resolve_git_ref(url, tag).await {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            return Ok(Pin::Unknown(format!(
+                "{} has no branch or tag '{tag}'",
+                crate::nix::redact_url(url)
+            )))
+        }
+        Err(e) => return Err(Error::Build(e.to_string())),
+    };
+    ctx.resolved
+        .lock()
+        .unwrap()
+        .insert(uid, (of.clone(), Instant::now()));
+    if status.revision.as_deref() != Some(&commit) || status.revision_of.as_deref() != Some(&of) {
+        apply(json!({
+            "revision": commit,
+            "revisionOf": of,
+            "revisionResolved": Timestamp::now().to_string(),
+        }))
+        .await?;
+        info!(%commit, source = %of, "resolved the source's revision");
+    }
+    Ok(Pin::Fixed(Some(commit)))
 }
 
 /// Starts this generation's build in the background (replacing a build of an
@@ -578,6 +690,7 @@ fn start_build(
     ctx: &Context,
     spec: ImageSpec,
     generation: i64,
+    revision: Option<String>,
     announced: bool,
 ) {
     let uid = obj.uid().unwrap_or_default();
@@ -587,6 +700,7 @@ fn start_build(
     let obj_ref = ObjectRef::from_obj(obj);
     let builds = ctx.builds.clone();
     let key = uid.clone();
+    let rev = revision.clone();
     // The map is locked until the Running entry is in, so the task's Done
     // entry always comes after it.
     let mut map = ctx.builds.lock().unwrap();
@@ -597,12 +711,13 @@ fn start_build(
         let mut builds = builds.lock().unwrap();
         // Only this generation's own entry is replaced: a newer spec's build
         // is never overwritten by an older one that finished late.
-        if matches!(builds.get(&key), Some(NodeBuild::Running { generation: g, .. }) if g == &generation)
+        if matches!(builds.get(&key), Some(NodeBuild::Running { generation: g, revision: r, .. }) if g == &generation && *r == rev)
         {
             builds.insert(
                 key,
                 NodeBuild::Done {
                     generation,
+                    revision: rev,
                     result,
                     announced,
                 },
@@ -611,9 +726,14 @@ fn start_build(
             let _ = completions.send(obj_ref);
         }
     });
-    if let Some(NodeBuild::Running { task: old, .. }) =
-        map.insert(uid, NodeBuild::Running { generation, task })
-    {
+    if let Some(NodeBuild::Running { task: old, .. }) = map.insert(
+        uid,
+        NodeBuild::Running {
+            generation,
+            revision,
+            task,
+        },
+    ) {
         old.abort();
     }
 }
@@ -625,6 +745,7 @@ async fn finish(
     obj: &NixImage,
     ctx: &Context,
     result: Result<Arc<BuiltImage>, Arc<BuildError>>,
+    revision: Option<String>,
     announce: bool,
 ) -> Result<Action, Error> {
     let ns = obj.namespace().ok_or(Error::NoNamespace)?;
@@ -688,6 +809,7 @@ async fn finish(
         phase: PHASE_READY.into(),
         observed_generation: generation,
         digest: Some(digest.clone()),
+        revision,
         image: Some(format!(
             "{}/{}:{}@{digest}",
             ctx.public_host,
@@ -862,10 +984,15 @@ pub fn aggregate(obj: &NixImage, departed: &dyn Fn(&str) -> bool, now: Time) -> 
         .iter()
         .filter(|n| !departed(&n.node))
         .collect();
+    // Entries of this generation (and, for a moving source, of the revision
+    // it was resolved to).
     let current_gen: Vec<&NodeStatus> = nodes
         .iter()
         .copied()
         .filter(|n| n.observed_generation == generation)
+        .filter(|n| {
+            current.revision.is_none() || n.phase != PHASE_READY || n.revision == current.revision
+        })
         .collect();
     let ready: Vec<&NodeStatus> = current_gen
         .iter()
@@ -961,6 +1088,9 @@ pub fn aggregate(obj: &NixImage, departed: &dyn Fn(&str) -> bool, now: Time) -> 
             None
         },
         ready_nodes: Some(format!("{}/{total}", ready.len())),
+        revision: None,
+        revision_of: None,
+        revision_resolved: None,
         nodes: vec![],
         conditions: vec![Condition {
             type_: "Ready".into(),

@@ -116,6 +116,17 @@ pub struct NixImageStatus {
     /// Compressed size in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<i64>,
+    /// The commit a moving git source (a branch or tag) was resolved to;
+    /// every node builds this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// What `revision` resolves: `<repository>#<branch or tag>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision_of: Option<String>,
+    /// When `revision` was resolved (RFC 3339); it is resolved again after
+    /// the agents' cache TTL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision_resolved: Option<String>,
     /// `ready/total` nodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_nodes: Option<String>,
@@ -137,6 +148,9 @@ pub struct NodeStatus {
     pub observed_generation: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+    /// The git commit this node built from, for a moving source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
     /// Where pods on this node pull the image from (its own registry host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,

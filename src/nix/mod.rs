@@ -110,7 +110,36 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-fn is_commit(tag: &str) -> bool {
+/// The commit a git branch or tag names now (`git ls-remote`): a branch
+/// first, then a tag (peeled, for an annotated one). None when neither exists.
+pub async fn resolve_git_ref(url: &str, reference: &str) -> Result<Option<String>, NixError> {
+    let out = run(
+        "git",
+        &["ls-remote", "--", url, reference],
+        "resolving the revision",
+        None,
+    )
+    .await
+    .map_err(|e| match e {
+        // The URL may carry credentials: never in a message.
+        NixError::Failed { stage, .. } => NixError::Failed {
+            stage,
+            log: format!("git ls-remote {} failed", redact_url(url)),
+        },
+        other => other,
+    })?;
+    let refs: Vec<(&str, &str)> = out.lines().filter_map(|l| l.split_once('\t')).collect();
+    let find = |name: &str| {
+        refs.iter()
+            .find(|(_, r)| *r == name)
+            .map(|(c, _)| c.to_string())
+    };
+    Ok(find(&format!("refs/heads/{reference}"))
+        .or_else(|| find(&format!("refs/tags/{reference}^{{}}")))
+        .or_else(|| find(&format!("refs/tags/{reference}"))))
+}
+
+pub fn is_commit(tag: &str) -> bool {
     tag.len() == 40 && tag.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
