@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
-cargo build --release --quiet
+echo "quickstart: building nixery (release; the first build takes about 10 minutes on two cores)"
+cargo build --release
 listen="${NIXERY_LISTEN:-127.0.0.1:5000}"
 state="${NIXERY_STATE_DIR:-$PWD/state}"
 ./target/release/nixery serve --listen "$listen" --state-dir "$state" \
