@@ -120,6 +120,35 @@ fn docker_pull_and_run() {
 }
 
 #[test]
+fn nix_dies_with_a_killed_server() {
+    // The server is SIGKILLed while Nix builds: Nix and its builder must not
+    // go on, orphaned (Nix gets SIGTERM when its parent dies).
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&dir.path().join("state"), &[]);
+    let url = server.url("/v2/slow/manifests/latest");
+    let req = std::thread::spawn(move || http_get(&url));
+    let started = Instant::now();
+    while !slow_builder_running() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the slow builder never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.kill();
+    let _ = req.join();
+    let killed = Instant::now();
+    while slow_builder_running() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(15),
+            "the builder outlived its server:\n{}",
+            command_lines().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
 fn killed_during_a_build_then_restarted_serves_only_whole_blobs() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");

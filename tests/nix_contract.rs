@@ -153,28 +153,6 @@ async fn failing_build_says_why_and_is_retried() {
     }
 }
 
-/// Command lines of every process on the machine (from /proc, so no `ps`
-/// is needed), joined with spaces.
-fn command_lines() -> Vec<String> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| {
-            String::from_utf8_lossy(&c)
-                .replace('\0', " ")
-                .trim()
-                .to_string()
-        })
-        .collect()
-}
-
-fn slow_builder_running() -> bool {
-    command_lines()
-        .iter()
-        .any(|l| l.contains("slow: sleeping") || l == "sleep 20")
-}
-
 #[tokio::test]
 async fn build_past_its_timeout_is_stopped() {
     let dir = tempfile::tempdir().unwrap();

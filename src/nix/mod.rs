@@ -334,6 +334,17 @@ async fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    // If the server dies (even by SIGKILL), Nix gets SIGTERM, on which it
+    // stops its builders and releases its locks: nothing is left orphaned.
+    // SAFETY: prctl only sets a flag of the child, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let mut child = cmd.spawn().map_err(|e| NixError::Spawn {
         program,
         message: e.to_string(),
