@@ -114,6 +114,14 @@ pub struct CommonArgs {
     /// `substituters=` for the offline package set, where no cache is reachable.
     #[arg(long = "nix-option", env = "NIXERY_NIX_OPTIONS", value_delimiter = ',')]
     pub nix_options: Vec<String>,
+    /// Most client connections at once; past it a connection is refused with
+    /// 503 [default: half the open-file limit, at most 8192].
+    #[arg(long, env = "NIXERY_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Seconds a client may take to send a request's headers (and to start
+    /// its next request on a kept-alive connection) before it is closed.
+    #[arg(long, env = "NIXERY_HEADER_TIMEOUT", default_value_t = 10)]
+    pub header_timeout: u64,
     /// Blob storage backend: `filesystem` (object storage is not built yet).
     #[arg(long, env = "NIXERY_STORAGE_BACKEND", default_value = "filesystem")]
     pub storage_backend: String,
@@ -144,6 +152,39 @@ pub struct Settings {
     pub compression: crate::oci::Compression,
     pub popularity: Option<crate::layers::Popularity>,
     pub nix_options: Vec<(String, String)>,
+    pub limits: ConnectionLimits,
+}
+
+/// What one client connection may hold and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_connections: default_max_connections(),
+            header_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Half the soft open-file limit (files, Nix's pipes and the store need the
+/// rest), between 16 and 8192.
+pub fn default_max_connections() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only fills the struct.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur as usize
+    } else {
+        1024
+    };
+    (soft / 2).clamp(16, 8192)
 }
 
 impl CommonArgs {
@@ -227,6 +268,13 @@ impl CommonArgs {
             cache_ttl: Duration::from_secs(self.cache_ttl),
             compression: self.layer_compression,
             popularity,
+            limits: ConnectionLimits {
+                max_connections: self
+                    .max_connections
+                    .unwrap_or_else(default_max_connections)
+                    .max(1),
+                header_timeout: Duration::from_secs(self.header_timeout.max(1)),
+            },
         })
     }
 }

@@ -34,6 +34,7 @@ pub struct Metrics {
     pub layers_reused: Counter,
     pub bytes_served: Counter,
     pub requests: Family<StatusLabel, Counter>,
+    pub connections_refused: Counter,
     pub reconciles: Counter,
     pub reconcile_errors: Counter,
     pub reconcile_duration: Histogram,
@@ -58,6 +59,7 @@ impl Default for Metrics {
             layers_reused: Counter::default(),
             bytes_served: Counter::default(),
             requests: Family::default(),
+            connections_refused: Counter::default(),
             reconciles: Counter::default(),
             reconcile_errors: Counter::default(),
             reconcile_duration: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
@@ -129,6 +131,11 @@ impl Default for Metrics {
             "http_requests",
             "Registry requests by status",
             m.requests.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections refused past the connection cap",
+            m.connections_refused.clone(),
         );
         registry.register("reconciles", "NixImage reconciles", m.reconciles.clone());
         registry.register(

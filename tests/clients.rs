@@ -119,6 +119,70 @@ fn docker_pull_and_run() {
     let _ = run(Command::new("docker").args(["rmi", "-f", &hello, &curl, &bash_jq]));
 }
 
+/// Reads from a connection until it closes (or `within` passes); what it got.
+fn read_until_closed(s: &mut std::net::TcpStream, within: Duration) -> Option<String> {
+    use std::io::Read;
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Some(String::from_utf8_lossy(&got).into_owned()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Some(String::from_utf8_lossy(&got).into_owned())
+            }
+            Err(_) => return None, // still open after `within`
+        }
+    }
+}
+
+#[test]
+fn slow_and_idle_clients_are_closed_and_connections_are_capped() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &dir.path().join("state"),
+        &["--header-timeout", "1", "--max-connections", "4"],
+    );
+    // Headers that never end: closed after the header timeout.
+    let mut slow = TcpStream::connect(&server.addr).unwrap();
+    slow.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let got = read_until_closed(&mut slow, Duration::from_secs(10));
+    assert!(
+        got.is_some(),
+        "a client that never finished its headers was kept"
+    );
+    // A kept-alive connection that goes quiet: closed too, after its answer.
+    let mut idle = TcpStream::connect(&server.addr).unwrap();
+    idle.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let got = read_until_closed(&mut idle, Duration::from_secs(10)).expect("closed when idle");
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+
+    // Four connections that send nothing hold every slot: the fifth is told
+    // so at once, with the registry's error JSON and Retry-After.
+    let held: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(&server.addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fifth = TcpStream::connect(&server.addr).unwrap();
+    let got = read_until_closed(&mut fifth, Duration::from_secs(5)).expect("refused and closed");
+    assert!(got.starts_with("HTTP/1.1 503"), "{got}");
+    assert!(
+        got.contains("retry-after: 1") && got.contains("\"UNAVAILABLE\""),
+        "{got}"
+    );
+    // Once the idle ones time out, everyone is served again.
+    std::thread::sleep(Duration::from_secs(2));
+    drop(held);
+    let (code, _) = http_get(&server.url("/v2/"));
+    assert_eq!(code, 200);
+    let (_, metrics) = http_get(&server.url("/metrics"));
+    assert!(metric(&metrics, "nixery_connections_refused_total") >= 1.0);
+}
+
 #[test]
 fn nix_dies_with_a_killed_server() {
     // The server is SIGKILLed while Nix builds: Nix and its builder must not

@@ -30,6 +30,8 @@ pub struct AppState {
     pub builder: Arc<Builder>,
     pub catalog: Arc<Catalog>,
     pub metrics: Arc<Metrics>,
+    /// What one client connection may hold (see `serve_on`).
+    pub limits: crate::config::ConnectionLimits,
     /// False until the controller's watch has synced (always true for `serve`).
     pub ready: Arc<AtomicBool>,
 }

@@ -42,6 +42,7 @@ pub fn settings(state_dir: &Path) -> Settings {
         compression: nixery::oci::Compression::Gzip,
         popularity: None,
         nix_options: offline_nix_options(),
+        limits: Default::default(),
     }
 }
 
