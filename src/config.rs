@@ -107,6 +107,9 @@ pub struct CommonArgs {
     /// Builds that run at once; more queue.
     #[arg(long, env = "NIXERY_MAX_BUILDS", default_value_t = 2)]
     pub max_builds: usize,
+    /// Builds that may wait for a slot; past it, requests get 429.
+    #[arg(long, env = "NIXERY_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
     /// A popularity table (JSON of name -> count) as a local file path.
     #[arg(long, env = "NIX_POPULARITY_URL")]
     pub popularity: Option<String>,
@@ -148,6 +151,7 @@ pub struct Settings {
     pub max_layers: usize,
     pub build_timeout: Duration,
     pub max_builds: usize,
+    pub max_queue: usize,
     pub cache_ttl: Duration,
     pub compression: crate::oci::Compression,
     pub popularity: Option<crate::layers::Popularity>,
@@ -265,6 +269,7 @@ impl CommonArgs {
             max_layers: self.max_layers as usize,
             build_timeout: Duration::from_secs(timeout),
             max_builds: self.max_builds.max(1),
+            max_queue: self.max_queue,
             cache_ttl: Duration::from_secs(self.cache_ttl),
             compression: self.layer_compression,
             popularity,

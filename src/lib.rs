@@ -66,6 +66,7 @@ pub async fn app_state_with(
             max_layers: settings.max_layers,
             timeout: settings.build_timeout,
             max_builds: settings.max_builds,
+            max_queue: settings.max_queue,
             mutable_ttl: settings.cache_ttl,
             compression: settings.compression,
             popularity: settings.popularity.clone(),

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub build_waits: Counter,
+    pub builds_refused: Counter,
+    pub builds_abandoned: Counter,
     pub layers_packed: Counter,
     pub layers_reused: Counter,
     pub bytes_served: Counter,
@@ -55,6 +57,8 @@ impl Default for Metrics {
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
             build_waits: Counter::default(),
+            builds_refused: Counter::default(),
+            builds_abandoned: Counter::default(),
             layers_packed: Counter::default(),
             layers_reused: Counter::default(),
             bytes_served: Counter::default(),
@@ -111,6 +115,16 @@ impl Default for Metrics {
             "build_waits",
             "Manifest requests that joined a build already running",
             m.build_waits.clone(),
+        );
+        registry.register(
+            "builds_refused",
+            "Image requests refused because the build queue was full",
+            m.builds_refused.clone(),
+        );
+        registry.register(
+            "builds_abandoned",
+            "Queued builds dropped because everyone who asked went away",
+            m.builds_abandoned.clone(),
         );
         registry.register(
             "layers_packed",

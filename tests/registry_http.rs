@@ -612,3 +612,66 @@ async fn the_distribution_spec_to_the_letter() {
         (StatusCode::NOT_FOUND, "UNSUPPORTED")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_build_queue_is_bounded_and_forgets_those_who_left() {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(&dir.path().join("state"));
+    s.max_builds = 1;
+    s.max_queue = 2;
+    let mut nix = nixery::nix::fake::FakeNix::standard(&dir.path().join("fake"));
+    nix.set_build_time("slow", Duration::from_secs(2));
+    let nix = std::sync::Arc::new(nix);
+    let app = nixery::app_state_with(&s, nix.clone()).await.unwrap();
+    let gauge = |app: nixery::registry::AppState, name: &'static str| async move {
+        metric(
+            &String::from_utf8_lossy(&get(&app, "/metrics").await.body),
+            name,
+        )
+    };
+    let until = |app: nixery::registry::AppState, name: &'static str, want: f64| async move {
+        for _ in 0..200 {
+            if metric(
+                &String::from_utf8_lossy(&get(&app, "/metrics").await.body),
+                name,
+            ) == want
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("{name} never became {want}");
+    };
+    let pull = |path: &'static str| {
+        let app = app.clone();
+        tokio::spawn(async move { get(&app, path).await })
+    };
+    // One build holds the only slot; two more wait.
+    let a = pull("/v2/slow/manifests/latest");
+    until(app.clone(), "nixery_builds_running", 1.0).await;
+    let b = pull("/v2/hello/manifests/latest");
+    let c = pull("/v2/curl/manifests/latest");
+    until(app.clone(), "nixery_builds_queued", 2.0).await;
+    // The queue is full: told to come back, not left hanging.
+    let d = get(&app, "/v2/jq/manifests/latest").await;
+    assert_eq!(
+        (d.status, d.error_code().as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS")
+    );
+    assert_eq!(d.header("retry-after"), Some("10"));
+    // The two waiting clients hang up: their builds leave the queue.
+    b.abort();
+    c.abort();
+    until(app.clone(), "nixery_builds_abandoned_total", 2.0).await;
+    assert_eq!(gauge(app.clone(), "nixery_builds_queued").await, 0.0);
+    // Room again: the next request queues and is built after the first.
+    let e = get(&app, "/v2/jq/manifests/latest").await;
+    assert_eq!(e.status, StatusCode::OK);
+    assert_eq!(a.await.unwrap().status, StatusCode::OK);
+    // Only what someone still waited for was evaluated and built.
+    assert_eq!(nix.evaluations.load(Ordering::SeqCst), 2);
+    assert_eq!(nix.realisations.load(Ordering::SeqCst), 2);
+    assert_eq!(gauge(app.clone(), "nixery_builds_refused_total").await, 1.0);
+}

@@ -123,6 +123,10 @@ pub enum BuildError {
     Nix(#[from] NixError),
     #[error("the build took longer than its timeout of {}s and was stopped", .0.as_secs())]
     Timeout(Duration),
+    #[error("the build queue is full ({0} builds wait already); try again shortly")]
+    QueueFull(usize),
+    #[error("the build was dropped from the queue: everyone who asked for it went away")]
+    Abandoned,
     #[error("storing the image failed: {0}")]
     Store(String),
     #[error("the build stopped unexpectedly: {0}")]

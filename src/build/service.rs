@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,17 +33,59 @@ pub struct BuilderConfig {
     /// tag, a channel, a local path) is served before it is built again; an
     /// image from a git commit is kept for good.
     pub mutable_ttl: Duration,
+    /// Builds that may wait for a slot; past it, requests are refused (429).
+    pub max_queue: usize,
     pub compression: oci::Compression,
     pub popularity: Option<Popularity>,
 }
 
 type BuildResult = Result<Arc<BuiltImage>, Arc<BuildError>>;
 type SharedResult = Shared<BoxFuture<'static, BuildResult>>;
+/// A running build: its result, its state stream, who waits for it.
+type Inflight = (SharedResult, watch::Receiver<BuildState>, Arc<Waiters>);
 
-/// A build started or joined: its state stream and its result.
+/// A build started or joined: its state stream and its result. While a
+/// `Build` lives, someone waits for the build; a queued build that nobody
+/// waits for any more leaves the queue.
 pub struct Build {
     pub state: watch::Receiver<BuildState>,
     pub result: SharedResult,
+    _waiter: Waiter,
+}
+
+/// Who waits for one build.
+#[derive(Default)]
+struct Waiters {
+    count: std::sync::atomic::AtomicUsize,
+    gone: tokio::sync::Notify,
+}
+
+impl Waiters {
+    fn wait(self: &Arc<Self>) -> Waiter {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        Waiter(self.clone())
+    }
+
+    /// Resolves once nobody waits.
+    async fn all_gone(&self) {
+        loop {
+            let notified = self.gone.notified();
+            if self.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+struct Waiter(Arc<Waiters>);
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.gone.notify_waiters();
+        }
+    }
 }
 type ImageResult = Result<Arc<BuiltImage>, BuildError>;
 /// Whether each name exists in one package source revision, and until when
@@ -68,8 +111,10 @@ pub struct Builder {
     /// Whether names exist, per package source revision, so a repeated
     /// unknown name costs no evaluation.
     names: Mutex<HashMap<String, NameAnswers>>,
-    /// Running builds by request key: their result and their state stream.
-    inflight: Mutex<HashMap<String, (SharedResult, watch::Receiver<BuildState>)>>,
+    /// Running builds by request key: their result, state stream and waiters.
+    inflight: Mutex<HashMap<String, Inflight>>,
+    /// Builds waiting for a slot (at most `max_queue`).
+    queued: std::sync::atomic::AtomicUsize,
     slots: tokio::sync::Semaphore,
 }
 
@@ -118,6 +163,7 @@ impl Builder {
             names: Default::default(),
             inflight: Default::default(),
             slots,
+            queued: Default::default(),
         })
     }
 
@@ -141,16 +187,20 @@ impl Builder {
             Ok(b) => b,
             Err(done) => return done,
         };
+        let Build {
+            state,
+            result,
+            _waiter,
+        } = build;
         let Some(progress) = progress else {
-            return build.result.await;
+            return result.await;
         };
-        let mut state = build.state;
+        let mut state = state;
         let mut seen = BuildState {
             stage: String::new(),
             ..state.borrow().clone()
         };
         seen.log_lines = 0;
-        let result = build.result;
         tokio::pin!(result);
         loop {
             let now = state.borrow_and_update().clone();
@@ -179,7 +229,7 @@ impl Builder {
             .lock()
             .unwrap()
             .values()
-            .map(|(_, s)| s.clone())
+            .map(|(_, s, _)| s.clone())
             .collect()
     }
 
@@ -211,14 +261,24 @@ impl Builder {
             return Err(Ok(img));
         }
         let mut inflight = self.inflight.lock().unwrap();
-        if let Some((result, state)) = inflight.get(&key) {
+        if let Some((result, state, waiters)) = inflight.get(&key) {
             self.metrics.build_waits.inc();
             return Ok(Build {
                 state: state.clone(),
                 result: result.clone(),
+                _waiter: waiters.wait(),
             });
         }
+        // A bounded queue: past it, the client is told to come back.
+        if self.queued.load(Ordering::SeqCst) >= self.cfg.max_queue {
+            self.metrics.builds_refused.inc();
+            return Err(Err(Arc::new(BuildError::QueueFull(self.cfg.max_queue))));
+        }
+        self.queued.fetch_add(1, Ordering::SeqCst);
         self.metrics.cache_misses.inc();
+        // The first waiter exists before the task can look for one.
+        let waiters = Arc::new(Waiters::default());
+        let waiter = waiters.wait();
         let (tx, rx) = watch::channel(BuildState::new(&spec));
         let tx = Arc::new(tx);
         let report: ProgressFn = {
@@ -227,9 +287,10 @@ impl Builder {
         };
         let this = self.clone();
         let k = key.clone();
+        let w = waiters.clone();
         let handle = tokio::spawn(async move {
             let result = this
-                .build_limited(&k, &spec, &source, report)
+                .build_limited(&k, &spec, &source, report, &w)
                 .await
                 .map_err(Arc::new);
             if let Err(e) = &result {
@@ -248,10 +309,11 @@ impl Builder {
         }
         .boxed()
         .shared();
-        inflight.insert(key, (f.clone(), rx.clone()));
+        inflight.insert(key, (f.clone(), rx.clone(), waiters));
         Ok(Build {
             state: rx,
             result: f,
+            _waiter: waiter,
         })
     }
 
@@ -262,11 +324,22 @@ impl Builder {
         spec: &ImageSpec,
         source: &Source,
         report: ProgressFn,
+        waiters: &Waiters,
     ) -> ImageResult {
         report(Progress::Queued);
         self.metrics.builds_queued.inc();
-        let permit = self.slots.acquire().await;
+        // A queued build whose every requester went away leaves the queue;
+        // one that has a slot goes on (its work is not wasted).
+        let permit = tokio::select! {
+            p = self.slots.acquire() => Some(p),
+            _ = waiters.all_gone() => None,
+        };
         self.metrics.builds_queued.dec();
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+        let Some(permit) = permit else {
+            self.metrics.builds_abandoned.inc();
+            return Err(BuildError::Abandoned);
+        };
         let _permit = permit.map_err(|e| BuildError::Internal(e.to_string()))?;
         self.metrics.builds.inc();
         self.metrics.builds_running.inc();

@@ -147,6 +147,13 @@ impl FakeNix {
         }
     }
 
+    /// Makes a package's build take `d`.
+    pub fn set_build_time(&mut self, name: &str, d: Duration) {
+        if let Some(p) = self.packages.get_mut(name) {
+            p.build_time = d;
+        }
+    }
+
     /// The store path of a package: `<store>/<32 hex>-<name>`.
     pub fn out_path(&self, name: &str) -> String {
         let hash = crate::name::Digest::of(name.as_bytes());

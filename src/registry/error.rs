@@ -29,6 +29,8 @@ pub enum RegistryError {
     Unsupported(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    TooManyRequests(String),
     /// A path under /v2/ that is no endpoint of this registry.
     #[error("{0}")]
     NoSuchEndpoint(String),
@@ -51,6 +53,7 @@ impl RegistryError {
             }
             RegistryError::Unsupported(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
             RegistryError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+            RegistryError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS"),
             RegistryError::NoSuchEndpoint(_) => (StatusCode::NOT_FOUND, "UNSUPPORTED"),
             RegistryError::Unknown(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
         }
@@ -76,6 +79,10 @@ impl IntoResponse for RegistryError {
                 header::CONTENT_RANGE,
                 HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
             );
+        }
+        if matches!(self, RegistryError::TooManyRequests(_)) {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
         }
         if matches!(self, RegistryError::Unsupported(_)) {
             let h = resp.headers_mut();
@@ -124,7 +131,10 @@ impl From<&BuildError> for RegistryError {
                 message: e.to_string(),
                 detail: serde_json::Value::Null,
             },
-            BuildError::Timeout(_) => RegistryError::Unavailable(e.to_string()),
+            BuildError::Timeout(_) | BuildError::Abandoned => {
+                RegistryError::Unavailable(e.to_string())
+            }
+            BuildError::QueueFull(_) => RegistryError::TooManyRequests(e.to_string()),
             other => RegistryError::Unknown(format!("building the image failed: {other}")),
         }
     }

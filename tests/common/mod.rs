@@ -38,6 +38,7 @@ pub fn settings(state_dir: &Path) -> Settings {
         max_layers: 100,
         build_timeout: Duration::from_secs(300),
         max_builds: 2,
+        max_queue: 64,
         cache_ttl: Duration::from_secs(3600),
         compression: nixery::oci::Compression::Gzip,
         popularity: None,
