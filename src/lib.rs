@@ -57,6 +57,12 @@ pub async fn app_state_with(
     std::fs::create_dir_all(&settings.state_dir)
         .map_err(|e| Error::StateDir(settings.state_dir.clone(), e))?;
     let store = Arc::new(store::LocalStore::open(&settings.state_dir)?);
+    if store::free_bytes(&settings.state_dir).is_some_and(|b| b < 1 << 20) {
+        tracing::warn!(
+            state_dir = %settings.state_dir.display(),
+            "the state disk is full: serving the images stored; new builds fail until space is freed"
+        );
+    }
     let catalog = Arc::new(Catalog::open(&settings.state_dir, &*store).await);
     let metrics = Arc::new(Metrics::default());
     let builder = Builder::new(

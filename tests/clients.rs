@@ -508,3 +508,55 @@ fn containerd_pull_and_run() {
         );
     }
 }
+
+#[test]
+fn starting_on_a_full_disk_serves_what_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let (ok, _, err) = run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&state));
+    if !ok {
+        if std::env::var("CI").is_ok() {
+            panic!("mounting a tmpfs failed under CI: {err}");
+        }
+        skip(&format!(
+            "starting_on_a_full_disk_serves_what_is_stored: cannot mount a tmpfs here ({err})"
+        ));
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&state);
+    let mut server = Server::start(&state, &[]);
+    let (code, manifest) = http_get(&server.url("/v2/hello/manifests/latest"));
+    assert_eq!(code, 200, "{manifest}");
+    server.kill();
+    // Fill the disk to the last byte.
+    let _ = run(Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k"])
+        .arg(format!("of={}", state.join("filler").display())));
+    assert_eq!(nixery::store::free_bytes(&state), Some(0));
+    // A new process starts, and serves what is stored: manifest and blobs.
+    let server = Server::start(&state, &[]);
+    let (code, again) = http_get(&server.url("/v2/hello/manifests/latest"));
+    assert_eq!((code, &again), (200, &manifest));
+    let v: serde_json::Value = serde_json::from_str(&again).unwrap();
+    for layer in v["layers"].as_array().unwrap() {
+        let (code, _) = http_get(&server.url(&format!(
+            "/v2/hello/blobs/{}",
+            layer["digest"].as_str().unwrap()
+        )));
+        assert_eq!(code, 200);
+    }
+    // What needs writing fails clearly, and the server stays up.
+    let (code, body) = http_get(&server.url("/v2/jq/manifests/latest"));
+    assert_eq!(code, 500, "{body}");
+    assert!(body.contains("No space left on device"), "{body}");
+    assert_eq!(http_get(&server.url("/healthz")).0, 200);
+}

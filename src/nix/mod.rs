@@ -237,10 +237,22 @@ pub struct NixCli {
 }
 
 impl NixCli {
-    /// Writes prepare-image.nix under `state_dir` for the tools to read.
+    /// Writes prepare-image.nix under `state_dir` for the tools to read,
+    /// unless it is there already: a full state disk must not stop a start
+    /// (then it goes to the temporary directory instead).
     pub fn new(state_dir: &Path, options: Vec<(String, String)>) -> std::io::Result<Self> {
-        let prepare_file = state_dir.join("nix/prepare-image.nix");
-        crate::store::write_atomic(&prepare_file, PREPARE_IMAGE_NIX.as_bytes())?;
+        let mut prepare_file = state_dir.join("nix/prepare-image.nix");
+        if std::fs::read(&prepare_file).ok().as_deref() != Some(PREPARE_IMAGE_NIX.as_bytes()) {
+            if let Err(e) = crate::store::write_atomic(&prepare_file, PREPARE_IMAGE_NIX.as_bytes())
+            {
+                let digest = crate::name::Digest::of(PREPARE_IMAGE_NIX.as_bytes());
+                let fallback = std::env::temp_dir()
+                    .join(format!("nixery-prepare-image-{}.nix", &digest.hex()[..16]));
+                tracing::warn!(error = %e, fallback = %fallback.display(), "cannot write prepare-image.nix in the state directory");
+                crate::store::write_atomic(&fallback, PREPARE_IMAGE_NIX.as_bytes())?;
+                prepare_file = fallback;
+            }
+        }
         Ok(Self {
             prepare_file,
             options,

@@ -146,6 +146,16 @@ impl BlobStore for LocalStore {
     }
 }
 
+/// Bytes free for this process on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills the struct from a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0)
+        .then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 fn process_alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     pid > 0
