@@ -325,9 +325,20 @@ fn git_package_source_tags_name_revisions() {
         by_branch
     );
     assert_eq!(builds(), 3.0, "a branch can move: evaluated again");
-    let (code, body) = http_get(&server.url("/v2/hello/manifests/no-such-branch"));
-    assert_eq!(code, 500, "{body}");
-    assert!(body.contains("no-such-branch"), "{body}");
+    // Revisions that do not exist: 404 naming the revision, never a server path.
+    let repo_path = url.trim_start_matches("file://");
+    for rev in ["no-such-branch", "0123456789abcdef0123456789abcdef01234567"] {
+        let (code, body) = http_get(&server.url(&format!("/v2/hello/manifests/{rev}")));
+        assert_eq!(code, 404, "{body}");
+        assert!(body.contains("MANIFEST_UNKNOWN"), "{body}");
+        assert!(
+            body.contains(&format!("revision '{rev}' does not exist")),
+            "{body}"
+        );
+        assert!(!body.contains(repo_path), "a server path leaked: {body}");
+    }
+    // The server's log names no credentials of a repository URL either
+    // (tested in nix::tests::credentials_in_urls_are_redacted).
 }
 
 #[test]

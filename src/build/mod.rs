@@ -123,6 +123,8 @@ pub enum BuildError {
     Nix(#[from] NixError),
     #[error("the build took longer than its timeout of {}s and was stopped", .0.as_secs())]
     Timeout(Duration),
+    #[error("revision '{0}' does not exist in the package source's repository")]
+    UnknownRevision(String),
     #[error("the build queue is full ({0} builds wait already); try again shortly")]
     QueueFull(usize),
     #[error("the build was dropped from the queue: everyone who asked for it went away")]

@@ -18,7 +18,7 @@ use super::{BuildError, BuildState, BuiltImage, ImageSpec, Progress, ProgressFn}
 use crate::catalog::Catalog;
 use crate::layers::Popularity;
 use crate::metrics::Metrics;
-use crate::nix::{Nix, Prepared, Source};
+use crate::nix::{Nix, NixError, Prepared, Source};
 use crate::oci;
 use crate::store::BlobStore;
 use tokio::sync::watch;
@@ -481,10 +481,32 @@ impl Builder {
                 }
             }
         }
+        // A branch or tag that does not exist is the user's error, said as
+        // such (Nix would fail with the repository's path in its words).
+        if let Source::Git { url } = source {
+            if !crate::nix::is_commit(&spec.tag)
+                && matches!(crate::nix::resolve_git_ref(url, &spec.tag).await, Ok(None))
+            {
+                return Err(BuildError::UnknownRevision(spec.tag.clone()));
+            }
+        }
         let prepared = self
             .nix
             .prepare(source, &spec.tag, packages, spec.arch.nix_system())
-            .await?;
+            .await
+            .map_err(|e| match &e {
+                // A commit the repository does not have.
+                NixError::Failed { log, .. }
+                    if matches!(source, Source::Git { .. })
+                        && log.contains(&spec.tag)
+                        && (log.contains("Cannot find Git revision")
+                            || log.contains("not found")
+                            || log.contains("bad object")) =>
+                {
+                    BuildError::UnknownRevision(spec.tag.clone())
+                }
+                _ => BuildError::Nix(e),
+            })?;
         let until =
             (!source.is_immutable_at(&spec.tag)).then(|| Instant::now() + self.cfg.mutable_ttl);
         let mut names = self.names.lock().unwrap();

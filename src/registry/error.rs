@@ -127,6 +127,10 @@ impl From<&BuildError> for RegistryError {
                 message: e.to_string(),
                 detail: serde_json::json!({ "unsupportedSystem": system }),
             },
+            BuildError::UnknownRevision(rev) => RegistryError::ManifestUnknown {
+                message: e.to_string(),
+                detail: serde_json::json!({ "unknownRevision": rev }),
+            },
             BuildError::UnknownTag { .. } => RegistryError::ManifestUnknown {
                 message: e.to_string(),
                 detail: serde_json::Value::Null,
