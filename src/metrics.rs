@@ -10,6 +10,8 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabel {
+    /// The kind of request (`manifest`, `blob`, `tags`, ...), never its path.
+    pub route: &'static str,
     pub status: u16,
 }
 
@@ -143,7 +145,7 @@ impl Default for Metrics {
         );
         registry.register(
             "http_requests",
-            "Registry requests by status",
+            "Registry requests by route class and status",
             m.requests.clone(),
         );
         registry.register(
@@ -189,11 +191,16 @@ mod tests {
     fn renders_counters() {
         let m = Metrics::default();
         m.builds.inc();
-        m.requests.get_or_create(&StatusLabel { status: 404 }).inc();
+        m.requests
+            .get_or_create(&StatusLabel {
+                route: "manifest",
+                status: 404,
+            })
+            .inc();
         let text = m.render();
         assert!(text.contains("nixery_builds_total 1"), "{text}");
         assert!(
-            text.contains("nixery_http_requests_total{status=\"404\"} 1"),
+            text.contains("nixery_http_requests_total{route=\"manifest\",status=\"404\"} 1"),
             "{text}"
         );
     }

@@ -63,11 +63,12 @@ pub fn router(state: AppState) -> Router {
 async fn observe(State(app): State<AppState>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let span = info_span!("request", method = %req.method(), path = %req.uri().path());
+    let route = route_class(req.uri().path());
     let resp = next.run(req).instrument(span.clone()).await;
     let status = resp.status().as_u16();
     app.metrics
         .requests
-        .get_or_create(&StatusLabel { status })
+        .get_or_create(&StatusLabel { route, status })
         .inc();
     let ms = started.elapsed().as_secs_f64() * 1e3;
     // Every request at debug (a pull is dozens); server errors always.
@@ -79,6 +80,29 @@ async fn observe(State(app): State<AppState>, req: Request, next: Next) -> Respo
         }
     });
     resp
+}
+
+/// A request's kind, for metrics: a handful of values, whatever the path.
+fn route_class(path: &str) -> &'static str {
+    let Some(rest) = path.strip_prefix("/v2") else {
+        return match path {
+            "/metrics" => "metrics",
+            "/healthz" | "/readyz" => "health",
+            _ => "other",
+        };
+    };
+    let parts: Vec<&str> = rest.trim_matches('/').split('/').collect();
+    let n = parts.len();
+    match parts.as_slice() {
+        [""] => "base",
+        ["_catalog"] => "catalog",
+        _ if n >= 2 && parts[n - 2] == "manifests" => "manifest",
+        _ if parts.contains(&"uploads") => "upload",
+        _ if n >= 2 && parts[n - 2] == "blobs" => "blob",
+        _ if n >= 2 && parts[n - 2] == "referrers" => "referrers",
+        _ if n >= 2 && parts[n - 2..] == ["tags", "list"] => "tags",
+        _ => "other",
+    }
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
@@ -101,5 +125,30 @@ async fn readyz(State(app): State<AppState>) -> Response {
             "not ready: waiting for the controller's watch to sync\n",
         )
             .into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn routes_are_classed_not_named() {
+        use super::route_class;
+        let d = format!("sha256:{}", "a".repeat(64));
+        for (path, class) in [
+            ("/v2/", "base"),
+            ("/v2", "base"),
+            ("/v2/_catalog", "catalog"),
+            ("/v2/shell/curl/manifests/latest", "manifest"),
+            (&format!("/v2/x/blobs/{d}") as &str, "blob"),
+            ("/v2/x/blobs/uploads/abc", "upload"),
+            ("/v2/x/tags/list", "tags"),
+            (&format!("/v2/x/referrers/{d}"), "referrers"),
+            ("/v2/x/nothing", "other"),
+            ("/metrics", "metrics"),
+            ("/readyz", "health"),
+            ("/anything/else", "other"),
+        ] {
+            assert_eq!(route_class(path), class, "{path}");
+        }
     }
 }
