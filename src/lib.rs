@@ -65,6 +65,18 @@ pub async fn app_state_with(
     }
     let catalog = Arc::new(Catalog::open(&settings.state_dir, &*store).await);
     let metrics = Arc::new(Metrics::default());
+    // Verify every stored blob once, in the background: a corrupt one is
+    // removed, and the image it belongs to is made again when next asked for.
+    {
+        let (store, metrics) = (store.clone(), metrics.clone());
+        tokio::task::spawn_blocking(move || match store.scrub() {
+            Ok((checked, removed)) => {
+                metrics.blobs_corrupt.inc_by(removed.len() as u64);
+                tracing::info!(checked, removed = removed.len(), "stored blobs verified");
+            }
+            Err(e) => tracing::warn!(error = %e, "verifying the stored blobs"),
+        });
+    }
     let builder = Builder::new(
         BuilderConfig {
             state_dir: settings.state_dir.clone(),

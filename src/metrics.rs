@@ -33,6 +33,7 @@ pub struct Metrics {
     pub cache_misses: Counter,
     pub build_waits: Counter,
     pub builds_refused: Counter,
+    pub blobs_corrupt: Counter,
     pub builds_abandoned: Counter,
     pub layers_packed: Counter,
     pub layers_reused: Counter,
@@ -60,6 +61,7 @@ impl Default for Metrics {
             cache_misses: Counter::default(),
             build_waits: Counter::default(),
             builds_refused: Counter::default(),
+            blobs_corrupt: Counter::default(),
             builds_abandoned: Counter::default(),
             layers_packed: Counter::default(),
             layers_reused: Counter::default(),
@@ -122,6 +124,11 @@ impl Default for Metrics {
             "builds_refused",
             "Image requests refused because the build queue was full",
             m.builds_refused.clone(),
+        );
+        registry.register(
+            "blobs_corrupt",
+            "Stored blobs found not to match their digest (removed, to be made again)",
+            m.blobs_corrupt.clone(),
         );
         registry.register(
             "builds_abandoned",

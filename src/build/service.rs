@@ -183,6 +183,19 @@ impl Builder {
         spec: ImageSpec,
         progress: Option<ProgressFn>,
     ) -> BuildResult {
+        // A catalogued image whose blobs are not all stored any more (removed
+        // by hand, or as corrupt) is built again: its missing layers are
+        // packed anew from the store paths, to the same digests.
+        let source = spec
+            .source
+            .clone()
+            .unwrap_or_else(|| self.cfg.source.clone());
+        if let Some(img) = self.catalog.request(&self.request_key(&spec, &source)) {
+            if !self.blobs_present(&img).await {
+                warn!(image = %img.oci_digest, "a stored image lost blobs; building it again");
+                self.catalog.forget(&img);
+            }
+        }
         let build = match self.start(spec) {
             Ok(b) => b,
             Err(done) => return done,
@@ -221,6 +234,16 @@ impl Builder {
                 }
             }
         }
+    }
+
+    /// Whether every blob of an image is in the store.
+    async fn blobs_present(&self, img: &BuiltImage) -> bool {
+        for d in crate::catalog::digests_of(img) {
+            if !matches!(self.store.stat(&d).await, Ok(Some(_))) {
+                return false;
+            }
+        }
+        true
     }
 
     /// The builds running now, with their state streams.

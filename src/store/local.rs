@@ -41,6 +41,36 @@ impl LocalStore {
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         self.blobs.join(digest.hex())
     }
+
+    /// Reads every blob and removes those whose content does not match their
+    /// name (a disk error, a hand edit), so that they are made again rather
+    /// than served. Returns (checked, removed).
+    pub fn scrub(&self) -> io::Result<(usize, Vec<Digest>)> {
+        use sha2::Digest as _;
+        let mut checked = 0;
+        let mut removed = Vec::new();
+        for e in std::fs::read_dir(&self.blobs)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Ok(expected) = format!("sha256:{name}").parse::<Digest>() else {
+                continue;
+            };
+            let mut f = match std::fs::File::open(e.path()) {
+                Ok(f) => f,
+                Err(_) => continue, // removed meanwhile
+            };
+            let mut h = sha2::Sha256::new();
+            if io::copy(&mut f, &mut h).is_err() {
+                continue;
+            }
+            checked += 1;
+            if Digest::from_sha256(h.finalize().into()) != expected {
+                tracing::warn!(blob = %expected, "a stored blob does not match its digest; removed, it will be made again");
+                let _ = std::fs::remove_file(e.path());
+                removed.push(expected);
+            }
+        }
+        Ok((checked, removed))
+    }
 }
 
 impl BlobStore for LocalStore {
