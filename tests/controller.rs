@@ -757,3 +757,52 @@ async fn a_moving_source_is_pinned_for_every_node_and_followed_after_the_ttl() {
         .message
         .contains("no branch or tag 'no-such-branch'"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_niximage_config_is_the_image_config() {
+    let (_dir, state, mut a, server) = one_agent(&["hello"]).await;
+    server.edit(|o| {
+        o["spec"]["config"] = json!({
+            "entrypoint": ["/bin/hello"],
+            "cmd": ["--greeting", "hi"],
+            "env": [{ "name": "LANG", "value": "C.UTF-8" }, { "name": "PATH", "value": "/opt/bin:/bin" }],
+            "workingDir": "/work",
+            "user": "1000:1000",
+            "exposedPorts": ["8080/tcp", "53/udp"]
+        })
+    });
+    build_to_ready(&server, &mut a, ("0/1", "1/1")).await;
+    let m = get(&state, "/v2/niximage/default/curl-and-jq/manifests/v1").await;
+    assert_eq!(m.status, StatusCode::OK);
+    let config_digest = m.json()["config"]["digest"].as_str().unwrap().to_string();
+    let c = get(
+        &state,
+        &format!("/v2/niximage/default/curl-and-jq/blobs/{config_digest}"),
+    )
+    .await
+    .json();
+    let cfg = &c["config"];
+    assert_eq!(cfg["Entrypoint"], json!(["/bin/hello"]));
+    assert_eq!(cfg["Cmd"], json!(["--greeting", "hi"]));
+    assert_eq!(cfg["WorkingDir"], "/work");
+    assert_eq!(cfg["User"], "1000:1000");
+    assert_eq!(cfg["ExposedPorts"], json!({ "8080/tcp": {}, "53/udp": {} }));
+    let env: Vec<&str> = cfg["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(env.contains(&"LANG=C.UTF-8"), "{env:?}");
+    // The user's PATH replaces the default one; the others stay.
+    assert!(env.contains(&"PATH=/opt/bin:/bin"), "{env:?}");
+    assert_eq!(
+        env.iter().filter(|e| e.starts_with("PATH=")).count(),
+        1,
+        "{env:?}"
+    );
+    assert!(
+        env.iter().any(|e| e.starts_with("SSL_CERT_FILE=")),
+        "{env:?}"
+    );
+}

@@ -742,3 +742,53 @@ async fn lost_or_corrupt_blobs_are_made_again() {
         verify(app.clone(), d).await;
     }
 }
+
+#[tokio::test]
+async fn pagination_follows_link_to_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = state(dir.path()).await;
+    for name in ["c", "a", "e", "b", "d"] {
+        app.catalog.named.set(
+            "ns",
+            name,
+            nixery::catalog::NamedEntry::Pending {
+                tag: "v1".into(),
+                message: "building".into(),
+            },
+        );
+    }
+    // Pages of two, by following Link as a client does, until there is none.
+    let mut url = "/v2/_catalog?n=2".to_string();
+    let mut pages = Vec::new();
+    loop {
+        let r = get(&app, &url).await;
+        assert_eq!(r.status, StatusCode::OK);
+        pages.push(r.json()["repositories"].clone());
+        let Some(link) = r.header("link") else { break };
+        assert!(link.ends_with("rel=\"next\""), "{link}");
+        url = link
+            .split('<')
+            .nth(1)
+            .unwrap()
+            .split('>')
+            .next()
+            .unwrap()
+            .to_string();
+        assert!(pages.len() < 10, "Link loops: {url}");
+    }
+    assert_eq!(
+        pages,
+        vec![
+            serde_json::json!(["niximage/ns/a", "niximage/ns/b"]),
+            serde_json::json!(["niximage/ns/c", "niximage/ns/d"]),
+            serde_json::json!(["niximage/ns/e"]),
+        ]
+    );
+    // `last` alone: everything after it, no Link.
+    let r = get(&app, "/v2/_catalog?last=niximage/ns/c").await;
+    assert_eq!(
+        r.json()["repositories"],
+        serde_json::json!(["niximage/ns/d", "niximage/ns/e"])
+    );
+    assert_eq!(r.header("link"), None);
+}

@@ -1311,6 +1311,116 @@ fn tokio_stream_from<T: Send + 'static>(
 mod tests {
     use super::*;
 
+    fn object(generation: i64, nodes: serde_json::Value) -> NixImage {
+        serde_json::from_value(json!({
+            "apiVersion": API_VERSION, "kind": "NixImage",
+            "metadata": { "name": "img", "namespace": "default", "generation": generation },
+            "spec": { "contents": ["hello"], "tag": "v1" },
+            "status": { "nodes": nodes }
+        }))
+        .unwrap()
+    }
+
+    fn ready(node: &str, generation: i64, digest: &str, host: &str) -> serde_json::Value {
+        json!({ "node": node, "phase": "Ready", "observedGeneration": generation, "digest": digest,
+                "image": format!("{host}/niximage/default/img:v1@{digest}"), "layers": 3, "size": 10 })
+    }
+
+    #[test]
+    fn aggregate_phases() {
+        let now = Time(Timestamp::UNIX_EPOCH);
+        let live = |_: &str| false;
+        let agg = |o: &NixImage| aggregate(o, &live, now.clone());
+
+        let s = agg(&object(1, json!([])));
+        assert_eq!(
+            (s.phase.as_deref(), s.conditions[0].reason.as_str()),
+            (Some("Pending"), "NoNodes")
+        );
+
+        // Nodes that disagree: no image, no digest, the digests named.
+        let s = agg(&object(
+            1,
+            json!([
+                ready("a", 1, "sha256:x", "h"),
+                ready("b", 1, "sha256:y", "h")
+            ]),
+        ));
+        assert_eq!(
+            (s.phase.as_deref(), s.conditions[0].reason.as_str()),
+            (Some("Inconsistent"), "DigestMismatch")
+        );
+        assert_eq!((s.image, s.digest), (None, None));
+        assert!(
+            s.conditions[0].message.contains("sha256:x")
+                && s.conditions[0].message.contains("sha256:y")
+        );
+
+        // A failing node's own reason becomes the condition's.
+        let failed = json!({ "node": "b", "phase": "Failed", "observedGeneration": 1,
+                             "reason": "UnknownPackages", "message": "unknown packages: x" });
+        let s = agg(&object(1, json!([ready("a", 1, "sha256:x", "h"), failed])));
+        assert_eq!(
+            (s.phase.as_deref(), s.conditions[0].reason.as_str()),
+            (Some("Failed"), "UnknownPackages")
+        );
+        assert_eq!(s.conditions[0].status, "False");
+
+        // An entry of an older generation is not ready for this one.
+        let s = agg(&object(
+            2,
+            json!([
+                ready("a", 2, "sha256:x", "h"),
+                ready("b", 1, "sha256:x", "h")
+            ]),
+        ));
+        assert_eq!(
+            (s.phase.as_deref(), s.ready_nodes.as_deref()),
+            (Some("Building"), Some("1/2"))
+        );
+        assert_eq!(s.observed_generation, Some(1));
+
+        // Departed nodes do not count at all.
+        let gone = |n: &str| n == "b";
+        let s = aggregate(
+            &object(
+                2,
+                json!([
+                    ready("a", 2, "sha256:x", "h"),
+                    ready("b", 1, "sha256:x", "h")
+                ]),
+            ),
+            &gone,
+            now.clone(),
+        );
+        assert_eq!(
+            (s.phase.as_deref(), s.ready_nodes.as_deref()),
+            (Some("Ready"), Some("1/1"))
+        );
+
+        // The image reference most nodes give; a tie goes to the smallest.
+        let three = json!([
+            ready("a", 1, "sha256:x", "h2:1"),
+            ready("b", 1, "sha256:x", "h1:1"),
+            ready("c", 1, "sha256:x", "h2:1")
+        ]);
+        assert_eq!(
+            agg(&object(1, three)).image.as_deref(),
+            Some("h2:1/niximage/default/img:v1@sha256:x")
+        );
+        let tie = json!([
+            ready("a", 1, "sha256:x", "h2:1"),
+            ready("b", 1, "sha256:x", "h1:1")
+        ]);
+        assert_eq!(
+            agg(&object(1, tie.clone())).image.as_deref(),
+            Some("h1:1/niximage/default/img:v1@sha256:x")
+        );
+        // The same whichever way round the entries come.
+        let reversed = json!([tie[1].clone(), tie[0].clone()]);
+        assert_eq!(agg(&object(1, tie)), agg(&object(1, reversed)));
+    }
+
     #[test]
     fn backoff_grows_and_is_capped() {
         assert_eq!(backoff(1), Duration::from_secs(5));
