@@ -34,7 +34,28 @@ wrk_rps() { awk '/Requests\/sec/ {print $2}' "$1"; }
 wrk_p99() { awk '$1=="99%" {print $2}' "$1"; }
 wrk_mbs() { awk '/Transfer\/sec/ {v=$2; if (v ~ /GB/) {sub("GB","",v); v*=1024} else if (v ~ /MB/) {sub("MB","",v)} else if (v ~ /KB/) {sub("KB","",v); v/=1024}; print v}' "$1"; }
 to_ms() { python3 -c "import sys; v=sys.argv[1]; u=''.join(c for c in v if c.isalpha()); n=float(v[:len(v)-len(u)]); print(n*{'us':0.001,'ms':1,'s':1000,'m':60000}[u])" "$1"; }
-ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'{a/b:.2f}' if b else 'n/a')" "$1" "$2"; }
+# A ratio of two figures; a blank or zero figure is a failed measurement, and
+# fails the run (never a blank cell or a ratio over zero).
+ratio() {
+  python3 -c "
+import sys
+a, b = sys.argv[1], sys.argv[2]
+try:
+    a, b = float(a), float(b)
+except ValueError:
+    sys.exit(f'benchmark: not a number: {sys.argv[1]!r} / {sys.argv[2]!r}')
+if a <= 0 or b <= 0:
+    sys.exit(f'benchmark: a figure is zero: {a} / {b}')
+print(f'{a/b:.2f}')" "$1" "$2"
+}
+# A wrk run counts only if every answer was a success and no socket failed.
+wrk_check() {
+  if grep -qE "Non-2xx or 3xx responses|Socket errors" "$1"; then
+    echo "benchmark: $1 had failed requests, so its throughput is not a result:" >&2
+    grep -E "Non-2xx or 3xx responses|Socket errors" "$1" >&2
+    exit 1
+  fi
+}
 
 echo "== starting nixery and the reference registry"
 serve "$WORK/ours" "$OURS"
@@ -64,6 +85,7 @@ for who in ours ref; do
   wrk -t2 -c32 -d"${DURATION}s" --latency -H "$ACCEPT" "http://$addr/v2/shell/curl/manifests/$digest" >"$WORK/$who-manifest.txt"
   wrk -t2 -c8 -d"${DURATION}s" "http://$addr/v2/shell/curl/blobs/$layer_digest" >"$WORK/$who-blob.txt"
 done
+for f in "$WORK"/{ours,ref}-{manifest,blob}.txt; do wrk_check "$f"; done
 m_ours=$(wrk_rps "$WORK/ours-manifest.txt"); m_ref=$(wrk_rps "$WORK/ref-manifest.txt")
 p_ours=$(to_ms "$(wrk_p99 "$WORK/ours-manifest.txt")"); p_ref=$(to_ms "$(wrk_p99 "$WORK/ref-manifest.txt")")
 b_ours=$(wrk_mbs "$WORK/ours-blob.txt"); b_ref=$(wrk_mbs "$WORK/ref-blob.txt")
@@ -113,9 +135,19 @@ curl -sf -o "$WORK/big.json" -H "$ACCEPT" "http://$OURS/v2/big/manifests/latest"
 big=$(python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print(max(m['layers'], key=lambda l: l['size'])['digest'])" "$WORK/big.json")
 wrk -t2 -c64 -d"${DURATION}s" "http://$OURS/v2/big/blobs/$big" >"$WORK/big-blob.txt"
 rss_big=$(awk '/VmHWM/ {print $2}' /proc/$ours_pid/status)
+wrk_check "$WORK/big-blob.txt"
 b_big=$(wrk_mbs "$WORK/big-blob.txt")
 
 cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
+r_manifest=$(ratio "$m_ours" "$m_ref")
+r_p99=$(ratio "$p_ours" "$p_ref")
+r_blob=$(ratio "$b_ours" "$b_ref")
+mbs_ours=$(mbs "$input" "$pack_ours"); mbs_gzip=$(mbs "$input" "$pack_gzip"); mbs_pigz=$(mbs "$input" "$pack_pigz")
+r_gzip=$(ratio "$pack_gzip" "$pack_ours")
+r_pigz=$(ratio "$pack_pigz" "$pack_ours")
+r_size=$(ratio "$size_ours" "$size_gzip")
+r_cold=$(ratio "$cold_one" "$pack_gzip")
+r_twenty=$(ratio "$cold_twenty" "$cold_one")
 {
   echo "# Benchmark results"
   echo
@@ -123,14 +155,14 @@ cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
   echo
   echo "| measure | nixery | reference | ratio (ours/ref) |"
   echo "|---|---|---|---|"
-  echo "| warm manifest by digest, requests/s (wrk -c32) | $m_ours | $m_ref (docker-registry) | $(ratio "$m_ours" "$m_ref") |"
-  echo "| warm manifest by digest, p99 latency ms | $p_ours | $p_ref (docker-registry) | $(ratio "$p_ours" "$p_ref") |"
-  echo "| largest layer ($layer_size B), MB/s (wrk -c8) | $b_ours | $b_ref (docker-registry) | $(ratio "$b_ours" "$b_ref") |"
-  echo "| packing shell/curl/jq ($input B in), MB/s | $(mbs "$input" "$pack_ours") | $(mbs "$input" "$pack_gzip") (tar, gzip -6) | $(ratio "$pack_gzip" "$pack_ours") |"
-  echo "| packing, MB/s vs pigz | $(mbs "$input" "$pack_ours") | $(mbs "$input" "$pack_pigz") (tar, pigz -6) | $(ratio "$pack_pigz" "$pack_ours") |"
-  echo "| packed size, bytes | $size_ours | $size_gzip (gzip -6) | $(ratio "$size_ours" "$size_gzip") |"
-  echo "| cold to ready (paths in store, nothing packed), s | $cold_one | $pack_gzip (tar, gzip -6 alone) | $(ratio "$cold_one" "$pack_gzip") |"
-  echo "| 20 concurrent cold pulls: slowest, s (builds: $builds20) | $cold_twenty | $cold_one (one cold pull) | $(ratio "$cold_twenty" "$cold_one") |"
+  echo "| warm manifest by digest, requests/s (wrk -c32) | $m_ours | $m_ref (docker-registry) | $r_manifest |"
+  echo "| warm manifest by digest, p99 latency ms | $p_ours | $p_ref (docker-registry) | $r_p99 |"
+  echo "| largest layer ($layer_size B), MB/s (wrk -c8) | $b_ours | $b_ref (docker-registry) | $r_blob |"
+  echo "| packing shell/curl/jq ($input B in), MB/s | $mbs_ours | $mbs_gzip (tar, gzip -6) | $r_gzip |"
+  echo "| packing, MB/s vs pigz | $mbs_ours | $mbs_pigz (tar, pigz -6) | $r_pigz |"
+  echo "| packed size, bytes | $size_ours | $size_gzip (gzip -6) | $r_size |"
+  echo "| cold to ready (paths in store, nothing packed), s | $cold_one | $pack_gzip (tar, gzip -6 alone) | $r_cold |"
+  echo "| 20 concurrent cold pulls: slowest, s (builds: $builds20) | $cold_twenty | $cold_one (one cold pull) | $r_twenty |"
   echo "| server peak RSS after 1-3, MiB | $((rss_ours / 1024)) | | |"
   echo "| server peak RSS after 64 concurrent downloads of a 64 MiB layer ($b_big MB/s), MiB | $((rss_big / 1024)) | | |"
   echo
