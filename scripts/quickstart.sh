@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 echo "quickstart: building nixery (release; the first build takes about 10 minutes on two cores)"
 cargo build --release
+# The README's examples call `nixery`: put it on the PATH.
+ln -sf "$PWD/target/release/nixery" /usr/local/bin/nixery
+echo "quickstart: nixery is $(command -v nixery)"
 listen="${NIXERY_LISTEN:-127.0.0.1:5000}"
 state="${NIXERY_STATE_DIR:-$PWD/state}"
 ./target/release/nixery serve --listen "$listen" --state-dir "$state" \

@@ -10,19 +10,48 @@ use nixery::build::{ImageSpec, Progress};
 use nixery::config::{AgentArgs, Cli, Command, CommonArgs};
 use nixery::name::{self, Repository};
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     nixery::telemetry::init();
-    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
-    match cli.command {
-        Command::Serve(args) => rt.block_on(serve(args)),
-        Command::Build(args) => rt.block_on(build(args.common, &args.image)),
-        Command::Agent(args) => rt.block_on(agent(args)),
-        Command::Crd => {
-            print!("{}", nixery::k8s::crd::crd_yaml());
-            Ok(())
+    let result = tokio::runtime::Runtime::new()
+        .context("starting the runtime")
+        .and_then(|rt| match cli.command {
+            Command::Serve(args) => rt.block_on(serve(args)),
+            Command::Build(args) => rt.block_on(build(args.common, &args.image)),
+            Command::Agent(args) => rt.block_on(agent(args)),
+            Command::Crd => {
+                print!("{}", nixery::k8s::crd::crd_yaml());
+                Ok(())
+            }
+        });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // An expected failure is a sentence (with its causes), not a
+            // backtrace.
+            eprintln!("nixery: {e:#}");
+            std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// What to do when a package source cannot be fetched (no network here).
+fn offline_hint(source: &nixery::nix::Source, error: &str) -> Option<String> {
+    let unreachable = [
+        "resolve host",
+        "unable to download",
+        "Could not resolve",
+        "Couldn't resolve",
+    ]
+    .iter()
+    .any(|m| error.contains(m));
+    (unreachable && !matches!(source, nixery::nix::Source::Path(_))).then(|| {
+        format!(
+            "the package source ({}) cannot be fetched from here. Without network, use a local package set: \
+             --pkgs-path nix/offline-pkgs --nix-option substituters= (the offline set in this repository)",
+            source.describe()
+        )
+    })
 }
 
 fn env(key: &str) -> Option<String> {
@@ -171,7 +200,13 @@ async fn build(args: CommonArgs, image: &str) -> anyhow::Result<()> {
         .get_or_build(ImageSpec::ad_hoc(&img, tag), Some(progress))
         .await;
     bar.finish_and_clear();
-    let built = result.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let built = result.map_err(|e| {
+        let e = e.to_string();
+        match offline_hint(&settings.source, &e) {
+            Some(hint) => anyhow::anyhow!("{hint}"),
+            None => anyhow::anyhow!("{e}"),
+        }
+    })?;
     eprintln!(
         "built {} in {:.1}s: {} layers, {:.1} MiB",
         img.name(),

@@ -571,3 +571,27 @@ fn starting_on_a_full_disk_serves_what_is_stored() {
     assert!(body.contains("No space left on device"), "{body}");
     assert_eq!(http_get(&server.url("/healthz")).0, 200);
 }
+
+#[test]
+fn nixery_build_without_network_says_what_to_pass() {
+    // A channel that cannot be fetched (no network here, as on many a first
+    // try): one sentence saying what to pass instead, no backtrace, exit 1.
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_nixery"))
+        .args(["build", "--state-dir"])
+        .arg(dir.path())
+        .args([
+            "--pkgs-channel",
+            "http://127.0.0.1:9/nixexprs.tar.xz",
+            "hello",
+        ])
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or("");
+    assert!(last.starts_with("nixery: the package source"), "{stderr}");
+    assert!(last.contains("--pkgs-path nix/offline-pkgs"), "{stderr}");
+    assert!(!stderr.contains("stack backtrace"), "{stderr}");
+}
