@@ -12,6 +12,7 @@ packages=(
   debootstrap                              # the Debian 13 root of the Nix version matrix
   skopeo umoci git containerd              # real clients used by the tests (ctr)
   docker-registry wrk pigz hyperfine       # benchmarks (benches/registry.sh)
+  chromium fonts-dejavu-core               # the page in a real browser (tests/browser.rs)
 )
 missing=()
 for p in "${packages[@]}"; do

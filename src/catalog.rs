@@ -56,6 +56,16 @@ impl NamedImages {
             .get(&(namespace.into(), name.into()))
             .cloned()
     }
+    /// Every NixImage: namespace, name, and its entry.
+    pub fn entries(&self) -> Vec<(String, String, NamedEntry)> {
+        self.inner
+            .read()
+            .unwrap()
+            .iter()
+            .map(|((ns, n), e)| (ns.clone(), n.clone(), e.clone()))
+            .collect()
+    }
+
     pub fn names(&self) -> Vec<String> {
         self.inner
             .read()
@@ -99,8 +109,24 @@ struct CatalogFile {
     requests: BTreeMap<String, RequestEntry>,
 }
 
+/// One catalogued image, as the page lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ImageSummary {
+    /// The repository names it was asked under.
+    pub names: Vec<String>,
+    pub digest: Digest,
+    pub layers: usize,
+    pub size: u64,
+    /// When it was built (seconds since the epoch).
+    pub built: u64,
+    /// Manifest GETs served (either encoding), since this process started.
+    pub pulls: u64,
+}
+
 #[derive(Default)]
 struct Inner {
+    /// Manifest GETs per manifest digest.
+    pulls: HashMap<Digest, u64>,
     requests: HashMap<String, RequestEntry>,
     /// Image key -> (image, when built, every digest it is made of).
     images: HashMap<String, (Arc<BuiltImage>, u64, HashSet<Digest>)>,
@@ -293,6 +319,52 @@ impl Catalog {
             );
         }
         self.persist();
+    }
+
+    /// Counts a manifest GET.
+    pub fn record_pull(&self, digest: &Digest) {
+        *self
+            .inner
+            .write()
+            .unwrap()
+            .pulls
+            .entry(digest.clone())
+            .or_default() += 1;
+    }
+
+    /// Every catalogued image, newest first.
+    pub fn list(&self) -> Vec<ImageSummary> {
+        let inner = self.inner.read().unwrap();
+        let mut out: Vec<ImageSummary> = inner
+            .images
+            .iter()
+            .map(|(key, (img, built, _))| {
+                let mut names: Vec<String> = inner
+                    .requests
+                    .values()
+                    .filter(|r| &r.image == key)
+                    .filter_map(|r| r.repo.clone())
+                    .collect();
+                names.sort();
+                names.dedup();
+                let pulls = |d: &Digest| inner.pulls.get(d).copied().unwrap_or(0);
+                ImageSummary {
+                    names,
+                    digest: img.oci_digest.clone(),
+                    layers: img.layers,
+                    size: img.size,
+                    built: *built,
+                    pulls: pulls(&img.oci_digest)
+                        + if img.has_docker_manifest() {
+                            pulls(&img.docker_digest)
+                        } else {
+                            0
+                        },
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| b.built.cmp(&a.built).then(a.digest.cmp(&b.digest)));
+        out
     }
 
     /// A manifest of a catalogued image, by digest, with its media type.

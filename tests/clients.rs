@@ -10,16 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn http_get(url: &str) -> (u16, String) {
-    let out = Command::new("curl")
-        .args(["-s", "-o", "-", "-w", "\n%{http_code}", url])
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
-
 #[test]
 fn skopeo_copy_then_umoci_unpack_runs_hello() {
     if !have_tool("skopeo", "skopeo_copy_then_umoci_unpack_runs_hello")

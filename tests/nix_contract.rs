@@ -138,10 +138,21 @@ async fn failing_build_says_why_and_is_retried() {
             (r.status, r.error_code().as_str()),
             (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN")
         );
+        // The reason in the message (which clients print), with Nix's last
+        // line; the end of Nix's log in detail.log; where to look further.
+        let msg = r.error_message();
         assert!(
-            r.error_message().contains("fails to build on purpose"),
-            "{}",
-            r.error_message()
+            msg.starts_with("building the image failed: building the packages failed: "),
+            "{msg}"
+        );
+        assert!(msg.contains("page at /"), "{msg}");
+        let log = r.json()["errors"][0]["detail"]["log"].clone();
+        assert!(
+            log.as_array()
+                .unwrap()
+                .iter()
+                .any(|l| l.as_str().unwrap().contains("fails to build on purpose")),
+            "{log}"
         );
         let m = String::from_utf8_lossy(&get(&app, "/metrics").await.body).into_owned();
         assert_eq!(

@@ -792,3 +792,105 @@ async fn pagination_follows_link_to_the_end() {
     );
     assert_eq!(r.header("link"), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_and_its_live_status() {
+    use http_body_util::BodyExt;
+    use std::time::Duration;
+    use tower::ServiceExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut nix = nixery::nix::fake::FakeNix::standard(&dir.path().join("fake"));
+    nix.set_build_time("slow", Duration::from_secs(2));
+    let app = nixery::app_state_with(
+        &settings(&dir.path().join("state")),
+        std::sync::Arc::new(nix),
+    )
+    .await
+    .unwrap();
+    // What to pull, with the host the browser used.
+    let page = request(&app, Method::GET, "/", &[("host", "reg.example:5000")]).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/html"));
+    let html = String::from_utf8_lossy(&page.body).into_owned();
+    assert!(
+        html.contains("docker pull reg.example:5000/shell/hello"),
+        "{html}"
+    );
+    // A host header that is not a host is not echoed.
+    let page = request(&app, Method::GET, "/", &[("host", "<script>")]).await;
+    assert!(!String::from_utf8_lossy(&page.body).contains("<script>alert"));
+
+    // An image built, and a build that failed, are listed (server-rendered too).
+    let m = get(&app, "/v2/shell/hello/manifests/latest").await;
+    let digest = m.header("docker-content-digest").unwrap().to_string();
+    assert_eq!(
+        get(&app, "/v2/broken/manifests/latest").await.status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    let status = get(&app, "/api/status").await.json();
+    assert_eq!(status["images"][0]["digest"], digest.as_str());
+    assert_eq!(
+        status["images"][0]["names"],
+        serde_json::json!(["hello/shell"])
+    );
+    assert_eq!(status["images"][0]["pulls"], 1);
+    assert_eq!(status["failures"][0]["image"], "broken");
+    assert!(status["failures"][0]["log"][0]
+        .as_str()
+        .unwrap()
+        .contains("fails to build on purpose"));
+    let html = String::from_utf8_lossy(&get(&app, "/").await.body).into_owned();
+    assert!(html.contains(&digest) && html.contains("fails to build on purpose"));
+
+    // The event stream: the status at once, then every change, such as a
+    // build in progress with its stage.
+    let resp = nixery::registry::router(app.clone())
+        .oneshot(
+            axum::http::Request::get("/events")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    let mut next_status = async || -> serde_json::Value {
+        loop {
+            let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+                .await
+                .expect("no event within 10 s")
+                .unwrap()
+                .unwrap();
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let text = String::from_utf8_lossy(&data).into_owned();
+            if let Some(json) = text.lines().find_map(|l| l.strip_prefix("data: ")) {
+                return serde_json::from_str(json).unwrap();
+            }
+        }
+    };
+    let first = next_status().await;
+    assert_eq!(first["building"], serde_json::json!([]));
+    let slow = tokio::spawn({
+        let app = app.clone();
+        async move { get(&app, "/v2/slow/manifests/latest").await }
+    });
+    let mut seen = Vec::new();
+    loop {
+        let s = next_status().await;
+        if let Some(b) = s["building"].as_array().and_then(|b| b.first()) {
+            assert_eq!(b["image"], "slow");
+            seen.push(b["stage"].as_str().unwrap().to_string());
+        } else if !seen.is_empty() {
+            // Built: it left "building" and joined the images.
+            assert!(s["images"].as_array().unwrap().len() == 2, "{s}");
+            break;
+        }
+    }
+    assert!(seen.iter().any(|s| s == "building"), "{seen:?}");
+    assert_eq!(slow.await.unwrap().status, StatusCode::OK);
+}

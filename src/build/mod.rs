@@ -6,7 +6,7 @@
 mod pipeline;
 mod service;
 
-pub use service::{Builder, BuilderConfig};
+pub use service::{Builder, BuilderConfig, Failure};
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -133,6 +133,33 @@ pub enum BuildError {
     Store(String),
     #[error("the build stopped unexpectedly: {0}")]
     Internal(String),
+}
+
+impl BuildError {
+    /// One line for people: for a failed Nix step, the step and Nix's last line.
+    pub fn summary(&self) -> String {
+        match self {
+            BuildError::Nix(NixError::Failed { stage, log }) => {
+                let last = log
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("");
+                format!("{stage} failed: {}", last.trim())
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// The end of Nix's log, when Nix failed.
+    pub fn log_tail(&self) -> Vec<String> {
+        match self {
+            BuildError::Nix(NixError::Failed { log, .. }) => {
+                log.lines().map(str::to_string).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
 }
 
 impl From<StoreError> for BuildError {

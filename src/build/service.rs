@@ -44,6 +44,18 @@ type SharedResult = Shared<BoxFuture<'static, BuildResult>>;
 /// A running build: its result, its state stream, who waits for it.
 type Inflight = (SharedResult, watch::Receiver<BuildState>, Arc<Waiters>);
 
+/// A build that failed, for the page.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Failure {
+    pub image: String,
+    pub tag: String,
+    pub error: String,
+    /// The end of Nix's log.
+    pub log: Vec<String>,
+    /// Seconds since the epoch.
+    pub at: u64,
+}
+
 /// A build started or joined: its state stream and its result. While a
 /// `Build` lives, someone waits for the build; a queued build that nobody
 /// waits for any more leaves the queue.
@@ -113,6 +125,8 @@ pub struct Builder {
     names: Mutex<HashMap<String, NameAnswers>>,
     /// Running builds by request key: their result, state stream and waiters.
     inflight: Mutex<HashMap<String, Inflight>>,
+    /// The last builds that failed, newest last.
+    failures: Mutex<std::collections::VecDeque<Failure>>,
     /// Builds waiting for a slot (at most `max_queue`).
     queued: std::sync::atomic::AtomicUsize,
     slots: tokio::sync::Semaphore,
@@ -164,6 +178,7 @@ impl Builder {
             inflight: Default::default(),
             slots,
             queued: Default::default(),
+            failures: Default::default(),
         })
     }
 
@@ -246,6 +261,11 @@ impl Builder {
         true
     }
 
+    /// The last builds that failed (at most 20), newest last.
+    pub fn recent_failures(&self) -> Vec<Failure> {
+        self.failures.lock().unwrap().iter().cloned().collect()
+    }
+
     /// The builds running now, with their state streams.
     pub fn running(&self) -> Vec<watch::Receiver<BuildState>> {
         self.inflight
@@ -321,6 +341,27 @@ impl Builder {
                     s.stage = "failed".into();
                     s.error = Some(e.to_string());
                 });
+                if !matches!(e.as_ref(), BuildError::Abandoned) {
+                    let state = tx.borrow().clone();
+                    let mut failures = this.failures.lock().unwrap();
+                    let log = match e.log_tail() {
+                        l if l.is_empty() => state.log.into_iter().collect(),
+                        l => l,
+                    };
+                    failures.push_back(Failure {
+                        image: state.image,
+                        tag: state.tag,
+                        error: e.summary(),
+                        log,
+                        at: std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs())
+                            .unwrap_or(0),
+                    });
+                    if failures.len() > 20 {
+                        failures.pop_front();
+                    }
+                }
             }
             this.inflight.lock().unwrap().remove(&k);
             result

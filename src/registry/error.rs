@@ -36,6 +36,9 @@ pub enum RegistryError {
     NoSuchEndpoint(String),
     #[error("{0}")]
     Unknown(String),
+    /// A build that failed: UNKNOWN, with Nix's log in `detail`.
+    #[error("{message}")]
+    BuildFailed { message: String, log: Vec<String> },
 }
 
 impl RegistryError {
@@ -55,7 +58,9 @@ impl RegistryError {
             RegistryError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
             RegistryError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS"),
             RegistryError::NoSuchEndpoint(_) => (StatusCode::NOT_FOUND, "UNSUPPORTED"),
-            RegistryError::Unknown(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
+            RegistryError::Unknown(_) | RegistryError::BuildFailed { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN")
+            }
         }
     }
 }
@@ -65,6 +70,7 @@ impl IntoResponse for RegistryError {
         let (status, code) = self.code();
         let detail = match &self {
             RegistryError::ManifestUnknown { detail, .. } => detail.clone(),
+            RegistryError::BuildFailed { log, .. } => serde_json::json!({ "log": log }),
             _ => serde_json::Value::Null,
         };
         let body = serde_json::json!({ "errors": [{ "code": code, "message": self.to_string(), "detail": detail }] });
@@ -139,6 +145,15 @@ impl From<&BuildError> for RegistryError {
                 RegistryError::Unavailable(e.to_string())
             }
             BuildError::QueueFull(_) => RegistryError::TooManyRequests(e.to_string()),
+            // The reason in the message (clients show it), Nix's words in
+            // `detail.log`, and where to look.
+            other @ BuildError::Nix(_) => RegistryError::BuildFailed {
+                message: format!(
+                    "building the image failed: {} (the end of Nix's log is in this error's detail, and on the registry's page at /)",
+                    other.summary()
+                ),
+                log: other.log_tail(),
+            },
             other => RegistryError::Unknown(format!("building the image failed: {other}")),
         }
     }

@@ -290,6 +290,7 @@ fn manifest_response(
     };
     if !head {
         app.metrics.bytes_served.inc_by(len as u64);
+        app.catalog.record_pull(digest);
     }
     let mut resp = Response::new(body);
     let h = resp.headers_mut();

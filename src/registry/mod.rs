@@ -5,6 +5,7 @@
 
 mod error;
 mod handlers;
+pub mod page;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -54,6 +55,9 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/", get(page::index))
+        .route("/api/status", get(page::api_status))
+        .route("/events", get(page::events))
         .fallback(|| async { RegistryError::NoSuchEndpoint("no such endpoint".into()) })
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)

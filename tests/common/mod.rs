@@ -284,3 +284,14 @@ pub fn slow_builder_running() -> bool {
         .iter()
         .any(|l| l.contains("slow: sleeping") || l == "sleep 20")
 }
+
+/// GET with curl: (status, body).
+pub fn http_get(url: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}", url])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
