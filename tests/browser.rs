@@ -20,17 +20,23 @@ fn chromium() -> Option<&'static str> {
     })
 }
 
+/// Headless chromium as root in a container, bounded in time.
+fn headless(browser: &str) -> Command {
+    let mut c = Command::new("timeout");
+    c.args([
+        "120",
+        browser,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+    ]);
+    c
+}
+
 /// Loads a page in headless chromium (with `args`) and returns its DOM.
 fn dump_dom(browser: &str, url: &str, args: &[&str]) -> String {
-    let out = Command::new("timeout")
-        .args([
-            "120",
-            browser,
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-        ])
+    let out = headless(browser)
         .args(args)
         .arg("--dump-dom")
         .arg(url)
@@ -121,16 +127,8 @@ fn the_page_in_a_real_browser() {
 
     // A screenshot, as a person would see it.
     let png = dir.path().join("page.png");
-    let out = Command::new("timeout")
-        .args([
-            "120",
-            browser,
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--window-size=1100,800",
-        ])
+    let out = headless(browser)
+        .arg("--window-size=1100,800")
         .arg(format!("--screenshot={}", png.display()))
         .arg(server.url("/"))
         .output()
