@@ -118,7 +118,7 @@ fn the_page_in_a_real_browser() {
 
     // A failed build shows its reason and the end of Nix's log.
     let (code, _) = http_get(&server.url("/v2/broken/manifests/latest"));
-    assert_eq!(code, 500);
+    assert_eq!(code, 404);
     let dom = dump_dom(browser, &server.url("/"), &[]);
     assert!(
         section(&dom, "failures").contains("fails to build on purpose"),

@@ -106,6 +106,14 @@ fn docker_pull_and_run() {
     ]));
     assert!(ok, "docker run {bash_jq} failed: {err}");
     assert_eq!(out.trim(), "nix");
+    // A package that does not build: docker pull tells the user why.
+    let broken = format!("{}/broken", server.addr);
+    let (ok, _, err) = run(Command::new("docker").args(["pull", &broken]));
+    assert!(!ok);
+    assert!(
+        err.contains("building the image failed: building the packages failed"),
+        "{err}"
+    );
     let _ = run(Command::new("docker").args(["rmi", "-f", &hello, &curl, &bash_jq]));
 }
 

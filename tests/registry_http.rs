@@ -828,7 +828,7 @@ async fn the_page_and_its_live_status() {
     let digest = m.header("docker-content-digest").unwrap().to_string();
     assert_eq!(
         get(&app, "/v2/broken/manifests/latest").await.status,
-        StatusCode::INTERNAL_SERVER_ERROR
+        StatusCode::NOT_FOUND
     );
     let status = get(&app, "/api/status").await.json();
     assert_eq!(status["images"][0]["digest"], digest.as_str());

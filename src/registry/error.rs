@@ -36,7 +36,7 @@ pub enum RegistryError {
     NoSuchEndpoint(String),
     #[error("{0}")]
     Unknown(String),
-    /// A build that failed: UNKNOWN, with Nix's log in `detail`.
+    /// A build that Nix failed: MANIFEST_UNKNOWN, with Nix's log in `detail`.
     #[error("{message}")]
     BuildFailed { message: String, log: Vec<String> },
 }
@@ -58,9 +58,10 @@ impl RegistryError {
             RegistryError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
             RegistryError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS"),
             RegistryError::NoSuchEndpoint(_) => (StatusCode::NOT_FOUND, "UNSUPPORTED"),
-            RegistryError::Unknown(_) | RegistryError::BuildFailed { .. } => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN")
-            }
+            RegistryError::Unknown(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
+            // The image cannot be made from what was asked: no manifest exists
+            // for it (and Docker shows a 4xx's message, never a 5xx's).
+            RegistryError::BuildFailed { .. } => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
         }
     }
 }
