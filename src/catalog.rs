@@ -85,6 +85,9 @@ struct RequestEntry {
     /// image then is.
     #[serde(default)]
     repo: Option<String>,
+    /// The tag it was asked for.
+    #[serde(default)]
+    tag: Option<String>,
     /// Seconds since the epoch.
     expires: Option<u64>,
 }
@@ -305,6 +308,7 @@ impl Catalog {
         key: &str,
         image_key: &str,
         repo: Option<&str>,
+        tag: &str,
         ttl: Option<Duration>,
     ) {
         {
@@ -314,6 +318,7 @@ impl Catalog {
                 RequestEntry {
                     image: image_key.to_string(),
                     repo: repo.map(str::to_string),
+                    tag: Some(tag.to_string()),
                     expires: ttl.map(|t| now_secs() + t.as_secs()),
                 },
             );
@@ -343,7 +348,13 @@ impl Catalog {
                     .requests
                     .values()
                     .filter(|r| &r.image == key)
-                    .filter_map(|r| r.repo.clone())
+                    .filter_map(|r| {
+                        let repo = r.repo.clone()?;
+                        Some(match &r.tag {
+                            Some(t) => format!("{repo}:{t}"),
+                            None => repo,
+                        })
+                    })
                     .collect();
                 names.sort();
                 names.dedup();
@@ -481,15 +492,22 @@ mod tests {
         {
             let c = Catalog::open(dir.path(), &store).await;
             c.add_image("ka", a.clone());
-            c.add_request("req-a", "ka", Some("hello"), None);
+            c.add_request("req-a", "ka", Some("hello"), "latest", None);
             c.add_request(
                 "req-a-alias",
                 "ka",
                 Some("HELLO"),
+                "latest",
                 Some(Duration::from_secs(3600)),
             );
             c.add_image("kb", b.clone());
-            c.add_request("req-b-expired", "kb", Some("b"), Some(Duration::ZERO));
+            c.add_request(
+                "req-b-expired",
+                "kb",
+                Some("b"),
+                "latest",
+                Some(Duration::ZERO),
+            );
         }
         let c = Catalog::open(dir.path(), &store).await;
         assert_eq!(c.request("req-a").unwrap().oci_digest, a.oci_digest);

@@ -18,6 +18,10 @@ use crate::nix::Source;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines as `text` (coloured only on a terminal, never with NO_COLOR)
+    /// or `json` (one object a line, for log collectors).
+    #[arg(long, global = true, env = "NIXERY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
 }
 
 #[derive(Debug, Subcommand)]

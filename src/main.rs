@@ -12,7 +12,7 @@ use nixery::name::{self, Repository};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    nixery::telemetry::init();
+    nixery::telemetry::init(cli.log_format == "json");
     let result = tokio::runtime::Runtime::new()
         .context("starting the runtime")
         .and_then(|rt| match cli.command {

@@ -1,6 +1,6 @@
 //! Logging: tracing to stderr, filtered by `RUST_LOG` (default `info`); colour
 //! only on a terminal (and never with `NO_COLOR`), or JSON lines for log
-//! collectors with `NIXERY_LOG_FORMAT=json`.
+//! collectors with `--log-format json` (`NIXERY_LOG_FORMAT=json`).
 
 use std::io::IsTerminal;
 
@@ -11,13 +11,13 @@ pub fn colour(is_terminal: bool, no_color: Option<&str>) -> bool {
     is_terminal && no_color.is_none_or(str::is_empty)
 }
 
-pub fn init() {
+pub fn init(json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false);
-    let _ = if std::env::var("NIXERY_LOG_FORMAT").as_deref() == Ok("json") {
+    let _ = if json {
         builder.json().try_init()
     } else {
         let ansi = colour(

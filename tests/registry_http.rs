@@ -834,8 +834,9 @@ async fn the_page_and_its_live_status() {
     assert_eq!(status["images"][0]["digest"], digest.as_str());
     assert_eq!(
         status["images"][0]["names"],
-        serde_json::json!(["hello/shell"])
+        serde_json::json!(["hello/shell:latest"])
     );
+    assert!(status["images"][0]["built"].as_u64().unwrap() > 1_700_000_000);
     assert_eq!(status["images"][0]["pulls"], 1);
     assert_eq!(status["failures"][0]["image"], "broken");
     assert!(status["failures"][0]["log"][0]

@@ -467,7 +467,7 @@ impl Builder {
         if let Some(img) = self.catalog.image(&key) {
             self.metrics.cache_hits.inc();
             self.catalog
-                .add_request(request, &key, spec.repository.as_deref(), ttl);
+                .add_request(request, &key, spec.repository.as_deref(), &spec.tag, ttl);
             return Ok(img);
         }
         let fut = {
@@ -503,7 +503,7 @@ impl Builder {
         };
         let img = fut.await?;
         self.catalog
-            .add_request(request, &key, spec.repository.as_deref(), ttl);
+            .add_request(request, &key, spec.repository.as_deref(), &spec.tag, ttl);
         Ok(img)
     }
 

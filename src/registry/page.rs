@@ -157,6 +157,13 @@ pub fn escape(s: &str) -> String {
     out
 }
 
+/// Seconds since the epoch as `2026-11-28 01:55`.
+fn when(secs: u64) -> String {
+    k8s_openapi::jiff::Timestamp::from_second(secs as i64)
+        .map(|t| t.strftime("%Y-%m-%d %H:%M").to_string())
+        .unwrap_or_default()
+}
+
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
@@ -182,14 +189,15 @@ fn sections(s: &Status) -> String {
             escape(&b.stage)
         ));
     }
-    out.push_str("</ul><h2>Images</h2><table id=\"images\"><tr><th>name</th><th>digest</th><th>layers</th><th>size</th><th>pulls</th></tr>");
+    out.push_str("</ul><h2>Images</h2><table id=\"images\"><tr><th>name</th><th>digest</th><th>layers</th><th>size</th><th>built (UTC)</th><th>pulls</th></tr>");
     for i in &s.images {
         out.push_str(&format!(
-            "<tr><td><code>{}</code></td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td><code>{}</code></td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             escape(&i.names.join(", ")),
             escape(i.digest.as_str()),
             i.layers,
             mib(i.size),
+            when(i.built),
             i.pulls
         ));
     }
@@ -264,11 +272,12 @@ docker run --rm {host}/shell/curl/jq curl --version</pre>
     root.appendChild(ul);
     root.appendChild(el("h2", "Images"));
     var t = el("table"); t.id = "images";
-    var hr = el("tr"); ["name", "digest", "layers", "size", "pulls"].forEach(function (h) {{ hr.appendChild(el("th", h)); }}); t.appendChild(hr);
+    var hr = el("tr"); ["name", "digest", "layers", "size", "built (UTC)", "pulls"].forEach(function (h) {{ hr.appendChild(el("th", h)); }}); t.appendChild(hr);
     s.images.forEach(function (i) {{
       var tr = el("tr"); var n = el("td"); n.appendChild(el("code", i.names.join(", "))); tr.appendChild(n);
       var d = el("td"); d.appendChild(el("code", i.digest)); tr.appendChild(d);
-      tr.appendChild(el("td", String(i.layers))); tr.appendChild(el("td", mib(i.size))); tr.appendChild(el("td", String(i.pulls)));
+      tr.appendChild(el("td", String(i.layers))); tr.appendChild(el("td", mib(i.size)));
+      tr.appendChild(el("td", new Date(i.built * 1000).toISOString().slice(0, 16).replace("T", " "))); tr.appendChild(el("td", String(i.pulls)));
       t.appendChild(tr);
     }});
     root.appendChild(t);
