@@ -125,6 +125,8 @@ pub struct Builder {
     names: Mutex<HashMap<String, NameAnswers>>,
     /// Running builds by request key: their result, state stream and waiters.
     inflight: Mutex<HashMap<String, Inflight>>,
+    /// When each image's blobs were last found all present.
+    verified: Mutex<HashMap<crate::name::Digest, Instant>>,
     /// The last builds that failed, newest last.
     failures: Mutex<std::collections::VecDeque<Failure>>,
     /// Builds waiting for a slot (at most `max_queue`).
@@ -179,6 +181,7 @@ impl Builder {
             slots,
             queued: Default::default(),
             failures: Default::default(),
+            verified: Default::default(),
         })
     }
 
@@ -251,13 +254,28 @@ impl Builder {
         }
     }
 
-    /// Whether every blob of an image is in the store.
+    /// Whether every blob of an image is in the store. A positive answer
+    /// holds for a few seconds, so a pull storm by tag costs one check per
+    /// image, not one per blob per request.
     async fn blobs_present(&self, img: &BuiltImage) -> bool {
+        const FRESH: Duration = Duration::from_secs(5);
+        if let Some(t) = self.verified.lock().unwrap().get(&img.oci_digest) {
+            if t.elapsed() < FRESH {
+                return true;
+            }
+        }
         for d in crate::catalog::digests_of(img) {
             if !matches!(self.store.stat(&d).await, Ok(Some(_))) {
+                self.verified.lock().unwrap().remove(&img.oci_digest);
                 return false;
             }
         }
+        let mut verified = self.verified.lock().unwrap();
+        // Bounded: forget answers that are no longer fresh.
+        if verified.len() > 4096 {
+            verified.retain(|_, t| t.elapsed() < FRESH);
+        }
+        verified.insert(img.oci_digest.clone(), Instant::now());
         true
     }
 
