@@ -134,6 +134,30 @@ struct Inner {
     /// Image key -> (image, when built, every digest it is made of).
     images: HashMap<String, (Arc<BuiltImage>, u64, HashSet<Digest>)>,
     manifests: HashMap<Digest, (&'static str, bytes::Bytes)>,
+    /// Repository (canonical name) -> image keys asked for under it, so a
+    /// request by digest is checked without scanning every request.
+    repos: HashMap<String, HashSet<String>>,
+    /// OCI manifest digest -> image key.
+    by_digest: HashMap<Digest, String>,
+}
+
+impl Inner {
+    fn add_image(&mut self, key: String, img: Arc<BuiltImage>, built: u64) {
+        index_manifests(&mut self.manifests, &img);
+        self.by_digest.insert(img.oci_digest.clone(), key.clone());
+        let digests = digests_of(&img);
+        self.images.insert(key, (img, built, digests));
+    }
+
+    fn add_request(&mut self, key: String, r: RequestEntry) {
+        if let Some(repo) = &r.repo {
+            self.repos
+                .entry(repo.clone())
+                .or_default()
+                .insert(r.image.clone());
+        }
+        self.requests.insert(key, r);
+    }
 }
 
 /// Every digest an image is made of: its manifests, config and layers.
@@ -227,13 +251,11 @@ impl Catalog {
         }
         let inner = catalog.inner.get_mut().unwrap();
         for (key, img, built) in loaded {
-            index_manifests(&mut inner.manifests, &img);
-            let digests = digests_of(&img);
-            inner.images.insert(key, (Arc::new(img), built, digests));
+            inner.add_image(key, Arc::new(img), built);
         }
         for (key, r) in parsed.requests {
             if inner.images.contains_key(&r.image) {
-                inner.requests.insert(key, r);
+                inner.add_request(key, r);
             }
         }
         tracing::info!(
@@ -259,11 +281,20 @@ impl Catalog {
     pub fn in_repository(&self, repo: &str, digest: &Digest) -> bool {
         let inner = self.inner.read().unwrap();
         inner
-            .requests
-            .values()
-            .filter(|r| r.repo.as_deref() == Some(repo))
-            .filter_map(|r| inner.images.get(&r.image))
+            .repos
+            .get(repo)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| inner.images.get(k))
             .any(|(_, _, digests)| digests.contains(digest))
+    }
+
+    /// Whether `digest` is content of the catalogued image whose OCI manifest
+    /// is `image` (None: that image is not catalogued).
+    pub fn image_holds(&self, image: &Digest, digest: &Digest) -> Option<bool> {
+        let inner = self.inner.read().unwrap();
+        let key = inner.by_digest.get(image)?;
+        inner.images.get(key).map(|(_, _, d)| d.contains(digest))
     }
 
     /// Records the repository a catalogued request is asked under, when the
@@ -276,8 +307,12 @@ impl Catalog {
                 _ => return,
             }
         }
-        if let Some(r) = self.inner.write().unwrap().requests.get_mut(key) {
-            r.repo = Some(repo.to_string());
+        {
+            let mut inner = self.inner.write().unwrap();
+            if let Some(mut r) = inner.requests.remove(key) {
+                r.repo = Some(repo.to_string());
+                inner.add_request(key.to_string(), r);
+            }
         }
         self.persist();
     }
@@ -292,11 +327,7 @@ impl Catalog {
     pub fn add_image(&self, image_key: &str, img: Arc<BuiltImage>) {
         {
             let mut inner = self.inner.write().unwrap();
-            index_manifests(&mut inner.manifests, &img);
-            let digests = digests_of(&img);
-            inner
-                .images
-                .insert(image_key.to_string(), (img, now_secs(), digests));
+            inner.add_image(image_key.to_string(), img, now_secs());
         }
         self.persist();
     }
@@ -313,7 +344,7 @@ impl Catalog {
     ) {
         {
             let mut inner = self.inner.write().unwrap();
-            inner.requests.insert(
+            inner.add_request(
                 key.to_string(),
                 RequestEntry {
                     image: image_key.to_string(),
@@ -340,22 +371,21 @@ impl Catalog {
     /// Every catalogued image, newest first.
     pub fn list(&self) -> Vec<ImageSummary> {
         let inner = self.inner.read().unwrap();
+        // Names by image, in one pass over the requests.
+        let mut by_image: HashMap<&str, Vec<String>> = HashMap::new();
+        for r in inner.requests.values() {
+            if let Some(repo) = &r.repo {
+                by_image.entry(&r.image).or_default().push(match &r.tag {
+                    Some(t) => format!("{repo}:{t}"),
+                    None => repo.clone(),
+                });
+            }
+        }
         let mut out: Vec<ImageSummary> = inner
             .images
             .iter()
             .map(|(key, (img, built, _))| {
-                let mut names: Vec<String> = inner
-                    .requests
-                    .values()
-                    .filter(|r| &r.image == key)
-                    .filter_map(|r| {
-                        let repo = r.repo.clone()?;
-                        Some(match &r.tag {
-                            Some(t) => format!("{repo}:{t}"),
-                            None => repo,
-                        })
-                    })
-                    .collect();
+                let mut names = by_image.remove(key.as_str()).unwrap_or_default();
                 names.sort();
                 names.dedup();
                 let pulls = |d: &Digest| inner.pulls.get(d).copied().unwrap_or(0);
@@ -398,6 +428,11 @@ impl Catalog {
                 inner.images.remove(k);
             }
             inner.requests.retain(|_, r| !keys.contains(&r.image));
+            for images in inner.repos.values_mut() {
+                images.retain(|k| !keys.contains(k));
+            }
+            inner.repos.retain(|_, images| !images.is_empty());
+            inner.by_digest.remove(&img.oci_digest);
             inner.manifests.remove(&img.oci_digest);
             inner.manifests.remove(&img.docker_digest);
         }
@@ -533,8 +568,12 @@ mod tests {
         );
 
         // Forgetting an image drops its requests, in the file too.
+        assert_eq!(c.image_holds(&b.oci_digest, &b.docker_digest), Some(true));
+        assert_eq!(c.image_holds(&b.oci_digest, &a.oci_digest), Some(false));
         c.forget(&a);
         assert!(c.request("req-a").is_none() && c.manifest(&a.oci_digest).is_none());
+        assert!(!c.in_repository("hello", &a.oci_digest));
+        assert_eq!(c.image_holds(&a.oci_digest, &a.oci_digest), None);
         let c = Catalog::open(dir.path(), &store).await;
         assert!(c.request("req-a-alias").is_none());
         assert!(c.image("kb").is_some());

@@ -417,28 +417,43 @@ fn nixery_build_prints_reference_and_progress() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown packages: nosuchthing"));
 }
 
+/// A small tmpfs mounted at `dir` (a disk that fills), unmounted on drop;
+/// None (the test skips, saying so) where mounting is not allowed, except
+/// under CI, which runs as root.
+fn tmpfs(dir: &Path, size: &str, test: &str) -> Option<Unmount> {
+    std::fs::create_dir_all(dir).unwrap();
+    let (ok, _, err) = run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir));
+    if !ok {
+        if std::env::var("CI").is_ok() {
+            panic!("{test}: mounting a tmpfs failed under CI: {err}");
+        }
+        skip(&format!("{test}: cannot mount a tmpfs here ({err})"));
+        return None;
+    }
+    Some(Unmount(dir.to_path_buf()))
+}
+
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 #[test]
 fn full_disk_is_a_clear_error_and_leaves_no_partial_blob() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let (ok, _, err) = run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
-        .arg(&state));
-    if !ok {
-        if std::env::var("CI").is_ok() {
-            panic!("mounting a tmpfs failed under CI: {err}");
-        }
-        skip(&format!("full_disk_is_a_clear_error_and_leaves_no_partial_blob: cannot mount a tmpfs here ({err})"));
+    let Some(_unmount) = tmpfs(
+        &state,
+        "2m",
+        "full_disk_is_a_clear_error_and_leaves_no_partial_blob",
+    ) else {
         return;
-    }
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _unmount = Unmount(&state);
+    };
     let server = Server::start(&state, &[]);
     let (code, body) = http_get(&server.url("/v2/shell/curl/manifests/latest"));
     assert_eq!(code, 500, "{body}");
@@ -522,26 +537,13 @@ fn containerd_pull_and_run() {
 fn starting_on_a_full_disk_serves_what_is_stored() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let (ok, _, err) = run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-        .arg(&state));
-    if !ok {
-        if std::env::var("CI").is_ok() {
-            panic!("mounting a tmpfs failed under CI: {err}");
-        }
-        skip(&format!(
-            "starting_on_a_full_disk_serves_what_is_stored: cannot mount a tmpfs here ({err})"
-        ));
+    let Some(_unmount) = tmpfs(
+        &state,
+        "8m",
+        "starting_on_a_full_disk_serves_what_is_stored",
+    ) else {
         return;
-    }
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _unmount = Unmount(&state);
+    };
     let mut server = Server::start(&state, &[]);
     let (code, manifest) = http_get(&server.url("/v2/hello/manifests/latest"));
     assert_eq!(code, 200, "{manifest}");

@@ -223,9 +223,10 @@ fn in_repository(
     let holds = match repo {
         Repository::AdHoc(img) => app.catalog.in_repository(&img.name(), digest),
         Repository::Named { namespace, name } => match app.catalog.named.get(namespace, name) {
-            Some(NamedEntry::Ready { image, .. }) => {
-                crate::catalog::digests_of(&image).contains(digest)
-            }
+            Some(NamedEntry::Ready { image, .. }) => app
+                .catalog
+                .image_holds(&image.oci_digest, digest)
+                .unwrap_or_else(|| crate::catalog::digests_of(&image).contains(digest)),
             _ => false,
         },
     };
