@@ -4,8 +4,9 @@
 //! objects name images too. Persisted in the state directory, so a restart
 //! serves every stored image without evaluating anything.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -103,6 +104,15 @@ struct ImageEntry {
     gcroot_dir: PathBuf,
     /// Seconds since the epoch.
     built: u64,
+    /// When it was last asked for (milliseconds since the epoch): the order
+    /// in which unpinned images are evicted.
+    #[serde(default)]
+    used_ms: Option<u64>,
+    /// The NixImage objects ("namespace/name") that named it, in any
+    /// generation: deleting the last of them drops it, unless it is also
+    /// asked for ad hoc.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    objects: BTreeSet<String>,
 }
 
 #[derive(Default, serde::Serialize, serde::Deserialize)]
@@ -131,22 +141,72 @@ struct Inner {
     /// Manifest GETs per manifest digest.
     pulls: HashMap<Digest, u64>,
     requests: HashMap<String, RequestEntry>,
-    /// Image key -> (image, when built, every digest it is made of).
-    images: HashMap<String, (Arc<BuiltImage>, u64, HashSet<Digest>)>,
+    images: HashMap<String, ImageRec>,
     manifests: HashMap<Digest, (&'static str, bytes::Bytes)>,
     /// Repository (canonical name) -> image keys asked for under it, so a
     /// request by digest is checked without scanning every request.
     repos: HashMap<String, HashSet<String>>,
-    /// OCI manifest digest -> image key.
+    /// Manifest digest (either encoding) -> image key.
     by_digest: HashMap<Digest, String>,
 }
 
+/// One catalogued image.
+struct ImageRec {
+    img: Arc<BuiltImage>,
+    /// When built (seconds since the epoch).
+    built: u64,
+    /// When last asked for (milliseconds since the epoch).
+    used: AtomicU64,
+    /// Every digest it is made of.
+    digests: HashSet<Digest>,
+    /// NixImage objects that named it.
+    objects: BTreeSet<String>,
+}
+
+impl ImageRec {
+    fn touch(&self) {
+        self.used.fetch_max(now_millis(), Ordering::Relaxed);
+    }
+}
+
 impl Inner {
-    fn add_image(&mut self, key: String, img: Arc<BuiltImage>, built: u64) {
+    fn add_image(&mut self, key: String, img: Arc<BuiltImage>, built: u64, used: u64) {
         index_manifests(&mut self.manifests, &img);
         self.by_digest.insert(img.oci_digest.clone(), key.clone());
+        self.by_digest
+            .insert(img.docker_digest.clone(), key.clone());
         let digests = digests_of(&img);
-        self.images.insert(key, (img, built, digests));
+        let objects = self
+            .images
+            .remove(&key)
+            .map(|r| r.objects)
+            .unwrap_or_default();
+        self.images.insert(
+            key,
+            ImageRec {
+                img,
+                built,
+                used: AtomicU64::new(used),
+                digests,
+                objects,
+            },
+        );
+    }
+
+    /// Removes an image, every request that resolves to it and its indexes.
+    fn remove_image(&mut self, key: &str) -> Option<ImageRec> {
+        let rec = self.images.remove(key)?;
+        self.requests.retain(|_, r| r.image != key);
+        for images in self.repos.values_mut() {
+            images.remove(key);
+        }
+        self.repos.retain(|_, images| !images.is_empty());
+        for d in [&rec.img.oci_digest, &rec.img.docker_digest] {
+            self.by_digest.remove(d);
+            self.manifests.remove(d);
+            self.pulls.remove(d);
+        }
+        Some(rec)
     }
 
     fn add_request(&mut self, key: String, r: RequestEntry) {
@@ -182,13 +242,29 @@ pub struct Catalog {
     /// Where the catalog is persisted (None: memory only).
     file: Option<PathBuf>,
     inner: RwLock<Inner>,
+    /// Whether last-use times changed since the file was written.
+    dirty: AtomicBool,
     pub named: NamedImages,
 }
 
+/// What the garbage collector needs to know of one image.
+#[derive(Debug, Clone)]
+pub struct GcEntry {
+    pub key: String,
+    pub image: Arc<BuiltImage>,
+    /// Milliseconds since the epoch.
+    pub used: u64,
+    pub digests: HashSet<Digest>,
+}
+
 fn now_secs() -> u64 {
+    now_millis() / 1000
+}
+
+fn now_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
@@ -198,6 +274,7 @@ impl Catalog {
         Catalog {
             file: None,
             inner: Default::default(),
+            dirty: AtomicBool::new(false),
             named: Default::default(),
         }
     }
@@ -247,11 +324,15 @@ impl Catalog {
                 roots: e.roots,
                 gcroot_dir: e.gcroot_dir,
             };
-            loaded.push((key, img, e.built));
+            let used = e.used_ms.unwrap_or(e.built * 1000);
+            loaded.push((key, img, e.built, used, e.objects));
         }
         let inner = catalog.inner.get_mut().unwrap();
-        for (key, img, built) in loaded {
-            inner.add_image(key, Arc::new(img), built);
+        for (key, img, built, used, objects) in loaded {
+            inner.add_image(key.clone(), Arc::new(img), built, used);
+            if let Some(rec) = inner.images.get_mut(&key) {
+                rec.objects = objects;
+            }
         }
         for (key, r) in parsed.requests {
             if inner.images.contains_key(&r.image) {
@@ -273,7 +354,10 @@ impl Catalog {
         if r.expires.is_some_and(|t| now_secs() >= t) {
             return None;
         }
-        inner.images.get(&r.image).map(|(img, _, _)| img.clone())
+        let rec = inner.images.get(&r.image)?;
+        rec.touch();
+        self.dirty.store(true, Ordering::Relaxed);
+        Some(rec.img.clone())
     }
 
     /// Whether `digest` is content of repository `repo` (canonical name): of
@@ -286,7 +370,7 @@ impl Catalog {
             .into_iter()
             .flatten()
             .filter_map(|k| inner.images.get(k))
-            .any(|(_, _, digests)| digests.contains(digest))
+            .any(|rec| rec.digests.contains(digest))
     }
 
     /// Whether `digest` is content of the catalogued image whose OCI manifest
@@ -294,7 +378,10 @@ impl Catalog {
     pub fn image_holds(&self, image: &Digest, digest: &Digest) -> Option<bool> {
         let inner = self.inner.read().unwrap();
         let key = inner.by_digest.get(image)?;
-        inner.images.get(key).map(|(_, _, d)| d.contains(digest))
+        inner
+            .images
+            .get(key)
+            .map(|rec| rec.digests.contains(digest))
     }
 
     /// Records the repository a catalogued request is asked under, when the
@@ -320,16 +407,110 @@ impl Catalog {
     /// The image built for an image key.
     pub fn image(&self, image_key: &str) -> Option<Arc<BuiltImage>> {
         let inner = self.inner.read().unwrap();
-        inner.images.get(image_key).map(|(img, _, _)| img.clone())
+        let rec = inner.images.get(image_key)?;
+        rec.touch();
+        self.dirty.store(true, Ordering::Relaxed);
+        Some(rec.img.clone())
     }
 
     /// Records a built image under its image key.
     pub fn add_image(&self, image_key: &str, img: Arc<BuiltImage>) {
         {
             let mut inner = self.inner.write().unwrap();
-            inner.add_image(image_key.to_string(), img, now_secs());
+            inner.add_image(image_key.to_string(), img, now_secs(), now_millis());
         }
         self.persist();
+    }
+
+    /// Records that NixImage `object` ("namespace/name") names the image whose
+    /// OCI manifest is `image`.
+    pub fn claim(&self, image: &Digest, object: &str) {
+        {
+            let mut inner = self.inner.write().unwrap();
+            let Some(key) = inner.by_digest.get(image).cloned() else {
+                return;
+            };
+            match inner.images.get_mut(&key) {
+                Some(rec) if !rec.objects.contains(object) => {
+                    rec.objects.insert(object.to_string());
+                }
+                _ => return,
+            }
+        }
+        self.persist();
+    }
+
+    /// NixImage `object` is gone: the keys of the images that only it named
+    /// (no other object, no ad-hoc request), which nothing needs any more.
+    pub fn release(&self, object: &str) -> Vec<String> {
+        let mut inner = self.inner.write().unwrap();
+        let mut unheld = Vec::new();
+        for (key, rec) in inner.images.iter_mut() {
+            if rec.objects.remove(object) && rec.objects.is_empty() {
+                unheld.push(key.clone());
+            }
+        }
+        // Asked for ad hoc (a request under a repository name): still wanted.
+        unheld.retain(|k| {
+            !inner
+                .requests
+                .values()
+                .any(|r| &r.image == k && r.repo.is_some())
+        });
+        drop(inner);
+        self.persist();
+        unheld
+    }
+
+    /// Every image, least recently used first, for the garbage collector.
+    pub fn gc_entries(&self) -> Vec<GcEntry> {
+        let inner = self.inner.read().unwrap();
+        let mut out: Vec<GcEntry> = inner
+            .images
+            .iter()
+            .map(|(k, rec)| GcEntry {
+                key: k.clone(),
+                image: rec.img.clone(),
+                used: rec.used.load(Ordering::Relaxed),
+                digests: rec.digests.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.used.cmp(&b.used).then(a.key.cmp(&b.key)));
+        out
+    }
+
+    /// Removes an image (and every request resolving to it); the next request
+    /// builds it again.
+    pub fn evict(&self, image_key: &str) -> Option<Arc<BuiltImage>> {
+        let rec = self.inner.write().unwrap().remove_image(image_key);
+        if rec.is_some() {
+            self.persist();
+        }
+        rec.map(|r| r.img)
+    }
+
+    /// Drops requests whose answer expired (their images stay until evicted).
+    pub fn drop_expired(&self) {
+        let now = now_secs();
+        let mut inner = self.inner.write().unwrap();
+        let expired: Vec<String> = inner
+            .requests
+            .iter()
+            .filter(|(_, r)| r.expires.is_some_and(|t| now >= t))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &expired {
+            inner.requests.remove(k);
+        }
+        // Content stays in the repositories it was served under: `repos` is
+        // left as it is, and emptied with the image.
+    }
+
+    /// Writes last-use times, if any changed since the last write.
+    pub fn flush(&self) {
+        if self.dirty.swap(false, Ordering::Relaxed) {
+            self.persist();
+        }
     }
 
     /// Records that a request (asked under repository `repo`) resolves to an
@@ -357,15 +538,19 @@ impl Catalog {
         self.persist();
     }
 
-    /// Counts a manifest GET.
+    /// Counts a manifest GET, which is also a use of its image.
     pub fn record_pull(&self, digest: &Digest) {
-        *self
-            .inner
-            .write()
-            .unwrap()
-            .pulls
-            .entry(digest.clone())
-            .or_default() += 1;
+        let mut inner = self.inner.write().unwrap();
+        let Some(rec) = inner
+            .by_digest
+            .get(digest)
+            .and_then(|k| inner.images.get(k))
+        else {
+            return;
+        };
+        rec.touch();
+        *inner.pulls.entry(digest.clone()).or_default() += 1;
+        self.dirty.store(true, Ordering::Relaxed);
     }
 
     /// Every catalogued image, newest first.
@@ -384,7 +569,8 @@ impl Catalog {
         let mut out: Vec<ImageSummary> = inner
             .images
             .iter()
-            .map(|(key, (img, built, _))| {
+            .map(|(key, rec)| {
+                let (img, built) = (&rec.img, &rec.built);
                 let mut names = by_image.remove(key.as_str()).unwrap_or_default();
                 names.sort();
                 names.dedup();
@@ -416,33 +602,23 @@ impl Catalog {
     /// Drops an image and every request that resolved to it (its NixImage was
     /// deleted); the next request builds it again, from the layer cache.
     pub fn forget(&self, img: &BuiltImage) {
-        {
-            let mut inner = self.inner.write().unwrap();
-            let keys: Vec<String> = inner
-                .images
-                .iter()
-                .filter(|(_, (i, _, _))| i.oci_digest == img.oci_digest)
-                .map(|(k, _)| k.clone())
-                .collect();
-            for k in &keys {
-                inner.images.remove(k);
-            }
-            inner.requests.retain(|_, r| !keys.contains(&r.image));
-            for images in inner.repos.values_mut() {
-                images.retain(|k| !keys.contains(k));
-            }
-            inner.repos.retain(|_, images| !images.is_empty());
-            inner.by_digest.remove(&img.oci_digest);
-            inner.manifests.remove(&img.oci_digest);
-            inner.manifests.remove(&img.docker_digest);
+        let key = self
+            .inner
+            .read()
+            .unwrap()
+            .by_digest
+            .get(&img.oci_digest)
+            .cloned();
+        if let Some(key) = key {
+            self.evict(&key);
         }
-        self.persist();
     }
 
     /// Writes the catalog file (atomically). A failure (a full disk) is
     /// logged; the catalog in memory stays right, and the next write retries.
     fn persist(&self) {
         let Some(file) = &self.file else { return };
+        self.dirty.store(false, Ordering::Relaxed);
         let bytes = {
             let inner = self.inner.read().unwrap();
             let f = CatalogFile {
@@ -450,7 +626,8 @@ impl Catalog {
                 images: inner
                     .images
                     .iter()
-                    .map(|(k, (img, built, _))| {
+                    .map(|(k, rec)| {
+                        let img = &rec.img;
                         (
                             k.clone(),
                             ImageEntry {
@@ -460,7 +637,9 @@ impl Catalog {
                                 size: img.size,
                                 roots: img.roots.clone(),
                                 gcroot_dir: img.gcroot_dir.clone(),
-                                built: *built,
+                                built: rec.built,
+                                used_ms: Some(rec.used.load(Ordering::Relaxed)),
+                                objects: rec.objects.clone(),
                             },
                         )
                     })
@@ -577,6 +756,36 @@ mod tests {
         let c = Catalog::open(dir.path(), &store).await;
         assert!(c.request("req-a-alias").is_none());
         assert!(c.image("kb").is_some());
+    }
+
+    #[tokio::test]
+    async fn a_deleted_object_releases_only_what_nothing_else_wants() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let c = Catalog::open(dir.path(), &store).await;
+        let (a, b, d) = (
+            Arc::new(image(&store, "a").await),
+            Arc::new(image(&store, "b").await),
+            Arc::new(image(&store, "d").await),
+        );
+        // a: only object x names it. b: x and y. d: x, and asked for ad hoc.
+        for (k, img) in [("ka", &a), ("kb", &b), ("kd", &d)] {
+            c.add_image(k, img.clone());
+            c.add_request(&format!("r{k}"), k, None, "v1", None);
+            c.claim(&img.oci_digest, "ns/x");
+        }
+        c.claim(&b.oci_digest, "ns/y");
+        c.add_request("adhoc-d", "kd", Some("d"), "latest", None);
+        // Claims survive a restart.
+        let c = Catalog::open(dir.path(), &store).await;
+        assert_eq!(c.release("ns/x"), vec!["ka".to_string()]);
+        assert_eq!(c.release("ns/x"), Vec::<String>::new());
+        assert_eq!(c.release("ns/y"), vec!["kb".to_string()]);
+        // Released is not evicted: the collector decides.
+        assert!(c.image("ka").is_some());
+        assert_eq!(c.evict("ka").unwrap().oci_digest, a.oci_digest);
+        assert!(c.image("ka").is_none() && c.request("rka").is_none());
+        assert!(c.manifest(&a.docker_digest).is_none());
     }
 
     #[tokio::test]

@@ -132,6 +132,17 @@ pub struct CommonArgs {
     /// Blob storage backend: `filesystem` (object storage is not built yet).
     #[arg(long, env = "NIXERY_STORAGE_BACKEND", default_value = "filesystem")]
     pub storage_backend: String,
+    /// Most blob bytes to keep (e.g. 500MiB, 20GiB); past it, the least
+    /// recently used images that no NixImage pins are evicted [default: a
+    /// quarter of the state directory's disk].
+    #[arg(long, env = "NIXERY_STORAGE_LIMIT", value_parser = parse_size)]
+    pub storage_limit: Option<u64>,
+}
+
+/// A size such as `500MiB`, `20GiB`, `1.5 GB` or `1048576` (bytes).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let size: bytesize::ByteSize = s.trim().parse()?;
+    Ok(size.as_u64())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +172,8 @@ pub struct Settings {
     pub popularity: Option<crate::layers::Popularity>,
     pub nix_options: Vec<(String, String)>,
     pub limits: ConnectionLimits,
+    /// None: the default, a quarter of the state directory's disk.
+    pub storage_limit: Option<u64>,
 }
 
 /// What one client connection may hold and for how long.
@@ -266,6 +279,7 @@ impl CommonArgs {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Settings {
+            storage_limit: self.storage_limit,
             nix_options,
             listen,
             state_dir,
@@ -291,6 +305,23 @@ impl CommonArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn storage_limits_read_as_people_write_them() {
+        let limit = |v: &str| parse(&["--storage-limit", v]).storage_limit;
+        assert_eq!(limit("500MiB"), Some(500 << 20));
+        assert_eq!(limit("20GiB"), Some(20 << 30));
+        assert_eq!(limit("1 GB"), Some(1_000_000_000));
+        assert_eq!(limit("4096"), Some(4096));
+        let err = |v: &str| {
+            Cli::try_parse_from(["nixery", "serve", "--storage-limit", v])
+                .err()
+                .map(|e| e.to_string())
+        };
+        assert!(err("lots").unwrap().contains("--storage-limit"));
+        assert!(err("12 parsecs").is_some());
+        assert_eq!(parse(&[]).storage_limit, None);
+    }
 
     fn parse(args: &[&str]) -> CommonArgs {
         let mut argv = vec!["nixery", "serve"];

@@ -4,6 +4,7 @@
 pub mod build;
 pub mod catalog;
 pub mod config;
+pub mod gc;
 pub mod k8s;
 pub mod layers;
 pub mod metrics;
@@ -88,12 +89,34 @@ pub async fn app_state_with(
             mutable_ttl: settings.cache_ttl,
             compression: settings.compression,
             popularity: settings.popularity.clone(),
+            storage_limit: settings
+                .storage_limit
+                .unwrap_or_else(|| gc::default_limit(&settings.state_dir)),
         },
         nix,
         store,
         catalog.clone(),
         metrics.clone(),
     );
+    // Measure (and enforce) the limit before serving (a smaller limit than
+    // last time takes effect at once), then write last-use times now and
+    // then, and at a stop, rather than on every pull.
+    if let Err(e) = builder.gc().collect(None).await {
+        tracing::warn!(error = %e, "collecting garbage");
+    }
+    {
+        let builder = Arc::downgrade(&builder);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                let Some(builder) = builder.upgrade() else {
+                    return;
+                };
+                builder.catalog().flush();
+            }
+        });
+    }
     Ok(AppState {
         builder,
         catalog,
@@ -116,6 +139,7 @@ pub async fn serve_on(
     use hyper_util::rt::{TokioIo, TokioTimer};
     let limits = state.limits;
     let metrics = state.metrics.clone();
+    let catalog = state.catalog.clone();
     let service = hyper_util::service::TowerToHyperService::new(registry::router(state));
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -150,6 +174,8 @@ pub async fn serve_on(
     }
     // Requests in flight may finish (a blob download, a build), for a while.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), graceful.shutdown()).await;
+    // Last-use times since the last write, for the eviction order.
+    catalog.flush();
     Ok(())
 }
 

@@ -44,6 +44,10 @@ pub struct Metrics {
     pub reconcile_errors: Counter,
     pub reconcile_duration: Histogram,
     pub objects_by_phase: Family<PhaseLabel, Gauge>,
+    pub stored_bytes: Gauge,
+    pub storage_limit: Gauge,
+    pub evictions: Counter,
+    pub pinned_images: Gauge,
 }
 
 impl Default for Metrics {
@@ -72,6 +76,10 @@ impl Default for Metrics {
             reconcile_errors: Counter::default(),
             reconcile_duration: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
             objects_by_phase: Family::default(),
+            stored_bytes: Gauge::default(),
+            storage_limit: Gauge::default(),
+            evictions: Counter::default(),
+            pinned_images: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("builds", "Image builds started", m.builds.clone());
@@ -175,6 +183,26 @@ impl Default for Metrics {
             "niximages",
             "NixImage objects by phase, as seen by this agent",
             m.objects_by_phase.clone(),
+        );
+        registry.register(
+            "stored_bytes",
+            "Bytes of blobs in the blob store, as of the last collection",
+            m.stored_bytes.clone(),
+        );
+        registry.register(
+            "storage_limit_bytes",
+            "The blob store's size limit (--storage-limit)",
+            m.storage_limit.clone(),
+        );
+        registry.register(
+            "evictions",
+            "Images evicted (least recently used first) to stay within the storage limit, or dropped with their NixImage",
+            m.evictions.clone(),
+        );
+        registry.register(
+            "pinned_images",
+            "Images pinned by NixImage objects (never evicted)",
+            m.pinned_images.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -101,13 +101,20 @@ async fn build_status_events_no_rewrites_spec_change_and_deletion() {
             .error_code(),
         "NAME_UNKNOWN"
     );
+    // Both generations' images go, with their GC roots and blobs: nothing
+    // else asked for them.
     assert_eq!(
         std::fs::read_dir(dir.path().join("state/gcroots"))
             .unwrap()
             .count(),
-        gcroots - 1,
-        "the image's GC roots are gone"
+        0,
+        "the GC roots of every generation are gone"
     );
+    let blobs = dir.path().join("state/blobs/sha256");
+    for d in [&digest, &new_digest] {
+        let hex = d.strip_prefix("sha256:").unwrap();
+        assert!(!blobs.join(hex).exists(), "manifest {d} is removed");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,6 +28,7 @@ pub struct PipelineConfig {
 
 pub struct Pipeline {
     pub cfg: PipelineConfig,
+    pub gc: Arc<crate::gc::Collector>,
     pub nix: Arc<dyn Nix>,
     pub store: Arc<dyn BlobStore>,
     pub metrics: Arc<Metrics>,
@@ -35,7 +36,8 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Realises the packages under GC roots of this image, plans and packs the
-    /// layers, and stores config and manifests.
+    /// layers, and stores config and manifests. The guard it returns keeps
+    /// the garbage collector away until the image is catalogued.
     pub async fn build_image(
         &self,
         key: &str,
@@ -43,7 +45,7 @@ impl Pipeline {
         spec: &ImageSpec,
         program: Option<String>,
         report: &(dyn Fn(Progress) + Send + Sync),
-    ) -> Result<BuiltImage, BuildError> {
+    ) -> Result<(BuiltImage, crate::gc::BuildGuard), BuildError> {
         report(Progress::Stage("building"));
         let t = Instant::now();
         let gcroot_dir = self.cfg.state_dir.join("gcroots").join(key);
@@ -75,6 +77,9 @@ impl Pipeline {
         let planned = layers::plan(&closure, self.cfg.max_layers, self.cfg.popularity.as_ref());
 
         report(Progress::Stage("packing layers"));
+        // From here on the build relies on stored blobs (cached layers) that
+        // no catalogued image may hold yet.
+        let guard = self.gc.guard().await;
         let t = Instant::now();
         let total = planned.len() + 1;
         let roots: Vec<PathBuf> = prepared.outs.iter().map(PathBuf::from).collect();
@@ -170,7 +175,7 @@ impl Pipeline {
         // Manifests are blobs too, so they can be served by digest after a restart.
         let oci_digest = put_bytes(&*self.store, &oci_manifest).await?;
         let docker_digest = put_bytes(&*self.store, &docker_manifest).await?;
-        Ok(BuiltImage {
+        let image = BuiltImage {
             oci_digest,
             oci_manifest: oci_manifest.into(),
             docker_digest,
@@ -179,7 +184,8 @@ impl Pipeline {
             size: config.len() as u64 + blobs.iter().map(|b| b.size).sum::<u64>(),
             roots: prepared.outs.clone(),
             gcroot_dir,
-        })
+        };
+        Ok((image, guard))
     }
 
     /// A layer of store paths: from the layer cache, or packed and stored.

@@ -37,6 +37,8 @@ pub struct BuilderConfig {
     pub max_queue: usize,
     pub compression: oci::Compression,
     pub popularity: Option<Popularity>,
+    /// Blob bytes kept before least recently used images are evicted.
+    pub storage_limit: u64,
 }
 
 type BuildResult = Result<Arc<BuiltImage>, Arc<BuildError>>;
@@ -109,6 +111,7 @@ pub struct Builder {
     nix: Arc<dyn Nix>,
     store: Arc<dyn BlobStore>,
     metrics: Arc<Metrics>,
+    gc: Arc<crate::gc::Collector>,
     pipeline: Pipeline,
     /// The settings that shape every image (compression, layer budget,
     /// popularity table), as part of every key.
@@ -156,7 +159,18 @@ impl Builder {
                 hex::encode(h.finalize())
             )
         };
+        // A blob no image references may be another process's build in
+        // progress until a build's timeout has passed.
+        let gc = crate::gc::Collector::new(
+            store.clone(),
+            catalog.clone(),
+            metrics.clone(),
+            &cfg.state_dir,
+            cfg.storage_limit,
+            cfg.timeout,
+        );
         let pipeline = Pipeline {
+            gc: gc.clone(),
             cfg: PipelineConfig {
                 state_dir: cfg.state_dir.clone(),
                 max_layers: cfg.max_layers,
@@ -169,6 +183,7 @@ impl Builder {
         };
         Arc::new(Builder {
             cfg,
+            gc,
             pipeline,
             shape,
             nix,
@@ -502,11 +517,20 @@ impl Builder {
                         let result = this
                             .pipeline
                             .build_image(&k, &prepared, &spec, program, &*report)
-                            .await
-                            .map(Arc::new);
-                        if let Ok(img) = &result {
-                            this.catalog.add_image(&k, img.clone());
-                        }
+                            .await;
+                        let result = match result {
+                            Ok((img, guard)) => {
+                                let img = Arc::new(img);
+                                this.catalog.add_image(&k, img.clone());
+                                drop(guard);
+                                // Make room, keeping this image however large.
+                                if let Err(e) = this.gc.collect(Some(&k)).await {
+                                    warn!(error = %e, "collecting garbage");
+                                }
+                                Ok(img)
+                            }
+                            Err(e) => Err(e),
+                        };
                         this.image_builds.lock().unwrap().remove(&k);
                         result
                     }
@@ -592,9 +616,20 @@ impl Builder {
         let until =
             (!source.is_immutable_at(&spec.tag)).then(|| Instant::now() + self.cfg.mutable_ttl);
         let mut names = self.names.lock().unwrap();
+        // Bounded: a few revisions at a time, and a name flood clears its
+        // revision's answers rather than growing them without end.
+        if names.len() >= 64 && !names.contains_key(&revision) {
+            names.retain(|_, (_, until)| until.is_none_or(|t| Instant::now() < t));
+            if names.len() >= 64 {
+                names.clear();
+            }
+        }
         let (answers, _) = names
             .entry(revision)
             .or_insert_with(|| (HashMap::new(), until));
+        if answers.len() > 50_000 {
+            answers.clear();
+        }
         // Each name resolves on its own: those not unknown exist.
         for p in packages {
             answers.insert(p.clone(), !prepared.unknown.contains(p));
@@ -634,5 +669,10 @@ impl Builder {
 
     pub fn catalog(&self) -> &Arc<Catalog> {
         &self.catalog
+    }
+
+    /// The garbage collector of this builder's store.
+    pub fn gc(&self) -> &Arc<crate::gc::Collector> {
+        &self.gc
     }
 }

@@ -289,6 +289,9 @@ pub fn image_spec(spec: &NixImageSpec, default_source: &Source) -> Result<ImageS
     }
     let img = name::parse_packages(&spec.contents)?;
     let mut out = ImageSpec::ad_hoc(&img, &spec.tag);
+    // Not asked for under the ad-hoc name: the object names it (and drops it
+    // when deleted, unless someone asks for it ad hoc meanwhile).
+    out.repository = None;
     if let Some(src) = &spec.source {
         out.source = Some(match (&src.path, &src.repo, &src.channel) {
             (Some(p), None, None) => Source::Path(p.into()),
@@ -789,6 +792,8 @@ async fn finish(
         }
     };
     let digest = image.oci_digest.to_string();
+    ctx.catalog
+        .claim(&image.oci_digest, &format!("{ns}/{name}"));
     ctx.catalog.named.set(
         &ns,
         &name,
@@ -1142,13 +1147,12 @@ async fn cleanup(obj: Arc<NixImage>, ctx: &Context) -> Result<Action, Error> {
     ctx.written.lock().unwrap().remove(&uid);
     ctx.failed.lock().unwrap().remove(&uid);
     ctx.failures.lock().unwrap().remove(&uid);
-    if let Some(NamedEntry::Ready { image, .. }) = ctx.catalog.named.remove(&ns, &obj.name_any()) {
-        ctx.catalog.forget(&image);
-        if let Err(e) = std::fs::remove_dir_all(&image.gcroot_dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                warn!(error = %e, dir = %image.gcroot_dir.display(), "removing GC roots");
-            }
-        }
+    // Unpinned, the images of every generation of this object go, with
+    // their blobs and GC roots, unless another object or an ad-hoc request
+    // still wants them (those stay until evicted as least recently used).
+    ctx.catalog.named.remove(&ns, &obj.name_any());
+    if let Err(e) = ctx.builder.gc().drop_object(&ns, &obj.name_any()).await {
+        warn!(error = %e, "dropping the object's images");
     }
     ctx.events
         .publish(

@@ -147,6 +147,11 @@ impl FakeNix {
         }
     }
 
+    /// Adds (or replaces) a package.
+    pub fn add_package(&mut self, name: &str, package: FakePackage) {
+        self.packages.insert(name.to_string(), package);
+    }
+
     /// Makes a package's build take `d`.
     pub fn set_build_time(&mut self, name: &str, d: Duration) {
         if let Some(p) = self.packages.get_mut(name) {

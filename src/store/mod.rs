@@ -16,7 +16,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
 
-pub use local::{free_bytes, write_atomic, LocalStore};
+pub use local::{free_bytes, total_bytes, write_atomic, LocalStore};
 
 use crate::name::Digest;
 use crate::oci::HashingWriter;

@@ -44,6 +44,7 @@ pub fn settings(state_dir: &Path) -> Settings {
         popularity: None,
         nix_options: offline_nix_options(),
         limits: Default::default(),
+        storage_limit: None,
     }
 }
 

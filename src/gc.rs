@@ -1,0 +1,283 @@
+//! Garbage collection: keeps the blob store under `--storage-limit` by
+//! evicting the least recently used images that nothing pins, with their
+//! blobs (unless a kept image shares them), their layer-cache records and
+//! their Nix GC roots, so that the host's `nix-collect-garbage` can reclaim
+//! their store paths. Images of NixImage objects are pinned while the object
+//! names them; deleting an object drops the images only it held.
+//!
+//! Safety with builds: a build holds a [`BuildGuard`] from the moment it
+//! looks for cached layers until its image is in the catalog, and a
+//! collection runs only while no build holds one, so a collection never
+//! removes a blob that a build is about to reference. A blob being
+//! downloaded is never cut off: a local blob is removed by unlinking it, and
+//! a reader keeps its open file to the end.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use crate::catalog::{Catalog, GcEntry, NamedEntry};
+use crate::metrics::Metrics;
+use crate::name::Digest;
+use crate::store::{BlobStore, StoreError};
+
+/// Held by a build while it relies on stored blobs it has not catalogued yet.
+pub type BuildGuard = tokio::sync::OwnedRwLockReadGuard<()>;
+
+/// The default storage limit: a quarter of the state directory's disk.
+pub fn default_limit(state_dir: &std::path::Path) -> u64 {
+    crate::store::total_bytes(state_dir).map_or(u64::MAX, |t| t / 4)
+}
+
+pub struct Collector {
+    store: Arc<dyn BlobStore>,
+    catalog: Arc<Catalog>,
+    metrics: Arc<Metrics>,
+    limit: u64,
+    layers_dir: PathBuf,
+    /// A blob no image references is removed only once it has been seen so
+    /// for this long (it may be another process's build in progress, such
+    /// as a `nixery build` beside the server).
+    orphan_grace: Duration,
+    lock: Arc<tokio::sync::RwLock<()>>,
+    /// Unreferenced blobs, and when each was first seen so.
+    orphans: Mutex<HashMap<Digest, Instant>>,
+}
+
+/// What one collection did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Collected {
+    /// OCI manifest digests of the images evicted.
+    pub evicted: Vec<Digest>,
+    pub blobs_removed: usize,
+    pub bytes_freed: u64,
+    /// Blob bytes stored afterwards.
+    pub stored: u64,
+}
+
+impl Collector {
+    pub fn new(
+        store: Arc<dyn BlobStore>,
+        catalog: Arc<Catalog>,
+        metrics: Arc<Metrics>,
+        state_dir: &std::path::Path,
+        limit: u64,
+        orphan_grace: Duration,
+    ) -> Arc<Self> {
+        metrics
+            .storage_limit
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
+        Arc::new(Collector {
+            store,
+            catalog,
+            metrics,
+            limit,
+            layers_dir: state_dir.join("layers"),
+            orphan_grace,
+            lock: Default::default(),
+            orphans: Default::default(),
+        })
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Taken by a build before it looks for cached layers; dropped once its
+    /// image is catalogued.
+    pub async fn guard(&self) -> BuildGuard {
+        self.lock.clone().read_owned().await
+    }
+
+    /// OCI digests of the images NixImage objects name now.
+    fn pinned(&self) -> HashSet<Digest> {
+        let pinned: HashSet<Digest> = self
+            .catalog
+            .named
+            .entries()
+            .into_iter()
+            .filter_map(|(_, _, e)| match e {
+                NamedEntry::Ready { image, .. } => Some(image.oci_digest.clone()),
+                NamedEntry::Pending { .. } => None,
+            })
+            .collect();
+        self.metrics.pinned_images.set(pinned.len() as i64);
+        pinned
+    }
+
+    /// Brings the store under the limit: first blobs that no image references
+    /// (past their grace), then least recently used images that are neither
+    /// pinned nor `keep` (the image just built, kept even if it alone is
+    /// over the limit).
+    pub async fn collect(&self, keep: Option<&str>) -> Result<Collected, StoreError> {
+        let _exclusive = self.lock.write().await;
+        self.catalog.drop_expired();
+        let mut run = Run::start(self).await?;
+        if run.total > self.limit {
+            let referenced: HashSet<Digest> = run.refs.keys().cloned().collect();
+            let unreferenced: Vec<Digest> = run
+                .sizes
+                .keys()
+                .filter(|d| !referenced.contains(*d))
+                .cloned()
+                .collect();
+            let due: Vec<Digest> = {
+                let now = Instant::now();
+                let mut orphans = self.orphans.lock().unwrap();
+                orphans.retain(|d, _| unreferenced.contains(d));
+                unreferenced
+                    .into_iter()
+                    .filter(|d| {
+                        now.duration_since(*orphans.entry(d.clone()).or_insert(now))
+                            >= self.orphan_grace
+                    })
+                    .collect()
+            };
+            for d in due {
+                run.remove_blob(self, &d).await;
+            }
+            let pinned = self.pinned();
+            for e in run.entries.clone() {
+                if run.total <= self.limit {
+                    break;
+                }
+                if pinned.contains(&e.image.oci_digest) || keep == Some(e.key.as_str()) {
+                    continue;
+                }
+                run.evict(self, &e).await;
+            }
+            if run.total > self.limit {
+                warn!(
+                    stored = run.total,
+                    limit = self.limit,
+                    "over the storage limit with nothing left to evict (pinned images and the newest one stay)"
+                );
+            }
+        } else {
+            self.pinned();
+        }
+        Ok(run.finish(self))
+    }
+
+    /// NixImage `namespace/name` is gone (its named entry already removed):
+    /// drops the images that only it named, whatever the limit.
+    pub async fn drop_object(&self, namespace: &str, name: &str) -> Result<Collected, StoreError> {
+        let _exclusive = self.lock.write().await;
+        let unheld = self.catalog.release(&format!("{namespace}/{name}"));
+        let mut run = Run::start(self).await?;
+        let pinned = self.pinned();
+        for e in run.entries.clone() {
+            if unheld.contains(&e.key) && !pinned.contains(&e.image.oci_digest) {
+                run.evict(self, &e).await;
+            }
+        }
+        Ok(run.finish(self))
+    }
+
+    /// Removes the layer-cache records of removed blobs.
+    fn drop_layer_records(&self, removed: &HashSet<Digest>) {
+        let Ok(dir) = std::fs::read_dir(&self.layers_dir) else {
+            return;
+        };
+        for e in dir.flatten() {
+            let Ok(bytes) = std::fs::read(e.path()) else {
+                continue;
+            };
+            let digest = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v["digest"].as_str().and_then(|d| d.parse::<Digest>().ok()));
+            if digest.is_some_and(|d| removed.contains(&d)) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// One collection's view: stored blobs, references, what was removed.
+struct Run {
+    sizes: HashMap<Digest, u64>,
+    total: u64,
+    entries: Vec<GcEntry>,
+    /// How many catalogued images reference each digest.
+    refs: HashMap<Digest, usize>,
+    removed: HashSet<Digest>,
+    out: Collected,
+}
+
+impl Run {
+    async fn start(c: &Collector) -> Result<Run, StoreError> {
+        let sizes: HashMap<Digest, u64> = c.store.list().await?.into_iter().collect();
+        let total = sizes.values().sum();
+        let entries = c.catalog.gc_entries();
+        let mut refs: HashMap<Digest, usize> = HashMap::new();
+        for e in &entries {
+            for d in &e.digests {
+                *refs.entry(d.clone()).or_default() += 1;
+            }
+        }
+        Ok(Run {
+            sizes,
+            total,
+            entries,
+            refs,
+            removed: HashSet::new(),
+            out: Collected::default(),
+        })
+    }
+
+    async fn remove_blob(&mut self, c: &Collector, d: &Digest) {
+        let Some(size) = self.sizes.remove(d) else {
+            return;
+        };
+        match c.store.delete(d).await {
+            Ok(_) => {
+                self.total -= size;
+                self.out.blobs_removed += 1;
+                self.out.bytes_freed += size;
+                self.removed.insert(d.clone());
+            }
+            Err(e) => warn!(error = %e, blob = %d, "removing a blob"),
+        }
+    }
+
+    /// Evicts an image: from the catalog, its blobs that no other image
+    /// references, its GC roots.
+    async fn evict(&mut self, c: &Collector, e: &GcEntry) {
+        if c.catalog.evict(&e.key).is_none() {
+            return;
+        }
+        for d in &e.digests {
+            let n = self.refs.entry(d.clone()).or_default();
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.refs.remove(d);
+                self.remove_blob(c, d).await;
+            }
+        }
+        if let Err(err) = std::fs::remove_dir_all(&e.image.gcroot_dir) {
+            if err.kind() != std::io::ErrorKind::NotFound {
+                warn!(error = %err, dir = %e.image.gcroot_dir.display(), "removing GC roots");
+            }
+        }
+        c.metrics.evictions.inc();
+        info!(image = %e.image.oci_digest, size = e.image.size, "image evicted");
+        self.out.evicted.push(e.image.oci_digest.clone());
+    }
+
+    fn finish(self, c: &Collector) -> Collected {
+        if !self.removed.is_empty() {
+            c.drop_layer_records(&self.removed);
+        }
+        c.metrics
+            .stored_bytes
+            .set(i64::try_from(self.total).unwrap_or(i64::MAX));
+        c.catalog.flush();
+        Collected {
+            stored: self.total,
+            ..self.out
+        }
+    }
+}
