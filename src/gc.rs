@@ -110,8 +110,8 @@ impl Collector {
 
     /// Brings the store under the limit: first blobs that no image references
     /// (past their grace), then least recently used images that are neither
-    /// pinned nor `keep` (the image just built, kept even if it alone is
-    /// over the limit).
+    /// pinned, nor `keep` (the image just built), nor the most recently used
+    /// one: those stay even if they alone are over the limit.
     pub async fn collect(&self, keep: Option<&str>) -> Result<Collected, StoreError> {
         let _exclusive = self.lock.write().await;
         self.catalog.drop_expired();
@@ -140,11 +140,17 @@ impl Collector {
                 run.remove_blob(self, &d).await;
             }
             let pinned = self.pinned();
+            // The most recently used image stays too (at start, the one that
+            // was kept as the newest before).
+            let newest = run.entries.last().map(|e| e.key.clone());
             for e in run.entries.clone() {
                 if run.total <= self.limit {
                     break;
                 }
-                if pinned.contains(&e.image.oci_digest) || keep == Some(e.key.as_str()) {
+                if pinned.contains(&e.image.oci_digest)
+                    || keep == Some(e.key.as_str())
+                    || newest.as_ref() == Some(&e.key)
+                {
                     continue;
                 }
                 run.evict(self, &e).await;

@@ -12,6 +12,8 @@ use prometheus_client::registry::Registry;
 pub struct StatusLabel {
     /// The kind of request (`manifest`, `blob`, `tags`, ...), never its path.
     pub route: &'static str,
+    /// GET, HEAD, ... (`other` for anything unusual).
+    pub method: &'static str,
     pub status: u16,
 }
 
@@ -160,7 +162,7 @@ impl Default for Metrics {
         );
         registry.register(
             "http_requests",
-            "Registry requests by route class and status",
+            "Registry requests by route class, method and status",
             m.requests.clone(),
         );
         registry.register(
@@ -229,13 +231,16 @@ mod tests {
         m.requests
             .get_or_create(&StatusLabel {
                 route: "manifest",
+                method: "HEAD",
                 status: 404,
             })
             .inc();
         let text = m.render();
         assert!(text.contains("nixery_builds_total 1"), "{text}");
         assert!(
-            text.contains("nixery_http_requests_total{route=\"manifest\",status=\"404\"} 1"),
+            text.contains(
+                "nixery_http_requests_total{route=\"manifest\",method=\"HEAD\",status=\"404\"} 1"
+            ),
             "{text}"
         );
     }

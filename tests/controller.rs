@@ -118,6 +118,42 @@ async fn build_status_events_no_rewrites_spec_change_and_deletion() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_agent_re_registers_its_image_without_announcing_a_build() {
+    let (dir, state, mut a, server) = one_agent(&["curl", "jq"]).await;
+    build_to_ready(&server, &mut a, ("0/1", "1/1")).await;
+    let digest = server.object().status.unwrap().digest.unwrap();
+    drop((a, state));
+
+    // The new agent (same node, same state directory) starts with nothing
+    // in memory: it finds the image in the catalog, registers it and says
+    // nothing, since status already calls it ready here.
+    let (state, nix) = fake_state(dir.path()).await;
+    let mut b = agent("node-a", "127.0.0.1:5000", &state, |_| {});
+    assert_eq!(
+        get(&state, "/v2/niximage/default/curl-and-jq/manifests/v1")
+            .await
+            .error_code(),
+        "NAME_UNKNOWN",
+        "not registered before the reconcile"
+    );
+    let (result, calls) = reconcile(&server, &mut b, 0).await;
+    assert!(result.is_ok(), "{result:?}");
+    assert!(calls.is_empty(), "{calls:#?}");
+    build_finished(&mut b).await;
+    let (result, calls) = reconcile(&server, &mut b, 0).await;
+    assert!(result.is_ok(), "{result:?}");
+    assert!(calls.is_empty(), "no status write, no event: {calls:#?}");
+    let r = get(&state, "/v2/niximage/default/curl-and-jq/manifests/v1").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("docker-content-digest"), Some(digest.as_str()));
+    assert_eq!(
+        nix.evaluations.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the catalog answered; Nix was not asked"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_object_after_a_build_neither_rebuilds_nor_flips_back() {
     let (_dir, _state, mut a, server) = one_agent(&["hello"]).await;
     let (result, _) = reconcile(&server, &mut a, 3).await;

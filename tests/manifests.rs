@@ -362,17 +362,57 @@ fn examples_parse_and_refer_to_real_images() {
         .niximages
         .iter()
         .any(|n| n.metadata.name.as_deref() == Some("curl-and-jq")));
+    // Each NixImage means what it says: its packages (`shell` expanded),
+    // its tag (a revision only where the source has revisions) and its
+    // config, field by field.
+    let git = nixery::nix::Source::Git {
+        url: "file:///pkgs".into(),
+    };
+    let channel = nixery::nix::Source::Channel("x".into());
     for img in &docs.niximages {
-        assert!(
-            nixery::k8s::controller::image_spec(
-                &img.spec,
-                &nixery::nix::Source::Channel("x".into())
-            )
-            .is_ok(),
-            "{:?}",
-            img.metadata.name
+        let name = img.metadata.name.clone().unwrap();
+        let spec = nixery::k8s::controller::image_spec(&img.spec, &git)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut want: Vec<String> = Vec::new();
+        for c in &img.spec.contents {
+            if c == "shell" {
+                want.extend(nixery::build::SHELL.iter().map(|s| s.to_string()));
+            } else {
+                want.push(c.clone());
+            }
+        }
+        want.sort();
+        want.dedup();
+        assert_eq!(spec.packages, want, "{name}");
+        assert_eq!(spec.tag, img.spec.tag, "{name}: a git source keeps the tag");
+        assert_eq!(
+            nixery::k8s::controller::image_spec(&img.spec, &channel)
+                .unwrap()
+                .tag,
+            "latest",
+            "{name}: a channel has one revision"
         );
+        let config = img.spec.config.clone().unwrap_or_default();
+        assert_eq!(spec.run.entrypoint, config.entrypoint, "{name}");
+        assert_eq!(spec.run.cmd, config.cmd, "{name}");
+        assert_eq!(spec.run.working_dir, config.working_dir, "{name}");
+        assert_eq!(spec.run.user, config.user, "{name}");
+        assert_eq!(spec.run.exposed_ports, config.exposed_ports, "{name}");
+        let env: Vec<String> = config
+            .env
+            .iter()
+            .map(|e| format!("{}={}", e.name, e.value))
+            .collect();
+        assert_eq!(spec.run.env, env, "{name}");
     }
+    let web = docs
+        .niximages
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some("web-server"))
+        .expect("examples/web-server.yaml");
+    let config = web.spec.config.as_ref().unwrap();
+    assert_eq!(config.entrypoint.as_ref().unwrap()[0], "httpd");
+    assert_eq!(config.env[0].name, "GREETING");
     assert!(docs.pods.len() >= 3);
     for (ctx, spec) in &docs.pods {
         for container in &spec.containers {

@@ -833,8 +833,14 @@ async fn finish(
         )),
         reason: None,
     };
-    let updated = patch_node(api, &name, &uid, ctx, &node).await?;
-    ensure_aggregate(api, &updated, ctx).await?;
+    // After a restart the entry often says just this already: no write.
+    if previous.as_ref() == Some(&node) {
+        ctx.written.lock().unwrap().insert(uid.clone(), node);
+        ensure_aggregate(api, obj, ctx).await?;
+    } else {
+        let updated = patch_node(api, &name, &uid, ctx, &node).await?;
+        ensure_aggregate(api, &updated, ctx).await?;
+    }
     if announce || previous.and_then(|m| m.digest) != Some(digest.clone()) {
         ctx.events
             .publish(

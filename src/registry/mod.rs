@@ -68,11 +68,25 @@ async fn observe(State(app): State<AppState>, req: Request, next: Next) -> Respo
     let started = Instant::now();
     let span = info_span!("request", method = %req.method(), path = %req.uri().path());
     let route = route_class(req.uri().path());
+    let method = match *req.method() {
+        axum::http::Method::GET => "GET",
+        axum::http::Method::HEAD => "HEAD",
+        axum::http::Method::POST => "POST",
+        axum::http::Method::PUT => "PUT",
+        axum::http::Method::PATCH => "PATCH",
+        axum::http::Method::DELETE => "DELETE",
+        axum::http::Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    };
     let resp = next.run(req).instrument(span.clone()).await;
     let status = resp.status().as_u16();
     app.metrics
         .requests
-        .get_or_create(&StatusLabel { route, status })
+        .get_or_create(&StatusLabel {
+            route,
+            method,
+            status,
+        })
         .inc();
     let ms = started.elapsed().as_secs_f64() * 1e3;
     // Every request at debug (a pull is dozens); server errors always.

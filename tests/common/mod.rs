@@ -245,8 +245,9 @@ pub fn have_tool(tool: &str, test: &str) -> bool {
     ok
 }
 
-/// Every blob file's name equals the sha256 of its content.
-pub fn assert_blobs_verify(state_dir: &Path) -> usize {
+/// Every blob file's name equals the sha256 of its content, and there are at
+/// least `at_least` of them (so the check cannot pass having checked none).
+pub fn assert_blobs_verify(state_dir: &Path, at_least: usize) -> usize {
     let dir = state_dir.join("blobs/sha256");
     let mut n = 0;
     for e in std::fs::read_dir(&dir).unwrap() {
@@ -261,6 +262,11 @@ pub fn assert_blobs_verify(state_dir: &Path) -> usize {
         );
         n += 1;
     }
+    assert!(
+        n >= at_least,
+        "{n} blobs checked in {}, expected at least {at_least}",
+        dir.display()
+    );
     n
 }
 
