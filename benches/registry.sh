@@ -22,8 +22,8 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
 trap cleanup EXIT
 
-serve() { # serve STATE_DIR ADDR -> pid in $server
-  "$BIN" serve --listen "$2" --state-dir "$1" --pkgs-path nix/offline-pkgs --nix-option substituters= 2>"$1.log" &
+serve() { # serve STATE_DIR ADDR [FLAGS...] -> pid in $server
+  "$BIN" serve --listen "$2" --state-dir "$1" --pkgs-path nix/offline-pkgs --nix-option substituters= "${@:3}" 2>"$1.log" &
   server=$!
   pids+=("$server")
   for _ in $(seq 100); do curl -sf "http://$2/v2/" >/dev/null && return; sleep 0.1; done
@@ -148,6 +148,32 @@ r_pigz=$(ratio "$pack_pigz" "$pack_ours")
 r_size=$(ratio "$size_ours" "$size_gzip")
 r_cold=$(ratio "$cold_one" "$pack_gzip")
 r_twenty=$(ratio "$cold_twenty" "$cold_one")
+
+echo "== docker pull of shell/curl/jq into an empty engine: default layers vs --max-layers 40"
+MANY=127.0.0.1:5102
+serve "$WORK/many" "$MANY" --max-layers 40
+pull_once() { # pull_once IMAGE -> seconds (the image removed before and after)
+  docker rmi -f "$1" >/dev/null 2>&1 || true
+  local t; t=$(seconds docker pull -q "$1")
+  docker rmi -f "$1" >/dev/null 2>&1 || true
+  echo "$t"
+}
+best() { python3 -c "import sys; print(min(float(x) for x in sys.argv[1:]))" "$@"; }
+layers_of() { curl -sf -H "$ACCEPT" "http://$1/v2/$2/manifests/latest" | python3 -c "import json,sys; print(' '.join(l['digest'] for l in json.load(sys.stdin)['layers']))"; }
+n_default=$(layers_of "$OURS" shell/curl/jq | wc -w); n_many=$(layers_of "$MANY" shell/curl/jq | wc -w)
+d=(); m=()
+for _ in 1 2 3; do
+  d+=("$(pull_once "$OURS/shell/curl/jq")"); m+=("$(pull_once "$MANY/shell/curl/jq")")
+done
+pull_default=$(best "${d[@]}"); pull_many=$(best "${m[@]}")
+r_pull=$(ratio "$pull_default" "$pull_many")
+shared=$(python3 -c "
+import sys
+a, b = sys.argv[1].split(), sys.argv[2].split()
+n = 0
+while n < min(len(a), len(b)) and a[n] == b[n]: n += 1
+print(n)" "$(layers_of "$OURS" shell/curl)" "$(layers_of "$OURS" shell/jq)")
+[ "$shared" -ge 1 ] || { echo "benchmark: shell/curl and shell/jq share no layers" >&2; exit 1; }
 {
   echo "# Benchmark results"
   echo
@@ -163,6 +189,8 @@ r_twenty=$(ratio "$cold_twenty" "$cold_one")
   echo "| packed size, bytes | $size_ours | $size_gzip (gzip -6) | $r_size |"
   echo "| cold to ready (paths in store, nothing packed), s | $cold_one | $pack_gzip (tar, gzip -6 alone) | $r_cold |"
   echo "| 20 concurrent cold pulls: slowest, s (builds: $builds20) | $cold_twenty | $cold_one (one cold pull) | $r_twenty |"
+  echo "| docker pull shell/curl/jq, empty engine, best of 3, s | $pull_default ($n_default layers, default) | $pull_many ($n_many layers, --max-layers 40) | $r_pull |"
+  echo "| layers shell/curl and shell/jq begin with in common (default) | $shared | | |"
   echo "| server peak RSS after 1-3, MiB | $((rss_ours / 1024)) | | |"
   echo "| server peak RSS after 64 concurrent downloads of a 64 MiB layer ($b_big MB/s), MiB | $((rss_big / 1024)) | | |"
   echo

@@ -94,8 +94,10 @@ pub struct CommonArgs {
     /// A nixpkgs channel (e.g. nixos-unstable) or tarball URL [default: nixos-unstable].
     #[arg(long, env = "NIXERY_CHANNEL", group = "source")]
     pub pkgs_channel: Option<String>,
-    /// Most layers in an image, the customisation layer included.
-    #[arg(long, env = "NIXERY_MAX_LAYERS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(2..=125))]
+    /// Most layers in an image, the customisation layer included. Every
+    /// layer costs a client about 0.1 s to fetch and unpack, so few is fast;
+    /// the planner keeps shared packages in shared layers within it.
+    #[arg(long, env = "NIXERY_MAX_LAYERS", default_value_t = 12, value_parser = clap::value_parser!(u64).range(2..=125))]
     pub max_layers: u64,
     /// Seconds a build may take [default: 600; Nixery's NIX_TIMEOUT].
     #[arg(long, env = "NIXERY_BUILD_TIMEOUT")]
@@ -337,7 +339,7 @@ mod tests {
         let s = parse(&[]).resolve(|_| None).unwrap();
         assert_eq!(s.listen.to_string(), "127.0.0.1:5000");
         assert_eq!(s.source, Source::Channel("nixos-unstable".into()));
-        assert_eq!(s.max_layers, 100);
+        assert_eq!(s.max_layers, 12);
         assert_eq!(s.build_timeout, Duration::from_secs(600));
     }
 

@@ -74,7 +74,13 @@ impl Pipeline {
 
         report(Progress::Stage("reading closure"));
         let closure: Vec<PathInfo> = self.nix.closure(&prepared.outs).await?;
-        let planned = layers::plan(&closure, self.cfg.max_layers, self.cfg.popularity.as_ref());
+        let roots = root_order(prepared, self.cfg.popularity.as_ref());
+        let planned = layers::plan(
+            &closure,
+            &roots,
+            self.cfg.max_layers,
+            self.cfg.popularity.as_ref(),
+        );
 
         report(Progress::Stage("packing layers"));
         // From here on the build relies on stored blobs (cached layers) that
@@ -235,4 +241,67 @@ impl Pipeline {
         // Trust the record only while its blob is really there.
         (self.store.stat(&blob.digest).await.ok()?? == blob.size).then_some(blob)
     }
+}
+
+/// The image's packages in the order their layer groups take: the packages
+/// every image gets (one group together), then the `shell` set, then the rest
+/// (more popular first with a table, else by attribute name), one group
+/// each. Outputs of no resolved name (none, normally) come last.
+pub fn root_order(prepared: &Prepared, popularity: Option<&Popularity>) -> Vec<Vec<String>> {
+    let tier = |attr: &str| {
+        if super::ALWAYS.contains(&attr) {
+            0
+        } else if super::SHELL.contains(&attr) {
+            1
+        } else {
+            2
+        }
+    };
+    let pop = |out: &str| -> u64 {
+        let Some(table) = popularity else { return 0 };
+        let base = out.rsplit('/').next().unwrap_or(out);
+        let name = base.split_once('-').map(|(_, n)| n).unwrap_or(base);
+        table
+            .get(base)
+            .or_else(|| table.get(name))
+            .copied()
+            .unwrap_or(0)
+    };
+    let mut named: Vec<(u8, std::cmp::Reverse<u64>, &str, &str)> = prepared
+        .resolved
+        .iter()
+        .map(|r| {
+            (
+                tier(&r.attr),
+                std::cmp::Reverse(pop(&r.out)),
+                r.attr.as_str(),
+                r.out.as_str(),
+            )
+        })
+        .collect();
+    named.sort();
+    let mut seen: Vec<&str> = Vec::new();
+    let mut sets: Vec<Vec<String>> = Vec::new();
+    for (t, _, _, o) in named {
+        if seen.contains(&o) {
+            continue;
+        }
+        seen.push(o);
+        match sets.last_mut() {
+            Some(first) if t == 0 && seen.len() > 1 => first.push(o.to_string()),
+            _ => sets.push(vec![o.to_string()]),
+        }
+    }
+    let mut others: Vec<String> = prepared
+        .outs
+        .iter()
+        .filter(|o| !seen.contains(&o.as_str()))
+        .cloned()
+        .collect();
+    others.sort();
+    others.dedup();
+    if !others.is_empty() {
+        sets.push(others);
+    }
+    sets
 }

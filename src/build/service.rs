@@ -152,8 +152,9 @@ impl Builder {
                 let sorted: std::collections::BTreeMap<_, _> = p.iter().collect();
                 h.update(serde_json::to_vec(&sorted).expect("serialisable"));
             }
+            // "groups": the layer planner (a new one changes every digest).
             format!(
-                "{}/{}/{}",
+                "groups/{}/{}/{}",
                 cfg.compression.cache_tag(),
                 cfg.max_layers,
                 hex::encode(h.finalize())

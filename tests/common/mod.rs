@@ -35,7 +35,7 @@ pub fn settings(state_dir: &Path) -> Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
         state_dir: state_dir.to_path_buf(),
         source: Source::Path(offline_pkgs()),
-        max_layers: 100,
+        max_layers: 12,
         build_timeout: Duration::from_secs(300),
         max_builds: 2,
         max_queue: 64,
