@@ -162,7 +162,11 @@ pub async fn serve_on(
             tokio::spawn(refuse(stream));
             continue;
         };
+        // A connection buffers at most 64 KiB of a response beyond the chunk
+        // it writes (hyper's default is about 400 KiB), so a thousand slow
+        // downloads hold tens of MiB, not hundreds.
         let conn = hyper::server::conn::http1::Builder::new()
+            .max_buf_size(64 * 1024)
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
             .serve_connection(TokioIo::new(stream), service.clone());

@@ -616,3 +616,103 @@ fn nixery_build_without_network_says_what_to_pass() {
     assert!(last.contains("--pkgs-path nix/offline-pkgs"), "{stderr}");
     assert!(!stderr.contains("stack backtrace"), "{stderr}");
 }
+
+/// Resident and peak memory of a process, in KiB (VmRSS, VmHWM).
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+#[test]
+fn a_thousand_stalled_downloads_of_a_big_blob_stay_under_200_mib() {
+    use std::io::{Read, Write};
+    const CLIENTS: usize = 1000;
+    // Two sockets per download (both ends are on this machine), plus slack.
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct only.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    let want = (3 * CLIENTS + 512) as libc::rlim_t;
+    if lim.rlim_max < want {
+        skip(&format!(
+            "a_thousand_stalled_downloads: the open-file limit is {}, this needs {want}",
+            lim.rlim_max
+        ));
+        return;
+    }
+    lim.rlim_cur = lim.rlim_cur.max(want);
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("state"), &["--max-connections", "4000"]);
+    let (code, body) = http_get(&server.url("/v2/big/manifests/latest"));
+    assert_eq!(code, 200, "{body}");
+    let manifest: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let layer = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .max_by_key(|l| l["size"].as_u64().unwrap())
+        .unwrap()
+        .clone();
+    let size = layer["size"].as_u64().unwrap();
+    assert!(size > 60 << 20, "the big layer is {size} bytes");
+    let request = format!(
+        "GET /v2/big/blobs/{} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        layer["digest"].as_str().unwrap(),
+        server.addr
+    );
+    let (before, _) = memory_kib(server.child.id());
+    // A thousand clients start the download, read its first bytes, and stall:
+    // the server has each response under way and cannot finish any.
+    let mut clients = Vec::with_capacity(CLIENTS);
+    for _ in 0..CLIENTS {
+        let mut c = std::net::TcpStream::connect(&server.addr).unwrap();
+        c.write_all(request.as_bytes()).unwrap();
+        clients.push(c);
+    }
+    for c in &mut clients {
+        let mut first = [0u8; 1024];
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let n = c.read(&mut first).unwrap();
+        assert!(
+            String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&first[..n])
+        );
+    }
+    // Let every response fill its socket buffers, then measure.
+    std::thread::sleep(Duration::from_secs(2));
+    let (rss, peak) = memory_kib(server.child.id());
+    let threads = std::fs::read_to_string(format!("/proc/{}/status", server.child.id()))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Threads:"))
+        .unwrap_or("")
+        .to_string();
+    // The server still answers others meanwhile.
+    assert_eq!(http_get(&server.url("/healthz")).0, 200);
+    drop(clients);
+    eprintln!(
+        "{CLIENTS} stalled downloads: RSS {} MiB (before them {} MiB), peak {} MiB, {threads}",
+        rss / 1024,
+        before / 1024,
+        peak / 1024
+    );
+    assert!(
+        peak < 200 * 1024,
+        "{CLIENTS} stalled downloads of a {size}-byte blob: peak RSS {} MiB (now {} MiB)",
+        peak / 1024,
+        rss / 1024
+    );
+}
