@@ -16,7 +16,7 @@ cargo build --release --quiet
 BIN=$PWD/target/release/nixery
 WORK=$(mktemp -d)
 ADDR=127.0.0.1:5110
-ulimit -n 65536
+ulimit -n "$(ulimit -Hn)"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
 trap cleanup EXIT
