@@ -572,6 +572,12 @@ impl Catalog {
             .map(|(key, rec)| {
                 let (img, built) = (&rec.img, &rec.built);
                 let mut names = by_image.remove(key.as_str()).unwrap_or_default();
+                // NixImage objects that named it.
+                names.extend(
+                    rec.objects
+                        .iter()
+                        .map(|o| format!("{}/{o}", name::NIXIMAGE_PREFIX)),
+                );
                 names.sort();
                 names.dedup();
                 let pulls = |d: &Digest| inner.pulls.get(d).copied().unwrap_or(0);
@@ -776,8 +782,18 @@ mod tests {
         }
         c.claim(&b.oci_digest, "ns/y");
         c.add_request("adhoc-d", "kd", Some("d"), "latest", None);
-        // Claims survive a restart.
+        // Claims survive a restart, and name the image on the page.
         let c = Catalog::open(dir.path(), &store).await;
+        let listed = c.list();
+        let b_names = &listed
+            .iter()
+            .find(|i| i.digest == b.oci_digest)
+            .unwrap()
+            .names;
+        assert_eq!(
+            b_names,
+            &vec!["niximage/ns/x".to_string(), "niximage/ns/y".to_string()]
+        );
         assert_eq!(c.release("ns/x"), vec!["ka".to_string()]);
         assert_eq!(c.release("ns/x"), Vec::<String>::new());
         assert_eq!(c.release("ns/y"), vec!["kb".to_string()]);
