@@ -13,6 +13,10 @@ if [ $# -gt 0 ] && [ "$1" != "--" ]; then root="$1"; shift; fi
 [ "${1:-}" = "--" ] && shift
 bash scripts/debian13-root.sh "$root"
 nix_version=$(bash scripts/in-root.sh "$root" nix --version)
+# Open the root's store once before tests run Nix in parallel: on a fresh
+# /nix, Nix 2.26 creates /nix/var/nix/gcroots/profiles on first use, and
+# processes starting together race on it ("creating symlink ... File exists").
+bash scripts/in-root.sh "$root" nix-instantiate --eval -E 1 >/dev/null
 tests=(nix_contract clients clients_controller controller)
 mapfile -t bins < <(
   cargo test --no-run --message-format=json $(printf -- '--test %s ' "${tests[@]}") 2>/dev/null |
