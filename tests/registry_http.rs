@@ -164,6 +164,7 @@ async fn manifests_blobs_and_negotiation() {
     .await;
     assert_eq!(part.status, StatusCode::PARTIAL_CONTENT);
     assert_eq!(part.body, config.body[2..12]);
+    assert_eq!(part.header("content-length"), Some("10"));
     assert_eq!(
         part.header("content-range").unwrap(),
         format!("bytes 2-11/{}", config.body.len())
