@@ -114,6 +114,31 @@ impl Collector {
     /// one: those stay even if they alone are over the limit.
     pub async fn collect(&self, keep: Option<&str>) -> Result<Collected, StoreError> {
         let _exclusive = self.lock.write().await;
+        self.collect_locked(keep).await
+    }
+
+    /// After a build: collects now if no other build is between packing and
+    /// cataloguing, else in the background once they are, so the build's
+    /// answer never waits for another build.
+    pub async fn collect_after_build(self: &Arc<Self>, keep: &str) {
+        match self.lock.clone().try_write_owned() {
+            Ok(_exclusive) => {
+                if let Err(e) = self.collect_locked(Some(keep)).await {
+                    warn!(error = %e, "collecting garbage");
+                }
+            }
+            Err(_) => {
+                let (this, keep) = (self.clone(), keep.to_string());
+                tokio::spawn(async move {
+                    if let Err(e) = this.collect(Some(&keep)).await {
+                        warn!(error = %e, "collecting garbage");
+                    }
+                });
+            }
+        }
+    }
+
+    async fn collect_locked(&self, keep: Option<&str>) -> Result<Collected, StoreError> {
         self.catalog.drop_expired();
         let mut run = Run::start(self).await?;
         if run.total > self.limit {

@@ -525,9 +525,7 @@ impl Builder {
                                 this.catalog.add_image(&k, img.clone());
                                 drop(guard);
                                 // Make room, keeping this image however large.
-                                if let Err(e) = this.gc.collect(Some(&k)).await {
-                                    warn!(error = %e, "collecting garbage");
-                                }
+                                this.gc.collect_after_build(&k).await;
                                 Ok(img)
                             }
                             Err(e) => Err(e),
