@@ -255,6 +255,8 @@ pub struct GcEntry {
     /// Milliseconds since the epoch.
     pub used: u64,
     pub digests: HashSet<Digest>,
+    /// Whether a NixImage object named it (in any generation).
+    pub claimed: bool,
 }
 
 fn now_secs() -> u64 {
@@ -473,6 +475,7 @@ impl Catalog {
                 image: rec.img.clone(),
                 used: rec.used.load(Ordering::Relaxed),
                 digests: rec.digests.clone(),
+                claimed: !rec.objects.is_empty(),
             })
             .collect();
         out.sort_by(|a, b| a.used.cmp(&b.used).then(a.key.cmp(&b.key)));

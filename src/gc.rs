@@ -168,7 +168,12 @@ impl Collector {
             // The most recently used image stays too (at start, the one that
             // was kept as the newest before).
             let newest = run.entries.last().map(|e| e.key.clone());
-            for e in run.entries.clone() {
+            // Images a NixImage object named go last (least recently used
+            // first among them): before the controller has synced after a
+            // start, the current ones are not pinned yet.
+            let mut order = run.entries.clone();
+            order.sort_by_key(|e| e.claimed);
+            for e in order {
                 if run.total <= self.limit {
                     break;
                 }

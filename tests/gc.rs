@@ -286,3 +286,24 @@ async fn a_restart_keeps_the_least_recently_used_order() {
     assert!(images.contains(&a) && images.contains(&c), "{images:?}");
     assert!(stored(dir.path()) < total);
 }
+
+#[tokio::test]
+async fn images_named_by_objects_go_last_while_nothing_pins_them() {
+    // After a start, before the controller has synced, no image is pinned:
+    // those a NixImage named are evicted only after every other one.
+    let dir = tempfile::tempdir().unwrap();
+    let nix = Arc::new(fake(dir.path()));
+    let app = limited(dir.path(), None, nix.clone()).await;
+    let a = pull(&app, "curl").await;
+    let b = pull(&app, "jq").await;
+    let c = pull(&app, "hello").await;
+    app.catalog.claim(&a.parse().unwrap(), "default/curl");
+    let total = stored(dir.path());
+    app.catalog.flush();
+    drop(app);
+    let app = limited(dir.path(), Some(total - 1), nix).await;
+    app.builder.gc().collect(None).await.unwrap();
+    let images = catalogued(&app);
+    assert!(images.contains(&a), "the named image went first");
+    assert!(!images.contains(&b) && images.contains(&c), "{images:?}");
+}
