@@ -530,10 +530,8 @@ fn containerd_pull_and_run() {
             requests("HEAD") >= 1.0,
             "ctr resolved without HEAD:\n{metrics}"
         );
-        assert!(
-            requests("GET") >= 1.0,
-            "ctr fetched no manifest:\n{metrics}"
-        );
+        // (The GET by digest that follows may be skipped: containerd's
+        // content store keeps manifests by digest across runs.)
         let container = format!("hello-{compression}-{}", std::process::id());
         let (ok, mut out, err) = ctr(&["run", "--rm", &image, &container, "hello"]);
         assert!(ok, "ctr run ({compression}) failed: {err}");
