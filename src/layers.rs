@@ -43,6 +43,19 @@ pub type Popularity = HashMap<String, u64>;
 /// A path at least this large (NAR bytes) may get a layer of its own.
 pub const OWN_LAYER_MIN: u64 = 512 * 1024;
 
+/// A store path's count in a popularity table (by basename, else by name
+/// without the hash); 0 without a table or an entry.
+pub fn popularity_of(popularity: Option<&Popularity>, path: &str) -> u64 {
+    let Some(table) = popularity else { return 0 };
+    let base = path.rsplit('/').next().unwrap_or(path);
+    let name = base.split_once('-').map(|(_, n)| n).unwrap_or(base);
+    table
+        .get(base)
+        .or_else(|| table.get(name))
+        .copied()
+        .unwrap_or(0)
+}
+
 /// Plans the store-path layers. `roots` are the image's packages, as sets
 /// that make one group each, in the order their groups take (see the
 /// module's text); `budget` counts every
@@ -58,15 +71,7 @@ pub fn plan(
     let by_path: BTreeMap<&str, &PathInfo> = closure.iter().map(|p| (p.path.as_str(), p)).collect();
     let groups = root_groups(&by_path, roots);
     let depth = closure_counts(&by_path);
-    let score = |p: &str| -> u64 {
-        popularity
-            .and_then(|table| {
-                let base = p.rsplit('/').next().unwrap_or(p);
-                let name = base.split_once('-').map(|(_, n)| n).unwrap_or(base);
-                table.get(base).or_else(|| table.get(name)).copied()
-            })
-            .unwrap_or(0)
-    };
+    let score = |p: &str| popularity_of(popularity, p);
     let layer = |paths: Vec<&str>| PlannedLayer {
         nar_size: paths.iter().map(|p| by_path[p].nar_size).sum(),
         paths: {

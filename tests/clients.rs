@@ -656,13 +656,7 @@ fn a_thousand_stalled_downloads_of_a_big_blob_stay_under_200_mib() {
     let (code, body) = http_get(&server.url("/v2/big/manifests/latest"));
     assert_eq!(code, 200, "{body}");
     let manifest: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let layer = manifest["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .max_by_key(|l| l["size"].as_u64().unwrap())
-        .unwrap()
-        .clone();
+    let layer = largest_layer(&manifest);
     let size = layer["size"].as_u64().unwrap();
     assert!(size > 60 << 20, "the big layer is {size} bytes");
     let request = format!(

@@ -219,13 +219,7 @@ async fn a_download_in_progress_survives_the_eviction_of_its_blob() {
     let manifest = get(&app, &format!("/v2/big/manifests/{digest}"))
         .await
         .json();
-    let layer = manifest["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .max_by_key(|l| l["size"].as_u64().unwrap())
-        .unwrap()
-        .clone();
+    let layer = largest_layer(&manifest);
     let layer_digest: Digest = layer["digest"].as_str().unwrap().parse().unwrap();
     assert!(layer["size"].as_u64().unwrap() > 2 << 20);
 
@@ -262,48 +256,52 @@ async fn a_download_in_progress_survives_the_eviction_of_its_blob() {
     assert_eq!(Digest::of(&bytes), layer_digest);
 }
 
-#[tokio::test]
-async fn a_restart_keeps_the_least_recently_used_order() {
+/// Builds curl, jq and hello (their digests, in that order), lets `between`
+/// act on the registry, stops it (writing last-use times, as a stop does;
+/// it also happens every minute), restarts it with room for all but one byte
+/// and collects: what stays catalogued.
+async fn restart_one_byte_short(
+    between: impl AsyncFnOnce(&nixery::registry::AppState, &[String; 3]),
+) -> ([String; 3], HashSet<String>) {
     let dir = tempfile::tempdir().unwrap();
     let nix = Arc::new(fake(dir.path()));
     let app = limited(dir.path(), None, nix.clone()).await;
-    let a = pull(&app, "curl").await;
-    let b = pull(&app, "jq").await;
-    let c = pull(&app, "hello").await;
-    // `a` is used again: now `b` is the least recently used.
-    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    pull(&app, "curl").await;
+    let built = [
+        pull(&app, "curl").await,
+        pull(&app, "jq").await,
+        pull(&app, "hello").await,
+    ];
+    between(&app, &built).await;
     let total = stored(dir.path());
-    // What a stop does (serve_on's end); it also happens every minute.
     app.catalog.flush();
     drop(app);
-
-    // Restarted with room for all but a byte: exactly one image goes, `b`.
     let app = limited(dir.path(), Some(total - 1), nix).await;
     app.builder.gc().collect(None).await.unwrap();
-    let images = catalogued(&app);
+    assert!(stored(dir.path()) < total);
+    (built, catalogued(&app))
+}
+
+#[tokio::test]
+async fn a_restart_keeps_the_least_recently_used_order() {
+    // `a` is used again: now `b` is the least recently used, and it alone goes.
+    let ([a, b, c], images) = restart_one_byte_short(async |app, _| {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        pull(app, "curl").await;
+    })
+    .await;
     assert!(!images.contains(&b), "the least recently used image stayed");
     assert!(images.contains(&a) && images.contains(&c), "{images:?}");
-    assert!(stored(dir.path()) < total);
 }
 
 #[tokio::test]
 async fn images_named_by_objects_go_last_while_nothing_pins_them() {
     // After a start, before the controller has synced, no image is pinned:
     // those a NixImage named are evicted only after every other one.
-    let dir = tempfile::tempdir().unwrap();
-    let nix = Arc::new(fake(dir.path()));
-    let app = limited(dir.path(), None, nix.clone()).await;
-    let a = pull(&app, "curl").await;
-    let b = pull(&app, "jq").await;
-    let c = pull(&app, "hello").await;
-    app.catalog.claim(&a.parse().unwrap(), "default/curl");
-    let total = stored(dir.path());
-    app.catalog.flush();
-    drop(app);
-    let app = limited(dir.path(), Some(total - 1), nix).await;
-    app.builder.gc().collect(None).await.unwrap();
-    let images = catalogued(&app);
+    let ([a, b, c], images) = restart_one_byte_short(async |app, built| {
+        app.catalog
+            .claim(&built[0].parse().unwrap(), "default/curl");
+    })
+    .await;
     assert!(images.contains(&a), "the named image went first");
     assert!(!images.contains(&b) && images.contains(&c), "{images:?}");
 }

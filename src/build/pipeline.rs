@@ -257,16 +257,7 @@ pub fn root_order(prepared: &Prepared, popularity: Option<&Popularity>) -> Vec<V
             2
         }
     };
-    let pop = |out: &str| -> u64 {
-        let Some(table) = popularity else { return 0 };
-        let base = out.rsplit('/').next().unwrap_or(out);
-        let name = base.split_once('-').map(|(_, n)| n).unwrap_or(base);
-        table
-            .get(base)
-            .or_else(|| table.get(name))
-            .copied()
-            .unwrap_or(0)
-    };
+    let pop = |out: &str| layers::popularity_of(popularity, out);
     let mut named: Vec<(u8, std::cmp::Reverse<u64>, &str, &str)> = prepared
         .resolved
         .iter()

@@ -217,24 +217,23 @@ impl<S: futures::Stream + Unpin> futures::Stream for Counted<S> {
     }
 }
 
-/// Bytes free for this process on the filesystem holding `path`.
-pub fn free_bytes(path: &Path) -> Option<u64> {
+/// The filesystem holding `path`, as statvfs reports it.
+fn statvfs(path: &Path) -> Option<libc::statvfs> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
     // SAFETY: statvfs fills the struct from a NUL-terminated path.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0)
-        .then(|| st.f_bavail as u64 * st.f_frsize as u64)
+    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0).then_some(st)
+}
+
+/// Bytes free for this process on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    statvfs(path).map(|st| st.f_bavail * st.f_frsize)
 }
 
 /// Size of the filesystem holding `path`.
 pub fn total_bytes(path: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs fills the struct from a NUL-terminated path.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0)
-        .then(|| st.f_blocks as u64 * st.f_frsize as u64)
+    statvfs(path).map(|st| st.f_blocks * st.f_frsize)
 }
 
 fn process_alive(pid: i32) -> bool {

@@ -245,6 +245,17 @@ pub fn have_tool(tool: &str, test: &str) -> bool {
     ok
 }
 
+/// The largest layer descriptor of a manifest.
+pub fn largest_layer(manifest: &serde_json::Value) -> serde_json::Value {
+    manifest["layers"]
+        .as_array()
+        .expect("a manifest with layers")
+        .iter()
+        .max_by_key(|l| l["size"].as_u64().unwrap())
+        .expect("at least one layer")
+        .clone()
+}
+
 /// Every blob file's name equals the sha256 of its content, and there are at
 /// least `at_least` of them (so the check cannot pass having checked none).
 pub fn assert_blobs_verify(state_dir: &Path, at_least: usize) -> usize {
