@@ -75,6 +75,33 @@ pub struct BuildArgs {
     pub common: CommonArgs,
     /// Image path, e.g. `shell/curl` or `shell/curl:latest`.
     pub image: String,
+    /// Also write the image to FILE as a tar that `docker load`, `ctr images
+    /// import` and `podman load` read (OCI layout plus Docker's manifest.json).
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// The name:tag the written archive gives the image [default: the image path and tag].
+    #[arg(long, value_name = "NAME:TAG", requires = "output")]
+    pub reference: Option<String>,
+    /// The image's entrypoint, one argument per flag (repeatable).
+    #[arg(long = "entrypoint", value_name = "ARG", allow_hyphen_values = true)]
+    pub entrypoint: Vec<String>,
+    /// The image's command, one argument per flag (repeatable) [default: a
+    /// shell when the image has one, else the one package's program].
+    #[arg(long = "cmd", value_name = "ARG", allow_hyphen_values = true)]
+    pub cmd: Vec<String>,
+    /// An environment variable of the image, NAME=VALUE (repeatable).
+    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse_env)]
+    pub env: Vec<String>,
+    /// A port the image exposes, e.g. 5000/tcp (repeatable).
+    #[arg(long = "expose", value_name = "PORT/PROTO")]
+    pub expose: Vec<String>,
+}
+
+fn parse_env(s: &str) -> Result<String, String> {
+    match s.split_once('=') {
+        Some((name, _)) if !name.is_empty() => Ok(s.to_string()),
+        _ => Err(format!("'{s}' is not NAME=VALUE")),
+    }
 }
 
 #[derive(Debug, Args, Clone, Default)]

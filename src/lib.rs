@@ -1,6 +1,7 @@
 //! Nixery: container images built by Nix on demand, served by a read-only OCI
 //! registry, and declared in Kubernetes as NixImage objects.
 
+pub mod archive;
 pub mod build;
 pub mod catalog;
 pub mod config;

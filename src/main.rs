@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use nixery::build::{ImageSpec, Progress};
-use nixery::config::{AgentArgs, Cli, Command, CommonArgs};
+use nixery::config::{AgentArgs, BuildArgs, Cli, Command, CommonArgs};
 use nixery::name::{self, Repository};
 
 fn main() -> std::process::ExitCode {
@@ -17,7 +17,7 @@ fn main() -> std::process::ExitCode {
         .context("starting the runtime")
         .and_then(|rt| match cli.command {
             Command::Serve(args) => rt.block_on(serve(args)),
-            Command::Build(args) => rt.block_on(build(args.common, &args.image)),
+            Command::Build(args) => rt.block_on(build(args)),
             Command::Agent(args) => rt.block_on(agent(args)),
             Command::Crd => {
                 print!("{}", nixery::k8s::crd::crd_yaml());
@@ -147,8 +147,9 @@ async fn shutdown_signal() {
 }
 
 /// `nixery build shell/curl[:tag]`: live progress on stderr, result on stdout.
-async fn build(args: CommonArgs, image: &str) -> anyhow::Result<()> {
-    let settings = args.resolve(env)?;
+async fn build(args: BuildArgs) -> anyhow::Result<()> {
+    let image = args.image.as_str();
+    let settings = args.common.resolve(env)?;
     let (path, tag) = match image.rsplit_once(':') {
         Some((p, t)) => (p, t),
         None => (image, "latest"),
@@ -161,6 +162,11 @@ async fn build(args: CommonArgs, image: &str) -> anyhow::Result<()> {
             "niximage/... names are built by the controller; `nixery build` takes package names"
         ),
     };
+    let mut spec = ImageSpec::ad_hoc(&img, tag);
+    spec.run.entrypoint = (!args.entrypoint.is_empty()).then(|| args.entrypoint.clone());
+    spec.run.cmd = (!args.cmd.is_empty()).then(|| args.cmd.clone());
+    spec.run.env = args.env.clone();
+    spec.run.exposed_ports = args.expose.clone();
     let state = nixery::app_state(&settings).await?;
     let tty = std::io::stderr().is_terminal();
     let bar = indicatif::ProgressBar::new_spinner();
@@ -195,10 +201,7 @@ async fn build(args: CommonArgs, image: &str) -> anyhow::Result<()> {
             }
         })
     };
-    let result = state
-        .builder
-        .get_or_build(ImageSpec::ad_hoc(&img, tag), Some(progress))
-        .await;
+    let result = state.builder.get_or_build(spec, Some(progress)).await;
     bar.finish_and_clear();
     let built = result.map_err(|e| {
         let e = e.to_string();
@@ -214,6 +217,24 @@ async fn build(args: CommonArgs, image: &str) -> anyhow::Result<()> {
         built.layers,
         built.size as f64 / (1024.0 * 1024.0)
     );
+    if let Some(out) = &args.output {
+        let reference = args
+            .reference
+            .clone()
+            .unwrap_or_else(|| format!("{}:{tag}", img.name()));
+        nixery::archive::write_archive(
+            &**state.builder.store(),
+            &built.oci_manifest,
+            &reference,
+            out,
+        )
+        .await
+        .with_context(|| format!("writing {}", out.display()))?;
+        eprintln!(
+            "wrote {} as {reference}: docker load -i {0}, or ctr images import {0}",
+            out.display()
+        );
+    }
     println!(
         "{}/{}:{tag}@{}",
         settings.listen,

@@ -235,5 +235,5 @@ async fn end_to_end_against_a_real_cluster() {
     drop(cleanup);
     // The deploy/ install needs the agent image on the nodes; that part is
     // not run here (said on stderr, and not counted as a skipped test).
-    eprintln!("NOTE end_to_end_against_a_real_cluster: the deploy/ install (DaemonSet) is not exercised; it needs the agent image built by nix/agent-image.nix on every node");
+    eprintln!("NOTE end_to_end_against_a_real_cluster: the deploy/ install (DaemonSet) is not exercised here; it needs the agent image (scripts/agent-image.sh or nix/agent-image.nix) loaded on every node, and tests/agent_image.rs runs that image as the DaemonSet does on Docker");
 }

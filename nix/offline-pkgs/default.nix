@@ -48,7 +48,7 @@ let
     let deps = map (d: libs.${d}) spec.deps; in
     mkDerivation {
       name = if name == "glibc" then "glibc-host" else "${name}-host";
-      src = importFiles "${name}-files" host.libDir spec.files;
+      src = importFiles "${name}-files" (spec.dir or host.libDir) spec.files;
       rpath = rpathOf deps;
       script = ''
         mkdir -p $out/lib
@@ -73,8 +73,14 @@ let
     };
   in self;
 
+  # A program's other names (host.json `links`: name -> target in bin/).
+  # Programs without any keep their derivations unchanged.
+  linksOf = spec: if spec ? links then {
+    links = builtins.concatStringsSep " " (builtins.attrValues (builtins.mapAttrs (l: t: "${l}:${t}") spec.links));
+  } else { };
+
   programs = builtins.mapAttrs (name: spec: withMeta name spec (
-    mkDerivation {
+    mkDerivation (linksOf spec // {
       name = "${name}-host";
       src = importFiles "${name}-bins" host.binDir spec.bins;
       interpreter = "${libs.glibc}/lib/${host.interpreter}";
@@ -86,9 +92,9 @@ let
         for f in $out/bin/*; do
           ${patchelf} --set-interpreter "$interpreter" --set-rpath "$rpath" "$f"
         done
-        ${if name == "bashInteractive" then "ln -s bash $out/bin/sh" else ""}
+        ${if spec ? links then ''for l in $links; do ln -s "''${l#*:}" "$out/bin/''${l%%:*}"; done; '' else ""}${if name == "bashInteractive" then "ln -s bash $out/bin/sh" else ""}
       '';
-    })) host.programs;
+    }))) host.programs;
 
   # A package whose output is a few bytes plus references to `deps`.
   tiny = name: deps: mkDerivation {
@@ -116,6 +122,12 @@ let
     zlib = libs.libz;
     openssl = libs.libssl;
     hostLibs = libs;
+    # For package sets built on this one (nix/agent-pkgs): the builder and
+    # how host ELF files are made to load only from /nix/store.
+    hostTools = {
+      inherit mkDerivation patchelf rpathOf;
+      interpreter = "${libs.glibc}/lib/${host.interpreter}";
+    };
 
     busybox = mkDerivation {
       name = "busybox-host";

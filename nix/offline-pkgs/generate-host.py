@@ -13,6 +13,8 @@ import subprocess
 import sys
 
 LIB_DIR = "/usr/lib/x86_64-linux-gnu"
+# Where else a library may live (Debian's Nix keeps its own in /usr/lib/nix).
+EXTRA_LIB_DIRS = ["/usr/lib/nix"]
 BIN_DIR = "/usr/bin"
 # glibc's own libraries form one package, as in nixpkgs.
 GLIBC = {"libc.so.6", "libm.so.6", "ld-linux-x86-64.so.2", "libresolv.so.2",
@@ -31,7 +33,14 @@ PROGRAMS = {
     # Every ELF binary of these Debian packages (moreutils' Perl scripts are left out).
     "coreutils": {"deb": "coreutils"},
     "moreutils": {"deb": "moreutils"},
+    # The host's Nix, for the agent image (nix/agent-pkgs): one binary that
+    # acts as nix-store, nix-build, ... by the name it is called by.
+    "nix": ["nix"],
 }
+# Other names of a program's binary (symlinks in its bin/).
+LINKS = {"nix": {name: "nix" for name in [
+    "nix-build", "nix-channel", "nix-collect-garbage", "nix-copy-closure", "nix-daemon",
+    "nix-env", "nix-hash", "nix-instantiate", "nix-prefetch-url", "nix-shell", "nix-store"]}}
 # nixpkgs' meta.mainProgram, where it differs from the attribute name.
 MAIN_PROGRAM = {"bashInteractive": "bash", "gnugrep": "grep", "gnused": "sed", "findutils": "find"}
 
@@ -68,9 +77,12 @@ def main():
 
     def add_lib(soname):
         attr = lib_attr(soname)
-        path = os.path.join(LIB_DIR, soname)
+        lib_dir = next((d for d in [LIB_DIR] + EXTRA_LIB_DIRS if os.path.exists(os.path.join(d, soname))), LIB_DIR)
+        path = os.path.join(lib_dir, soname)
         real = os.path.realpath(path)
         entry = libs.setdefault(attr, {"files": set(), "deps": set()})
+        if lib_dir != LIB_DIR:
+            entry["dir"] = lib_dir
         entry["files"].update({soname, os.path.basename(real)})
         if attr == "glibc":
             entry["files"].update(GLIBC & set(os.listdir(LIB_DIR)))
@@ -90,6 +102,8 @@ def main():
                 deps.add(lib_attr(dep))
                 add_lib(dep)
         programs[attr] = {"bins": bins, "libs": sorted(deps)}
+        if attr in LINKS:
+            programs[attr]["links"] = LINKS[attr]
         main = MAIN_PROGRAM.get(attr, attr)
         if main in bins:
             programs[attr]["mainProgram"] = main
@@ -98,7 +112,9 @@ def main():
         "libDir": LIB_DIR,
         "binDir": BIN_DIR,
         "interpreter": "ld-linux-x86-64.so.2",
-        "libs": {k: {"files": sorted(v["files"]), "deps": sorted(v["deps"] - {k})} for k, v in sorted(libs.items())},
+        "libs": {k: dict({"files": sorted(v["files"]), "deps": sorted(v["deps"] - {k})},
+                         **({"dir": v["dir"]} if "dir" in v else {}))
+                 for k, v in sorted(libs.items())},
         "programs": programs,
     }
     json.dump(out, sys.stdout, indent=1, sort_keys=True)
