@@ -133,8 +133,9 @@ pub struct CommonArgs {
     /// path) is served before it is rebuilt; Nix's own tarball-ttl is 3600.
     #[arg(long, env = "NIXERY_CACHE_TTL", default_value_t = 3600)]
     pub cache_ttl: u64,
-    /// Layer compression: gzip (every client) or zstd (OCI manifests only;
-    /// containerd 1.5+, Docker 23+, podman).
+    /// Layer compression: gzip (every client), zstd (OCI manifests only;
+    /// containerd 1.5+, Docker 23+, podman) or none (plain tar: no CPU on
+    /// either end, bigger transfers; for pulls over a node's loopback).
     #[arg(long, env = "NIXERY_LAYER_COMPRESSION", value_enum, default_value_t = crate::oci::Compression::Gzip)]
     pub layer_compression: crate::oci::Compression,
     /// Builds that run at once; more queue.

@@ -19,6 +19,8 @@ pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+pub const DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
+pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 
 /// Every file in every layer has this mtime (the Nix store's own), and the
 /// config's `created` is the matching instant: no build time leaks in.
@@ -32,11 +34,14 @@ pub const ZSTD_LEVEL: i32 = 3;
 /// How layers are compressed. gzip is the default: every client reads it.
 /// zstd is smaller and faster, but only OCI manifests can declare it, and
 /// only newer runtimes read it (containerd 1.5+, Docker 23+, podman).
+/// `none` stores plain tar (OCI `tar`, Docker `rootfs.diff.tar`): no CPU on
+/// either end, for pulls that only cross a node's loopback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
 pub enum Compression {
     #[default]
     Gzip,
     Zstd,
+    None,
 }
 
 impl Compression {
@@ -46,12 +51,23 @@ impl Compression {
         match self {
             Compression::Gzip => format!("gzip-{GZIP_LEVEL}"),
             Compression::Zstd => format!("zstd-{ZSTD_LEVEL}"),
+            Compression::None => "none".into(),
         }
     }
     pub fn oci_layer_media_type(self) -> &'static str {
         match self {
             Compression::Gzip => OCI_LAYER_GZIP,
             Compression::Zstd => OCI_LAYER_ZSTD,
+            Compression::None => OCI_LAYER_TAR,
+        }
+    }
+    /// The Docker schema2 layer type, where schema2 can declare the layers
+    /// (it has no zstd).
+    pub fn docker_layer_media_type(self) -> Option<&'static str> {
+        match self {
+            Compression::Gzip => Some(DOCKER_LAYER_GZIP),
+            Compression::Zstd => None,
+            Compression::None => Some(DOCKER_LAYER_TAR),
         }
     }
 }
@@ -248,6 +264,8 @@ pub fn pack_layer<W: Write>(
     match compression {
         Compression::Gzip => pack_layer_gzip(entries, w, GZIP_LEVEL),
         Compression::Zstd => pack_layer_zstd(entries, w, ZSTD_LEVEL),
+        // The blob is the tar itself: its digest is its diff ID.
+        Compression::None => pack_with(entries, w, Ok, Ok),
     }
 }
 
@@ -575,7 +593,10 @@ pub fn manifest(
     compression: Compression,
 ) -> Result<Vec<u8>, oci_spec::OciSpecError> {
     let (m, c, l) = if docker {
-        (DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LAYER_GZIP)
+        let l = compression.docker_layer_media_type().ok_or_else(|| {
+            oci_spec::OciSpecError::Other("Docker schema2 cannot declare zstd layers".into())
+        })?;
+        (DOCKER_MANIFEST, DOCKER_CONFIG, l)
     } else {
         (OCI_MANIFEST, OCI_CONFIG, compression.oci_layer_media_type())
     };
@@ -704,6 +725,35 @@ mod tests {
         assert_eq!(v["layers"][0]["mediaType"], OCI_LAYER_ZSTD);
     }
 
+    #[test]
+    fn uncompressed_layers_are_their_own_diff() {
+        let entries = vec![Entry::Inline {
+            path: "etc/x".into(),
+            mode: 0o644,
+            data: b"plain".to_vec(),
+        }];
+        let (tar, blob) = pack_layer(&entries, Vec::new(), Compression::None).unwrap();
+        assert_eq!(blob.digest, blob.diff_id);
+        assert_eq!(blob.digest, Digest::of(&tar));
+        assert_eq!(blob.size, tar.len() as u64);
+        let names: Vec<String> = tar::Archive::new(&tar[..])
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().any(|n| n == "etc/x"), "{names:?}");
+        let oci: serde_json::Value = serde_json::from_slice(
+            &manifest(false, b"{}", std::slice::from_ref(&blob), Compression::None).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(oci["layers"][0]["mediaType"], OCI_LAYER_TAR);
+        let docker: serde_json::Value = serde_json::from_slice(
+            &manifest(true, b"{}", std::slice::from_ref(&blob), Compression::None).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(docker["layers"][0]["mediaType"], DOCKER_LAYER_TAR);
+        assert!(manifest(true, b"{}", &[blob], Compression::Zstd).is_err());
+    }
     #[test]
     fn customisation_merges_like_buildenv() {
         let dir = fixture();

@@ -506,8 +506,8 @@ fn containerd_pull_and_run() {
             .args(["-a", socket, "-n", &ns])
             .args(args))
     };
-    // gzip layers, and zstd layers, which containerd reads too.
-    for compression in ["gzip", "zstd"] {
+    // gzip layers, zstd layers, which containerd reads too, and plain tar.
+    for compression in ["gzip", "zstd", "none"] {
         let dir = tempfile::tempdir().unwrap();
         let server = Server::start(
             &dir.path().join("state"),
@@ -550,6 +550,52 @@ fn containerd_pull_and_run() {
             "ctr run ({compression}): {err}"
         );
     }
+}
+
+/// `--layer-compression none`: Docker pulls plain-tar layers (schema2
+/// `rootfs.diff.tar`) and runs the image; the blobs are tar files whose
+/// digests are the config's diff IDs.
+#[test]
+fn docker_pulls_uncompressed_layers() {
+    if !have_tool("docker", "docker_pulls_uncompressed_layers") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("state"), &["--layer-compression", "none"]);
+    let (code, body) = http_get_accept(
+        &server.url("/v2/shell/hello/manifests/latest"),
+        "application/vnd.docker.distribution.manifest.v2+json",
+    );
+    assert_eq!(code, 200, "{body}");
+    let m: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let layers = m["layers"].as_array().unwrap();
+    assert!(layers
+        .iter()
+        .all(|l| l["mediaType"] == "application/vnd.docker.image.rootfs.diff.tar"));
+    let (_, config) = http_get(&server.url(&format!(
+        "/v2/shell/hello/blobs/{}",
+        m["config"]["digest"].as_str().unwrap()
+    )));
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    let diff_ids: Vec<&str> = config["rootfs"]["diff_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap())
+        .collect();
+    let digests: Vec<&str> = layers
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap())
+        .collect();
+    assert_eq!(digests, diff_ids);
+
+    let hello = format!("{}/shell/hello", server.addr);
+    let (ok, _, err) = run(Command::new("docker").args(["pull", "-q", &hello]));
+    assert!(ok, "docker pull of plain-tar layers failed: {err}");
+    let (ok, out, err) = run(Command::new("docker").args(["run", "--rm", &hello, "hello"]));
+    let _ = run(Command::new("docker").args(["rmi", "-f", &hello]));
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "Hello, world!");
 }
 
 #[test]

@@ -173,10 +173,10 @@ impl Pipeline {
         let oci_manifest = oci::manifest(false, &config, &blobs, compression)
             .map_err(|e| BuildError::Internal(e.to_string()))?;
         // Docker schema2 has no zstd layers: such images have OCI manifests only.
-        let docker_manifest = match compression {
-            oci::Compression::Gzip => oci::manifest(true, &config, &blobs, compression)
+        let docker_manifest = match compression.docker_layer_media_type() {
+            Some(_) => oci::manifest(true, &config, &blobs, compression)
                 .map_err(|e| BuildError::Internal(e.to_string()))?,
-            oci::Compression::Zstd => oci_manifest.clone(),
+            None => oci_manifest.clone(),
         };
         // Manifests are blobs too, so they can be served by digest after a restart.
         let oci_digest = put_bytes(&*self.store, &oci_manifest).await?;

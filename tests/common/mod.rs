@@ -305,8 +305,22 @@ pub fn slow_builder_running() -> bool {
 
 /// GET with curl: (status, body).
 pub fn http_get(url: &str) -> (u16, String) {
+    http_get_accept(url, "*/*")
+}
+
+/// GET with curl and an Accept header: (status, body).
+pub fn http_get_accept(url: &str, accept: &str) -> (u16, String) {
     let out = Command::new("curl")
-        .args(["-s", "-o", "-", "-w", "\n%{http_code}", url])
+        .args([
+            "-s",
+            "-H",
+            &format!("Accept: {accept}"),
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            url,
+        ])
         .output()
         .expect("curl");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
