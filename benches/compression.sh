@@ -39,11 +39,8 @@ ratio() { python3 -c "import sys; print(f'{float(sys.argv[1])/float(sys.argv[2])
 bytes_of() { curl -sf -H 'Accept: application/vnd.oci.image.manifest.v1+json' "http://$1/v2/shell/curl/jq/manifests/latest" |
   python3 -c "import json,sys; print(sum(l['size'] for l in json.load(sys.stdin)['layers']))"; }
 clear_docker() { docker rmi -f "$1" >/dev/null 2>&1 || true; }
-clear_ctr() {
-  ctr_ images rm "$1" >/dev/null 2>&1 || true
-  # Content and snapshots go with the image only after containerd's GC.
-  ctr_ content ls -q 2>/dev/null | xargs -r ctr -a "$SOCK" -n "$NS" content rm >/dev/null 2>&1 || true
-}
+# --sync: content and snapshots go with the image now, not at the next GC.
+clear_ctr() { ctr_ images rm --sync "$1" >/dev/null 2>&1 || true; }
 
 declare -A DOCKER CTR
 for _ in $(seq "$ROUNDS"); do

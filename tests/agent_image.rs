@@ -297,13 +297,18 @@ fn agent_image_runs_as_the_daemonset_runs_it() {
                 .args(["-a", socket, "-n", &ns])
                 .args(args))
         };
-        let (ok, _, err) = ctr(&["images", "import", "--no-unpack", archive.to_str().unwrap()]);
+        let (ok, _, err) = ctr(&["images", "import", archive.to_str().unwrap()]);
         assert!(ok, "ctr images import failed: {err}");
         let qualified = format!("docker.io/library/{reference}");
         let (ok, out, _) = ctr(&["images", "ls", "-q"]);
-        let _ = ctr(&["images", "rm", &qualified]);
-        let _ = run(Command::new("ctr").args(["-a", socket, "namespaces", "rm", &ns]));
+        let _ = ctr(&["images", "rm", "--sync", &qualified]);
+        let (removed, _, err) =
+            run(Command::new("ctr").args(["-a", socket, "namespaces", "rm", &ns]));
         assert!(ok && out.lines().any(|l| l == qualified), "{out}");
+        assert!(
+            removed,
+            "the test's containerd namespace is left behind: {err}"
+        );
     } else if std::env::var("CI").is_ok() {
         panic!("{test}: no containerd socket, and .ci/run starts one");
     } else {

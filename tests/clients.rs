@@ -543,13 +543,17 @@ fn containerd_pull_and_run() {
             assert!(ok, "ctr run ({compression}) failed the second time: {err}");
             out = again;
         }
-        let _ = ctr(&["images", "rm", &image]);
+        // --sync: content and snapshots go now, not at containerd's next GC,
+        // so the namespace can be removed.
+        let _ = ctr(&["images", "rm", "--sync", &image]);
         assert_eq!(
             out.trim(),
             "Hello, world!",
             "ctr run ({compression}): {err}"
         );
     }
+    let (ok, _, err) = run(Command::new("ctr").args(["-a", socket, "namespaces", "rm", &ns]));
+    assert!(ok, "the test's containerd namespace is left behind: {err}");
 }
 
 /// `--layer-compression none`: Docker pulls plain-tar layers (schema2
