@@ -18,33 +18,25 @@ use tokio::io::AsyncWriteExt;
 use crate::name::Digest;
 use crate::store::BlobStore;
 
-/// The descriptors an archive needs from an OCI image manifest.
+/// A manifest's config and layers as (digest, size), read with oci-spec.
+fn parse_manifest(manifest: &[u8]) -> io::Result<Parts> {
+    let bad = |e: &dyn std::fmt::Display| {
+        io::Error::new(io::ErrorKind::InvalidData, format!("manifest: {e}"))
+    };
+    let m = oci_spec::image::ImageManifest::from_reader(manifest).map_err(|e| bad(&e))?;
+    let desc = |d: &oci_spec::image::Descriptor| -> io::Result<(Digest, u64)> {
+        let digest: Digest = d.digest().to_string().parse().map_err(|e| bad(&e))?;
+        Ok((digest, d.size()))
+    };
+    Ok(Parts {
+        config: desc(m.config())?,
+        layers: m.layers().iter().map(desc).collect::<io::Result<_>>()?,
+    })
+}
+
 struct Parts {
     config: (Digest, u64),
     layers: Vec<(Digest, u64)>,
-}
-
-fn parse_manifest(manifest: &[u8]) -> io::Result<Parts> {
-    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("manifest: {what}"));
-    let v: serde_json::Value = serde_json::from_slice(manifest).map_err(|e| bad(&e.to_string()))?;
-    let desc = |d: &serde_json::Value| -> io::Result<(Digest, u64)> {
-        let digest = d["digest"]
-            .as_str()
-            .ok_or_else(|| bad("descriptor without digest"))?;
-        let digest: Digest = digest.parse().map_err(|_| bad("malformed digest"))?;
-        let size = d["size"]
-            .as_u64()
-            .ok_or_else(|| bad("descriptor without size"))?;
-        Ok((digest, size))
-    };
-    let config = desc(&v["config"])?;
-    let layers = v["layers"]
-        .as_array()
-        .ok_or_else(|| bad("no layers"))?
-        .iter()
-        .map(desc)
-        .collect::<io::Result<Vec<_>>>()?;
-    Ok(Parts { config, layers })
 }
 
 /// A reference as containerd (and so a kubelet) names it: `nixery-agent:v1`

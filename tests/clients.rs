@@ -487,17 +487,7 @@ fn containerd_pull_and_run() {
     if !have_tool("ctr", "containerd_pull_and_run") {
         return;
     }
-    // Docker's own containerd, or a standalone one.
-    let Some(socket) = [
-        "/run/docker/containerd/containerd.sock",
-        "/run/containerd/containerd.sock",
-    ]
-    .into_iter()
-    .find(|s| Path::new(s).exists()) else {
-        if std::env::var("CI").is_ok() {
-            panic!("containerd_pull_and_run: no containerd socket, and .ci/run starts one");
-        }
-        skip("containerd_pull_and_run: no containerd socket on this machine (.ci/run starts one)");
+    let Some(socket) = containerd_socket("containerd_pull_and_run") else {
         return;
     };
     let ns = format!("nixery-test-{}", std::process::id());

@@ -327,3 +327,24 @@ pub fn http_get_accept(url: &str, accept: &str) -> (u16, String) {
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
+
+/// Docker's own containerd socket, or a standalone one's. None (said, as a
+/// skip of `what`) when there is none, except under CI, where `.ci/run`
+/// starts one and a missing socket fails the test.
+pub fn containerd_socket(what: &str) -> Option<&'static str> {
+    let found = [
+        "/run/docker/containerd/containerd.sock",
+        "/run/containerd/containerd.sock",
+    ]
+    .into_iter()
+    .find(|s| Path::new(s).exists());
+    if found.is_none() {
+        if std::env::var("CI").is_ok() {
+            panic!("{what}: no containerd socket, and .ci/run starts one");
+        }
+        skip(&format!(
+            "{what}: no containerd socket on this machine (.ci/run starts one)"
+        ));
+    }
+    found
+}
