@@ -353,6 +353,48 @@ mod tests {
         assert_eq!(parse(&[]).storage_limit, None);
     }
 
+    /// `nixery build`'s image-config flags: repeatable, hyphenated values
+    /// kept, and bad ones named.
+    #[test]
+    fn build_flags_set_the_image_config() {
+        let build = |args: &[&str]| {
+            let mut argv = vec!["nixery", "build", "shell"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv).map(|c| match c.command {
+                Command::Build(b) => b,
+                _ => unreachable!(),
+            })
+        };
+        let b = build(&[
+            "--entrypoint",
+            "/bin/nixery",
+            "--cmd",
+            "agent",
+            "--cmd",
+            "--flag",
+            "--env",
+            "A=1",
+            "--env",
+            "B=x=y",
+            "--output",
+            "o.tar",
+            "--reference",
+            "n:t",
+        ])
+        .unwrap();
+        assert_eq!(b.entrypoint, ["/bin/nixery"]);
+        assert_eq!(b.cmd, ["agent", "--flag"]);
+        assert_eq!(b.env, ["A=1", "B=x=y"]);
+        assert_eq!(b.reference.as_deref(), Some("n:t"));
+        let err = |args: &[&str]| build(args).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err(&["--env", "NOEQUALS"]).contains("'NOEQUALS' is not NAME=VALUE"));
+        assert!(err(&["--env", "=v"]).contains("is not NAME=VALUE"));
+        assert!(
+            err(&["--reference", "n:t"]).contains("--output"),
+            "a name with nothing to name"
+        );
+    }
+
     fn parse(args: &[&str]) -> CommonArgs {
         let mut argv = vec!["nixery", "serve"];
         argv.extend_from_slice(args);
