@@ -16,7 +16,7 @@ use crate::oci;
 use crate::store::BlobStore;
 
 /// Manifests are small; a larger blob is not one of ours.
-const MAX_MANIFEST: u64 = 4 * 1024 * 1024;
+pub const MAX_MANIFEST: u64 = 4 * 1024 * 1024;
 
 /// Images of NixImage objects, registered by the controller.
 #[derive(Default)]
@@ -384,6 +384,15 @@ impl Catalog {
             .images
             .get(key)
             .map(|rec| rec.digests.contains(digest))
+    }
+
+    /// The image key a request resolves to, while that answer holds.
+    pub fn request_image_key(&self, key: &str) -> Option<String> {
+        let inner = self.inner.read().unwrap();
+        let r = inner.requests.get(key)?;
+        r.expires
+            .is_none_or(|t| now_secs() < t)
+            .then(|| r.image.clone())
     }
 
     /// Records the repository a catalogued request is asked under, when the

@@ -159,9 +159,34 @@ pub struct CommonArgs {
     /// its next request on a kept-alive connection) before it is closed.
     #[arg(long, env = "NIXERY_HEADER_TIMEOUT", default_value_t = 10)]
     pub header_timeout: u64,
-    /// Blob storage backend: `filesystem` (object storage is not built yet).
+    /// Blob storage backend: `filesystem` (the state directory), or `s3` (a
+    /// bucket that several instances share, with the state directory as a
+    /// local cache within --storage-limit). Nixery's `gcs` means `s3` at
+    /// Google Cloud Storage's S3 endpoint with HMAC keys and `GCS_BUCKET`.
     #[arg(long, env = "NIXERY_STORAGE_BACKEND", default_value = "filesystem")]
     pub storage_backend: String,
+    /// The S3 server, e.g. http://127.0.0.1:3900 [default: AWS; env also AWS_ENDPOINT_URL].
+    #[arg(long, env = "NIXERY_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// The bucket (it must exist). Credentials come from AWS_ACCESS_KEY_ID
+    /// and AWS_SECRET_ACCESS_KEY (or the rest of the usual AWS environment).
+    #[arg(long, env = "NIXERY_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// The bucket's region [default: AWS_REGION, AWS_DEFAULT_REGION, or us-east-1].
+    #[arg(long, env = "NIXERY_S3_REGION")]
+    pub s3_region: Option<String>,
+    /// Keep everything under this key prefix in the bucket.
+    #[arg(long, env = "NIXERY_S3_PREFIX", default_value = "")]
+    pub s3_prefix: String,
+    /// Answer blob GETs with a redirect to a presigned URL of the bucket (as
+    /// Nixery does with GCS), so that bytes flow from the bucket to the
+    /// client; clients must reach the S3 endpoint.
+    #[arg(long, env = "NIXERY_S3_REDIRECT")]
+    pub s3_redirect: bool,
+    /// Seconds a build lease lives without renewal: how long a dead
+    /// builder's image is waited for before another instance builds it.
+    #[arg(long, env = "NIXERY_BUILD_LEASE_TTL", default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..))]
+    pub build_lease_ttl: u64,
     /// Most blob bytes to keep (e.g. 500MiB, 20GiB); past it, the least
     /// recently used images that no NixImage pins are evicted [default: a
     /// quarter of the state directory's disk].
@@ -179,7 +204,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 pub enum ConfigError {
     #[error("invalid listen address '{0}': {1}")]
     Listen(String, String),
-    #[error("storage backend '{0}' is not supported yet; use 'filesystem'")]
+    #[error("storage backend '{0}' is unknown; use 'filesystem' or 's3'")]
     Backend(String),
     #[error("invalid {0}: {1}")]
     Invalid(&'static str, String),
@@ -204,6 +229,22 @@ pub struct Settings {
     pub limits: ConnectionLimits,
     /// None: the default, a quarter of the state directory's disk.
     pub storage_limit: Option<u64>,
+    pub storage: Storage,
+}
+
+/// Where blobs, manifests and the image index live.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Storage {
+    /// The state directory, this instance's alone.
+    #[default]
+    Filesystem,
+    /// A bucket shared by instances, cached in the state directory.
+    S3 {
+        s3: crate::store::S3Config,
+        /// Redirect blob GETs to presigned URLs.
+        redirect: bool,
+        lease_ttl: Duration,
+    },
 }
 
 /// What one client connection may hold and for how long.
@@ -282,9 +323,56 @@ impl CommonArgs {
                 "must be at least one second".into(),
             ));
         }
-        if self.storage_backend != "filesystem" {
-            return Err(ConfigError::Backend(self.storage_backend.clone()));
-        }
+        let storage = match self.storage_backend.as_str() {
+            "filesystem" => Storage::Filesystem,
+            backend @ ("s3" | "gcs") => {
+                let gcs = backend == "gcs";
+                let bucket = self
+                    .s3_bucket
+                    .clone()
+                    .or_else(|| env("GCS_BUCKET").filter(|_| gcs))
+                    .ok_or(ConfigError::Invalid(
+                        "--storage-backend s3",
+                        "it needs --s3-bucket (NIXERY_S3_BUCKET)".into(),
+                    ))?;
+                let endpoint = self
+                    .s3_endpoint
+                    .clone()
+                    .or_else(|| env("AWS_ENDPOINT_URL"))
+                    .or_else(|| gcs.then(|| "https://storage.googleapis.com".to_string()));
+                if let Some(e) = &endpoint {
+                    if !(e.starts_with("http://") || e.starts_with("https://")) {
+                        return Err(ConfigError::Invalid(
+                            "--s3-endpoint",
+                            format!("'{e}' is not an http:// or https:// URL"),
+                        ));
+                    }
+                }
+                let region = self
+                    .s3_region
+                    .clone()
+                    .or_else(|| env("AWS_REGION"))
+                    .or_else(|| env("AWS_DEFAULT_REGION"))
+                    .unwrap_or_else(|| {
+                        if gcs {
+                            "auto".into()
+                        } else {
+                            "us-east-1".into()
+                        }
+                    });
+                Storage::S3 {
+                    s3: crate::store::S3Config {
+                        endpoint,
+                        bucket,
+                        region,
+                        prefix: self.s3_prefix.trim_matches('/').to_string(),
+                    },
+                    redirect: self.s3_redirect,
+                    lease_ttl: Duration::from_secs(self.build_lease_ttl),
+                }
+            }
+            other => return Err(ConfigError::Backend(other.to_string())),
+        };
         let popularity = match &self.popularity {
             None => None,
             Some(p) => {
@@ -309,6 +397,7 @@ impl CommonArgs {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Settings {
+            storage,
             storage_limit: self.storage_limit,
             nix_options,
             listen,
@@ -456,13 +545,92 @@ mod tests {
     }
 
     #[test]
+    fn s3_storage_reads_its_flags_and_the_aws_environment() {
+        let s3 = |args: &[&str], env: &[(&str, &str)]| {
+            let mut all = vec!["--storage-backend", "s3"];
+            all.extend_from_slice(args);
+            let env: Vec<(String, String)> = env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            parse(&all).resolve(move |k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
+        };
+        let err =
+            |r: Result<Settings, ConfigError>| r.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            err(s3(&[], &[])).contains("--s3-bucket"),
+            "a bucket is required"
+        );
+        assert!(err(s3(
+            &["--s3-bucket", "b", "--s3-endpoint", "localhost:3900"],
+            &[]
+        ))
+        .contains("is not an http:// or https:// URL"));
+        let got = s3(
+            &[
+                "--s3-bucket",
+                "b",
+                "--s3-prefix",
+                "/nixery/",
+                "--s3-redirect",
+            ],
+            &[
+                ("AWS_ENDPOINT_URL", "http://127.0.0.1:3900"),
+                ("AWS_DEFAULT_REGION", "garage"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            got.storage,
+            Storage::S3 {
+                s3: crate::store::S3Config {
+                    endpoint: Some("http://127.0.0.1:3900".into()),
+                    bucket: "b".into(),
+                    region: "garage".into(),
+                    prefix: "nixery".into(),
+                },
+                redirect: true,
+                lease_ttl: Duration::from_secs(30),
+            }
+        );
+        // The flag wins over the environment; AWS's default region otherwise.
+        let Storage::S3 { s3: c, .. } = s3(
+            &["--s3-bucket", "b", "--s3-region", "eu-west-3"],
+            &[("AWS_REGION", "us-west-2")],
+        )
+        .unwrap()
+        .storage
+        else {
+            panic!("not s3")
+        };
+        assert_eq!((c.region.as_str(), c.endpoint), ("eu-west-3", None));
+        // Nixery's GCS settings: its bucket variable, at GCS's S3 endpoint.
+        let gcs = parse(&["--storage-backend", "gcs"])
+            .resolve(|k| (k == "GCS_BUCKET").then(|| "nixery-layers".into()))
+            .unwrap();
+        let Storage::S3 { s3: c, .. } = gcs.storage else {
+            panic!("not s3")
+        };
+        assert_eq!(c.bucket, "nixery-layers");
+        assert_eq!(
+            c.endpoint.as_deref(),
+            Some("https://storage.googleapis.com")
+        );
+        assert_eq!(
+            parse(&[]).resolve(|_| None).unwrap().storage,
+            Storage::Filesystem
+        );
+        assert!(Cli::try_parse_from(["nixery", "serve", "--build-lease-ttl", "1"]).is_err());
+    }
+
+    #[test]
     fn bad_values_are_errors() {
         assert!(matches!(
             parse(&["--listen", "nonsense"]).resolve(|_| None),
             Err(ConfigError::Listen(..))
         ));
         assert!(matches!(
-            parse(&["--storage-backend", "gcs"]).resolve(|_| None),
+            parse(&["--storage-backend", "azure"]).resolve(|_| None),
             Err(ConfigError::Backend(_))
         ));
         assert!(matches!(

@@ -13,6 +13,7 @@ pub mod name;
 pub mod nix;
 pub mod oci;
 pub mod registry;
+pub mod shared;
 pub mod store;
 pub mod telemetry;
 
@@ -58,7 +59,47 @@ pub async fn app_state_with(
 ) -> Result<AppState, Error> {
     std::fs::create_dir_all(&settings.state_dir)
         .map_err(|e| Error::StateDir(settings.state_dir.clone(), e))?;
-    let store = Arc::new(store::LocalStore::open(&settings.state_dir)?);
+    let local = Arc::new(store::LocalStore::open(&settings.state_dir)?);
+    let (store, shared, gc_store, redirect): (
+        Arc<dyn store::BlobStore>,
+        _,
+        Option<Arc<dyn store::BlobStore>>,
+        _,
+    ) = match &settings.storage {
+        config::Storage::Filesystem => (local.clone(), None, None, None),
+        config::Storage::S3 {
+            s3,
+            redirect,
+            lease_ttl,
+        } => {
+            let s3_client = s3.connect()?;
+            let os: Arc<dyn object_store::ObjectStore> = s3_client.clone();
+            let remote = Arc::new(
+                store::ObjectBlobStore::new(
+                    os.clone(),
+                    &s3.prefix,
+                    &settings.state_dir.join("tmp"),
+                )?
+                .with_signer(s3_client),
+            );
+            tracing::info!(bucket = %s3.bucket, endpoint = s3.endpoint.as_deref().unwrap_or("AWS"), prefix = %s3.prefix, "blobs and the image index are in an S3 bucket, cached in the state directory");
+            let shared = Arc::new(shared::Shared::new(os, &s3.prefix, *lease_ttl));
+            let limit = settings
+                .storage_limit
+                .unwrap_or_else(|| gc::default_limit(&settings.state_dir));
+            let cached = Arc::new(store::CachedStore::new(
+                local.clone(),
+                remote.clone(),
+                limit,
+            ));
+            (
+                cached,
+                Some(shared),
+                Some(local.clone() as Arc<dyn store::BlobStore>),
+                redirect.then_some(remote),
+            )
+        }
+    };
     if store::free_bytes(&settings.state_dir).is_some_and(|b| b < 1 << 20) {
         tracing::warn!(
             state_dir = %settings.state_dir.display(),
@@ -66,11 +107,12 @@ pub async fn app_state_with(
         );
     }
     let catalog = Arc::new(Catalog::open(&settings.state_dir, &*store).await);
+    let store_for_scrub = local;
     let metrics = Arc::new(Metrics::default());
     // Verify every stored blob once, in the background: a corrupt one is
     // removed, and the image it belongs to is made again when next asked for.
     {
-        let (store, metrics) = (store.clone(), metrics.clone());
+        let (store, metrics) = (store_for_scrub, metrics.clone());
         tokio::task::spawn_blocking(move || match store.scrub() {
             Ok((checked, removed)) => {
                 metrics.blobs_corrupt.inc_by(removed.len() as u64);
@@ -93,6 +135,8 @@ pub async fn app_state_with(
             storage_limit: settings
                 .storage_limit
                 .unwrap_or_else(|| gc::default_limit(&settings.state_dir)),
+            shared,
+            gc_store,
         },
         nix,
         store,
@@ -124,6 +168,7 @@ pub async fn app_state_with(
         metrics,
         ready: Arc::new(AtomicBool::new(true)),
         limits: settings.limits,
+        redirect,
     })
 }
 

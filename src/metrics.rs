@@ -34,6 +34,8 @@ pub struct Metrics {
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub build_waits: Counter,
+    pub shared_hits: Counter,
+    pub lease_waits: Counter,
     pub builds_refused: Counter,
     pub blobs_corrupt: Counter,
     pub builds_abandoned: Counter,
@@ -64,6 +66,8 @@ impl Default for Metrics {
             builds_running: Gauge::default(),
             builds_queued: Gauge::default(),
             cache_hits: Counter::default(),
+            shared_hits: Counter::default(),
+            lease_waits: Counter::default(),
             cache_misses: Counter::default(),
             build_waits: Counter::default(),
             builds_refused: Counter::default(),
@@ -124,6 +128,16 @@ impl Default for Metrics {
             "cache_misses",
             "Manifest requests that started a build",
             m.cache_misses.clone(),
+        );
+        registry.register(
+            "shared_index_hits",
+            "Images found in the shared bucket's index, built by another instance",
+            m.shared_hits.clone(),
+        );
+        registry.register(
+            "build_lease_waits",
+            "Times a build waited for another instance holding its build lease",
+            m.lease_waits.clone(),
         );
         registry.register(
             "build_waits",

@@ -131,6 +131,9 @@ pub enum BuildError {
     Abandoned,
     #[error("storing the image failed: {0}")]
     Store(String),
+    /// The shared object store failed or did not answer.
+    #[error("the registry's object store is unavailable: {0}")]
+    StoreUnavailable(String),
     #[error("the build stopped unexpectedly: {0}")]
     Internal(String),
 }
@@ -167,6 +170,10 @@ impl From<StoreError> for BuildError {
         match e {
             // The path is ours; the reason is what an operator needs.
             StoreError::Io { source, .. } => BuildError::Store(io_reason(&source)),
+            StoreError::Remote { what, detail } => {
+                tracing::error!(request = %what, error = %detail, "the object store failed");
+                BuildError::StoreUnavailable(format!("{what} failed"))
+            }
             other => BuildError::Store(other.to_string()),
         }
     }

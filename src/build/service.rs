@@ -39,6 +39,12 @@ pub struct BuilderConfig {
     pub popularity: Option<Popularity>,
     /// Blob bytes kept before least recently used images are evicted.
     pub storage_limit: u64,
+    /// The index and build leases of a bucket shared with other instances.
+    pub shared: Option<Arc<crate::shared::Shared>>,
+    /// What garbage collection trims to `storage_limit` [default: the blob
+    /// store]: with a shared bucket, the local cache in front of it, since
+    /// other instances serve from the bucket.
+    pub gc_store: Option<Arc<dyn BlobStore>>,
 }
 
 type BuildResult = Result<Arc<BuiltImage>, Arc<BuildError>>;
@@ -163,7 +169,7 @@ impl Builder {
         // A blob no image references may be another process's build in
         // progress until a build's timeout has passed.
         let gc = crate::gc::Collector::new(
-            store.clone(),
+            cfg.gc_store.clone().unwrap_or_else(|| store.clone()),
             catalog.clone(),
             metrics.clone(),
             &cfg.state_dir,
@@ -367,7 +373,7 @@ impl Builder {
         let w = waiters.clone();
         let handle = tokio::spawn(async move {
             let result = this
-                .build_limited(&k, &spec, &source, report, &w)
+                .build_once(&k, &spec, &source, report, &w)
                 .await
                 .map_err(Arc::new);
             if let Err(e) = &result {
@@ -413,6 +419,129 @@ impl Builder {
             result: f,
             _waiter: waiter,
         })
+    }
+
+    /// Builds, or with a shared bucket takes the image another instance built
+    /// (or is building: it waits for that build's lease to end), so that an
+    /// image is built once among all instances.
+    async fn build_once(
+        self: &Arc<Self>,
+        key: &str,
+        spec: &ImageSpec,
+        source: &Source,
+        report: ProgressFn,
+        waiters: &Waiters,
+    ) -> ImageResult {
+        let Some(shared) = self.cfg.shared.clone() else {
+            return self.build_limited(key, spec, source, report, waiters).await;
+        };
+        let deadline = Instant::now() + self.cfg.timeout;
+        let mut waiting_for = None;
+        let lease = loop {
+            if let Some(img) = self.adopt(&shared, key, spec).await? {
+                return Ok(img);
+            }
+            let pause = match shared.try_lease(key).await? {
+                crate::shared::Attempt::Won(lease) => {
+                    // It may have been finished between the look and the lease.
+                    if let Some(img) = self.adopt(&shared, key, spec).await? {
+                        return Ok(img);
+                    }
+                    break lease;
+                }
+                crate::shared::Attempt::Held(holder) => {
+                    if waiting_for.as_ref() != Some(&holder) {
+                        info!(builder = %holder, "another instance is building this image; waiting for it");
+                        self.metrics.lease_waits.inc();
+                        report(Progress::Stage("waiting for another instance's build"));
+                        waiting_for = Some(holder);
+                    }
+                    Duration::from_millis(500)
+                }
+                crate::shared::Attempt::Contended => {
+                    crate::shared::jitter(Duration::from_millis(50), Duration::from_millis(700))
+                }
+            };
+            if Instant::now() + pause > deadline {
+                return Err(BuildError::Timeout(self.cfg.timeout));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = waiters.all_gone() => return Err(BuildError::Abandoned),
+            }
+        };
+        let img = self
+            .build_limited(key, spec, source, report, waiters)
+            .await?;
+        if let Some(image_key) = self.catalog.request_image_key(key) {
+            let ttl = (!source.is_immutable_at(&spec.tag)).then_some(self.cfg.mutable_ttl);
+            let record = crate::shared::Record {
+                image_key,
+                oci_digest: img.oci_digest.clone(),
+                docker_digest: img.docker_digest.clone(),
+                layers: img.layers,
+                size: img.size,
+                roots: img.roots.clone(),
+                built: crate::shared::now_secs(),
+                expires: ttl.map(|t| crate::shared::now_secs() + t.as_secs()),
+                builder: shared.instance().to_string(),
+            };
+            // This instance serves it either way; if the record is not
+            // written, other instances build it themselves.
+            if let Err(e) = shared.publish(key, &record).await {
+                warn!(error = %e, "recording the image in the shared index failed");
+            }
+        }
+        drop(lease);
+        Ok(img)
+    }
+
+    /// The image another instance built for this request, read from the
+    /// shared index, catalogued here: served without Nix.
+    async fn adopt(
+        &self,
+        shared: &crate::shared::Shared,
+        key: &str,
+        spec: &ImageSpec,
+    ) -> Result<Option<Arc<BuiltImage>>, BuildError> {
+        let Some(r) = shared.lookup(key).await? else {
+            return Ok(None);
+        };
+        let read = |d: crate::name::Digest| {
+            let store = self.store.clone();
+            async move { crate::store::get_small(&*store, &d, crate::catalog::MAX_MANIFEST).await }
+        };
+        let (Some(oci_manifest), Some(docker_manifest)) = (
+            read(r.oci_digest.clone()).await?,
+            read(r.docker_digest.clone()).await?,
+        ) else {
+            warn!(image = %r.oci_digest, "the shared index names an image whose manifests the bucket lacks; building it");
+            return Ok(None);
+        };
+        let img = Arc::new(BuiltImage {
+            oci_digest: r.oci_digest,
+            oci_manifest: oci_manifest.into(),
+            docker_digest: r.docker_digest,
+            docker_manifest: docker_manifest.into(),
+            layers: r.layers,
+            size: r.size,
+            roots: r.roots,
+            gcroot_dir: self.cfg.state_dir.join("gcroots").join(&r.image_key),
+        });
+        self.catalog.add_image(&r.image_key, img.clone());
+        let ttl = r
+            .expires
+            .map(|t| Duration::from_secs(t.saturating_sub(crate::shared::now_secs())));
+        self.catalog.add_request(
+            key,
+            &r.image_key,
+            spec.repository.as_deref(),
+            &spec.tag,
+            ttl,
+        );
+        self.metrics.shared_hits.inc();
+        info!(image = %img.oci_digest, builder = %r.builder, "image found in the shared index");
+        Ok(Some(img))
     }
 
     /// Waits for a build slot, then builds within the timeout.

@@ -146,6 +146,7 @@ impl From<&BuildError> for RegistryError {
                 RegistryError::Unavailable(e.to_string())
             }
             BuildError::QueueFull(_) => RegistryError::TooManyRequests(e.to_string()),
+            BuildError::StoreUnavailable(_) => RegistryError::Unavailable(e.to_string()),
             // The reason in the message (clients show it), Nix's words in
             // `detail.log`, and where to look.
             other @ BuildError::Nix(_) => RegistryError::BuildFailed {

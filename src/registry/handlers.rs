@@ -469,7 +469,12 @@ async fn blob(
     let unknown = || RegistryError::BlobUnknown(format!("blob {digest} is unknown"));
     let storage_error = |e: crate::store::StoreError| {
         tracing::error!(error = %e, "reading a blob");
-        RegistryError::Unknown("the registry could not read its storage".into())
+        match e {
+            crate::store::StoreError::Remote { .. } => RegistryError::Unavailable(
+                "the registry's object store is unavailable; try again shortly".into(),
+            ),
+            _ => RegistryError::Unknown("the registry could not read its storage".into()),
+        }
     };
     let size = store
         .stat(&digest)
@@ -477,6 +482,26 @@ async fn blob(
         .map_err(storage_error)?
         .ok_or_else(unknown)?;
     if let Some(resp) = not_modified(headers, &digest) {
+        return Ok(resp);
+    }
+    if let (false, Some(bucket)) = (head, &app.redirect) {
+        // The client fetches from the bucket (with its Range, if any).
+        let url = bucket
+            .signed_url(&digest, std::time::Duration::from_secs(600))
+            .await
+            .ok_or_else(|| {
+                RegistryError::Unavailable("signing a URL of the object store failed".into())
+            })?;
+        let mut resp = Response::new(Body::empty());
+        *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+        resp.headers_mut().insert(
+            header::LOCATION,
+            HeaderValue::from_str(&url).map_err(|e| RegistryError::Unknown(e.to_string()))?,
+        );
+        resp.headers_mut().insert(
+            "docker-content-digest",
+            HeaderValue::from_str(&digest.to_string()).expect("a digest is a header value"),
+        );
         return Ok(resp);
     }
     let range = match headers.get(header::RANGE) {

@@ -35,6 +35,9 @@ pub struct AppState {
     pub limits: crate::config::ConnectionLimits,
     /// False until the controller's watch has synced (always true for `serve`).
     pub ready: Arc<AtomicBool>,
+    /// With `--s3-redirect`: the bucket whose presigned URLs blob GETs are
+    /// redirected to.
+    pub redirect: Option<Arc<crate::store::ObjectBlobStore>>,
 }
 
 /// The operator's endpoints alone (`/metrics`, `/healthz`, `/readyz`), for a

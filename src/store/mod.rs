@@ -3,10 +3,12 @@
 //! (`Stager`), where its digest is computed as it is written and checked; only
 //! a verified, complete blob is ever `put`, so an interrupted write never
 //! becomes a served blob, whatever the backend. `LocalStore` keeps blobs on
-//! disk; object storage is the next implementation. Every implementation
-//! passes `conformance`.
+//! disk, `ObjectBlobStore` in an S3 bucket, `CachedStore` is a local cache in
+//! front of a bucket. Every implementation passes `conformance`.
 
+mod cached;
 mod local;
+pub(crate) mod object;
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -16,7 +18,9 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
 
+pub use cached::CachedStore;
 pub use local::{free_bytes, total_bytes, write_atomic, LocalStore};
+pub use object::{ObjectBlobStore, S3Config};
 
 use crate::name::Digest;
 use crate::oci::HashingWriter;
@@ -25,12 +29,25 @@ use crate::oci::HashingWriter;
 pub enum StoreError {
     #[error("blob digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch { expected: Digest, actual: Digest },
+    /// The object store failed or did not answer: what was asked (said to
+    /// clients) and the store's answer (logged).
+    #[error("object store: {what}: {detail}")]
+    Remote { what: String, detail: String },
     #[error("blob store I/O at {path}: {source}")]
     Io {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
+}
+
+impl StoreError {
+    pub(crate) fn remote(what: impl Into<String>, detail: impl std::fmt::Display) -> Self {
+        StoreError::Remote {
+            what: what.into(),
+            detail: detail.to_string(),
+        }
+    }
 }
 
 pub(crate) fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {

@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod garage;
+pub mod proxy;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -45,6 +47,7 @@ pub fn settings(state_dir: &Path) -> Settings {
         nix_options: offline_nix_options(),
         limits: Default::default(),
         storage_limit: None,
+        storage: Default::default(),
     }
 }
 
@@ -153,6 +156,11 @@ impl Server {
     /// Starts `nixery serve` on a free loopback port with the offline set,
     /// plus `extra` arguments; waits until it listens.
     pub fn start(state_dir: &Path, extra: &[&str]) -> Server {
+        Self::start_env(state_dir, extra, &[])
+    }
+
+    /// `start` with environment variables set for the child.
+    pub fn start_env(state_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixery"));
         cmd.arg("serve")
             .arg("--listen")
@@ -166,6 +174,7 @@ impl Server {
         }
         cmd.args(extra)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawning nixery");
