@@ -543,3 +543,79 @@ fn a_three_node_garage_cluster_that_loses_a_node_keeps_serving() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(metric_of(&b, "nixery_builds_total"), 0.0);
 }
+
+/// Agents (the controller) on one bucket: node A builds a NixImage's image;
+/// node B, whose Nix is never asked anything, serves it from the bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_on_one_bucket_build_once_and_other_nodes_serve_from_it() {
+    use common::apiserver::{agent, build_to_ready, niximage, reconcile};
+    let Some(g) =
+        tokio::task::spawn_blocking(|| Garage::start("agents_on_one_bucket", 1, "agents"))
+            .await
+            .unwrap()
+    else {
+        return;
+    };
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let node = |dir: &Path| {
+        let mut s = common::settings(dir);
+        s.storage = nixery::config::Storage::S3 {
+            s3: nixery::store::S3Config {
+                endpoint: Some(g.endpoint()),
+                bucket: g.bucket.clone(),
+                region: garage::REGION.into(),
+                prefix: "agents".into(),
+                credentials: Some((garage::KEY_ID.into(), garage::SECRET.into())),
+            },
+            redirect: false,
+            lease_ttl: Duration::from_secs(30),
+        };
+        s
+    };
+    // Each node its own fake Nix and store.
+    let na = Arc::new(nixery::nix::fake::FakeNix::standard(
+        &da.path().join("store"),
+    ));
+    let nb = Arc::new(nixery::nix::fake::FakeNix::standard(
+        &db.path().join("store"),
+    ));
+    let sa = nixery::app_state_with(&node(da.path()), na.clone())
+        .await
+        .unwrap();
+    let sb = nixery::app_state_with(&node(db.path()), nb.clone())
+        .await
+        .unwrap();
+    let mut a = agent("node-a", "127.0.0.1:5000", &sa, |_| {});
+    let mut b = agent("node-b", "127.0.0.1:5000", &sb, |_| {});
+    let server = common::apiserver::Server::new(niximage(
+        "curl-and-jq",
+        1,
+        &["hello"],
+        &["k8s.nixos.org/nixery-node-a"],
+    ));
+    build_to_ready(&server, &mut a, ("0/1", "1/1")).await;
+    let (result, _) = reconcile(&server, &mut b, 1).await; // B's finalizer
+    assert!(result.is_ok());
+    build_to_ready(&server, &mut b, ("1/2", "2/2")).await;
+    assert!(na.realisations.load(Ordering::SeqCst) > 0);
+    assert_eq!(nb.evaluations.load(Ordering::SeqCst), 0, "node B evaluated");
+    assert_eq!(nb.realisations.load(Ordering::SeqCst), 0, "node B built");
+    let status = server.object().status.unwrap();
+    assert_eq!(status.nodes[0].digest, status.nodes[1].digest);
+
+    // Every blob of the image comes from node B's registry, right.
+    let m = common::get(&sb, "/v2/niximage/default/curl-and-jq/manifests/v1").await;
+    assert_eq!(m.status, 200);
+    let m = m.json();
+    let blobs = std::iter::once(&m["config"]).chain(m["layers"].as_array().unwrap());
+    let mut n = 0;
+    for d in blobs {
+        let d = d["digest"].as_str().unwrap();
+        let r = common::get(&sb, &format!("/v2/niximage/default/curl-and-jq/blobs/{d}")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(Digest::of(&r.body).to_string(), d);
+        n += 1;
+    }
+    assert!(n >= 2);
+    drop(g);
+}

@@ -33,6 +33,9 @@ pub struct S3Config {
     pub region: String,
     /// Keys start with this (no leading or trailing slash; may be empty).
     pub prefix: String,
+    /// Access key ID and secret; None (what the command line gives): from
+    /// the AWS environment.
+    pub credentials: Option<(String, String)>,
 }
 
 impl S3Config {
@@ -64,6 +67,9 @@ impl S3Config {
             });
         if let Some(e) = &self.endpoint {
             b = b.with_endpoint(e);
+        }
+        if let Some((id, secret)) = &self.credentials {
+            b = b.with_access_key_id(id).with_secret_access_key(secret);
         }
         let s3 = b
             .build()
