@@ -18,8 +18,9 @@ use object_store::{GetOptions, GetRange, ObjectStore, PutPayload};
 use super::{io_at, BlobStore, ByteStream, Staged, StoreError};
 use crate::name::Digest;
 
-/// Blobs up to this size go up in one PUT; larger ones in parts of this size.
-const PART: usize = 16 << 20;
+/// Blobs up to this size go up in one PUT; larger ones in parts of this size
+/// (S3's smallest part is 5 MiB), two at a time: an upload holds ~16 MiB.
+const PART: usize = 8 << 20;
 /// How long a metadata request (HEAD, a small GET, a PUT of a small object,
 /// a DELETE, one LIST page) may take before the store counts as not answering.
 pub const SMALL_OP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -166,8 +167,11 @@ impl ObjectBlobStore {
         let path = staged.file.path().to_path_buf();
         if staged.size as usize <= PART {
             let bytes = tokio::fs::read(&path).await.map_err(io_at(&path))?;
-            return small("PUT", key, self.os.put(key, PutPayload::from(bytes)))
-                .await?
+            // The client's own deadline: a body can take a while on a slow link.
+            return self
+                .os
+                .put(key, PutPayload::from(bytes))
+                .await
                 .map(|_| ())
                 .map_err(|e| remote("PUT", key, e));
         }
