@@ -582,9 +582,17 @@ async fn agents_on_one_bucket_build_once_and_other_nodes_serve_from_it() {
     let sa = nixery::app_state_with(&node(da.path()), na.clone())
         .await
         .unwrap();
-    let sb = nixery::app_state_with(&node(db.path()), nb.clone())
-        .await
-        .unwrap();
+    // A queue of one: a taken image that stayed counted as queued would
+    // refuse B's next request.
+    let sb = nixery::app_state_with(
+        &nixery::config::Settings {
+            max_queue: 1,
+            ..node(db.path())
+        },
+        nb.clone(),
+    )
+    .await
+    .unwrap();
     let mut a = agent("node-a", "127.0.0.1:5000", &sa, |_| {});
     let mut b = agent("node-b", "127.0.0.1:5000", &sb, |_| {});
     let server = common::apiserver::Server::new(niximage(
@@ -617,5 +625,16 @@ async fn agents_on_one_bucket_build_once_and_other_nodes_serve_from_it() {
         n += 1;
     }
     assert!(n >= 2);
+
+    // Ad-hoc images too, one after another: built by A, taken by B.
+    for image in ["curl", "jq", "shell/hello"] {
+        let uri = format!("/v2/{image}/manifests/latest");
+        let built = common::get(&sa, &uri).await;
+        assert_eq!(built.status, 200);
+        let taken = common::get(&sb, &uri).await;
+        assert_eq!(taken.status, 200, "{}", taken.error_message());
+        assert_eq!(taken.body, built.body);
+    }
+    assert_eq!(nb.evaluations.load(Ordering::SeqCst), 0, "node B evaluated");
     drop(g);
 }

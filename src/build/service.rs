@@ -108,6 +108,13 @@ impl Drop for Waiter {
     }
 }
 type ImageResult = Result<Arc<BuiltImage>, BuildError>;
+
+/// With a shared bucket: build it here, holding its lease, or take the image
+/// another instance built.
+enum Turn {
+    Build(crate::shared::Lease),
+    Adopted(Arc<BuiltImage>),
+}
 /// Whether each name exists in one package source revision, and until when
 /// the answer holds (None: for good, as for a git commit).
 type NameAnswers = (HashMap<String, bool>, Option<Instant>);
@@ -435,19 +442,48 @@ impl Builder {
         let Some(shared) = self.cfg.shared.clone() else {
             return self.build_limited(key, spec, source, report, waiters).await;
         };
+        // Until it builds (and takes a slot), the request counts as queued.
+        let turn = self
+            .lease_or_adopt(&shared, key, spec, &report, waiters)
+            .await;
+        if !matches!(turn, Ok(Turn::Build(_))) {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+        }
+        let lease = match turn? {
+            Turn::Build(lease) => lease,
+            Turn::Adopted(img) => return Ok(img),
+        };
+        let img = self
+            .build_limited(key, spec, source, report, waiters)
+            .await?;
+        self.publish(&shared, key, spec, source, &img).await;
+        drop(lease);
+        Ok(img)
+    }
+
+    /// The build lease of a request, or the image another instance built
+    /// for it, waiting while another instance holds the lease.
+    async fn lease_or_adopt(
+        &self,
+        shared: &crate::shared::Shared,
+        key: &str,
+        spec: &ImageSpec,
+        report: &ProgressFn,
+        waiters: &Waiters,
+    ) -> Result<Turn, BuildError> {
         let deadline = Instant::now() + self.cfg.timeout;
         let mut waiting_for = None;
-        let lease = loop {
-            if let Some(img) = self.adopt(&shared, key, spec).await? {
-                return Ok(img);
+        loop {
+            if let Some(img) = self.adopt(shared, key, spec).await? {
+                return Ok(Turn::Adopted(img));
             }
             let pause = match shared.try_lease(key).await? {
                 crate::shared::Attempt::Won(lease) => {
                     // It may have been finished between the look and the lease.
-                    if let Some(img) = self.adopt(&shared, key, spec).await? {
-                        return Ok(img);
+                    if let Some(img) = self.adopt(shared, key, spec).await? {
+                        return Ok(Turn::Adopted(img));
                     }
-                    break lease;
+                    return Ok(Turn::Build(lease));
                 }
                 crate::shared::Attempt::Held(holder) => {
                     if waiting_for.as_ref() != Some(&holder) {
@@ -469,10 +505,18 @@ impl Builder {
                 _ = tokio::time::sleep(pause) => {}
                 _ = waiters.all_gone() => return Err(BuildError::Abandoned),
             }
-        };
-        let img = self
-            .build_limited(key, spec, source, report, waiters)
-            .await?;
+        }
+    }
+
+    /// Records a built image in the shared index.
+    async fn publish(
+        &self,
+        shared: &crate::shared::Shared,
+        key: &str,
+        spec: &ImageSpec,
+        source: &Source,
+        img: &BuiltImage,
+    ) {
         if let Some(image_key) = self.catalog.request_image_key(key) {
             let ttl = (!source.is_immutable_at(&spec.tag)).then_some(self.cfg.mutable_ttl);
             let record = crate::shared::Record {
@@ -492,8 +536,6 @@ impl Builder {
                 warn!(error = %e, "recording the image in the shared index failed");
             }
         }
-        drop(lease);
-        Ok(img)
     }
 
     /// The image another instance built for this request, read from the

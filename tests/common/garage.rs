@@ -129,14 +129,15 @@ root_domain = ".s3.garage.localhost"
             bucket: bucket.to_string(),
             _dir: dir,
         };
-        // Each node's ID, once its RPC answers; then they meet, and the layout
+        // Each node's ID, once its RPC answers (`node id` reads the key from
+        // disk; `status` asks the server); then they meet, and the layout
         // gives each one a zone of its own.
         let mut ids = Vec::new();
         for i in 0..n {
             let deadline = Instant::now() + Duration::from_secs(30);
             let id = loop {
                 let (ok, out, err) = g.cli(i, &["node", "id", "-q"]);
-                if ok {
+                if ok && g.cli(i, &["status"]).0 {
                     break out.trim().split('@').next().unwrap().to_string();
                 }
                 assert!(
