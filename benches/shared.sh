@@ -40,7 +40,7 @@ api_bind_addr = "127.0.0.1:$S3"
 root_domain = ".s3.garage.localhost"
 EOF
 g() { "$GARAGE" -c "$WORK/garage.toml" "$@"; }
-g server 2>"$WORK/garage.log" &
+g server >/dev/null 2>"$WORK/garage.log" &
 pids+=($!)
 for _ in $(seq 100); do g node id -q >/dev/null 2>&1 && break; sleep 0.2; done
 g layout assign -z dc1 -c 1G "$(g node id -q | cut -d@ -f1)" >/dev/null
@@ -55,14 +55,14 @@ g bucket allow --read --write --owner bench --key "$AWS_ACCESS_KEY_ID" >/dev/nul
 IMAGE=shell/curl/jq
 ACCEPT='Accept: application/vnd.oci.image.manifest.v1+json'
 port=5300
-start() { # name, extra flags...: starts an instance, prints its address
+start() { # name, extra flags...: starts an instance; its address in $ADDR
   local name=$1; shift
   port=$((port + 1))
   "$BIN" serve --listen "127.0.0.1:$port" --state-dir "$WORK/$name" \
-    --pkgs-path nix/offline-pkgs --nix-option substituters= "$@" 2>"$WORK/$name.log" &
+    --pkgs-path nix/offline-pkgs --nix-option substituters= "$@" >/dev/null 2>"$WORK/$name.log" &
   pids+=($!)
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
-  echo "127.0.0.1:$port"
+  ADDR="127.0.0.1:$port"
 }
 s3flags() { echo --storage-backend s3 --s3-endpoint "http://127.0.0.1:$S3" --s3-bucket bench --s3-prefix "$1"; }
 seconds() { python3 -c "import sys,time,subprocess; t=time.time(); subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print(f'{time.time()-t:.3f}')" "$@"; }
@@ -74,11 +74,13 @@ pull() { seconds curl -sf -o /dev/null -H "$ACCEPT" "http://$1/v2/$IMAGE/manifes
 # 1. The second instance's first pull, each round with fresh instances.
 SHARED="" INDEP="" SB=0 IB=0
 for r in $(seq "$ROUNDS"); do
-  a=$(start "sa$r" $(s3flags "round$r")); b=$(start "sb$r" $(s3flags "round$r"))
+  start "sa$r" $(s3flags "round$r"); a=$ADDR
+  start "sb$r" $(s3flags "round$r"); b=$ADDR
   pull "$a" >/dev/null
   SHARED+="$(pull "$b") "
   SB=$((SB + $(builds "$a") + $(builds "$b")))
-  c=$(start "ia$r"); d=$(start "ib$r")
+  start "ia$r"; c=$ADDR
+  start "ib$r"; d=$ADDR
   pull "$c" >/dev/null
   INDEP+="$(pull "$d") "
   IB=$((IB + $(builds "$c") + $(builds "$d")))
@@ -87,9 +89,9 @@ for r in $(seq "$ROUNDS"); do
 done
 
 # 2. Blob throughput: the largest layer, from local disk and through the bucket.
-a=$(start tl $(s3flags thr))
+start tl $(s3flags thr); a=$ADDR
 curl -sf -o /dev/null -H "$ACCEPT" "http://$a/v2/$IMAGE/manifests/latest"
-b=$(start tb $(s3flags thr) --storage-limit 1)
+start tb $(s3flags thr) --storage-limit 1; b=$ADDR
 curl -sf -o /dev/null -H "$ACCEPT" "http://$b/v2/$IMAGE/manifests/latest"
 read -r layer size < <(curl -sf -H "$ACCEPT" "http://$a/v2/$IMAGE/manifests/latest" |
   python3 -c "import json,sys; l=max(json.load(sys.stdin)['layers'], key=lambda l: l['size']); print(l['digest'], l['size'])")
@@ -105,7 +107,7 @@ ms=$(median $SHARED); mi=$(median $INDEP); bl=$(median $LOCAL); bb=$(median $BUC
   echo
   echo "## Shared storage (benches/shared.sh)"
   echo
-  echo "Run $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores; Garage $("$GARAGE" --version 2>/dev/null | head -1 | awk '{print $2}') single node on loopback; $IMAGE; median of $ROUNDS rounds, fresh instances each round."
+  echo "Run $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores; Garage $("$GARAGE" --version 2>/dev/null | head -1 | awk '{print $2}' | sed s/cargo://) single node on loopback; $IMAGE; median of $ROUNDS rounds, fresh instances each round."
   echo
   echo "| | shared bucket | independent disks | shared/independent |"
   echo "|---|---|---|---|"

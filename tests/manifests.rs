@@ -446,3 +446,81 @@ fn examples_parse_and_refer_to_real_images() {
         }
     }
 }
+
+#[test]
+fn the_shared_storage_overlay_patches_the_agent_into_s3_settings_it_accepts() {
+    let dir = repo_root().join("deploy/shared-storage");
+    assert_eq!(kustomization_resources(&dir), vec![".."]);
+    let base = load(&repo_root().join("deploy"));
+    let ds = &base.daemonsets[0];
+    // A partial DaemonSet (no selector): read as YAML, its container typed.
+    let patch: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join("agent-s3.yaml")).unwrap()).unwrap();
+    // It names the base's DaemonSet and container, or kustomize would fail.
+    assert_eq!(patch["kind"], "DaemonSet");
+    assert_eq!(
+        patch["metadata"]["name"].as_str(),
+        ds.metadata.name.as_deref()
+    );
+    assert_eq!(
+        patch["metadata"]["namespace"].as_str(),
+        ds.metadata.namespace.as_deref()
+    );
+    let c: k8s_openapi::api::core::v1::Container =
+        serde_yaml::from_value(patch["spec"]["template"]["spec"]["containers"][0].clone()).unwrap();
+    let base_pod = ds.spec.template.spec.as_ref().unwrap();
+    assert_eq!(c.name, base_pod.containers[0].name);
+    // Its variables, with the Secret's values, are settings the agent takes:
+    // the S3 backend on the endpoint and bucket given.
+    let env: BTreeMap<String, String> = c
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let v = match (&e.value, &e.value_from) {
+                (Some(v), _) => v.clone(),
+                (None, Some(from)) => {
+                    let s = from.secret_key_ref.as_ref().expect("from the Secret");
+                    assert_eq!(s.name, "nixery-s3");
+                    format!("secret:{}", s.key)
+                }
+                _ => panic!("{} has no value", e.name),
+            };
+            (e.name.clone(), v)
+        })
+        .collect();
+    assert_eq!(env["AWS_ACCESS_KEY_ID"], "secret:access-key-id");
+    assert_eq!(env["AWS_SECRET_ACCESS_KEY"], "secret:secret-access-key");
+    let mut cmd = <nixery::config::Cli as clap::CommandFactory>::command();
+    let agent = cmd.find_subcommand_mut("agent").unwrap();
+    let read: Vec<String> = agent
+        .get_arguments()
+        .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+        .collect();
+    for name in env.keys().filter(|n| n.starts_with("NIXERY_")) {
+        assert!(read.contains(name), "`nixery agent` reads no {name}");
+    }
+    let args = <nixery::config::Cli as clap::Parser>::try_parse_from([
+        "nixery",
+        "agent",
+        "--node-name=n",
+        &format!("--storage-backend={}", env["NIXERY_STORAGE_BACKEND"]),
+        &format!("--s3-endpoint={}", env["NIXERY_S3_ENDPOINT"]),
+        &format!("--s3-bucket={}", env["NIXERY_S3_BUCKET"]),
+        &format!("--s3-region={}", env["NIXERY_S3_REGION"]),
+    ])
+    .unwrap();
+    let nixery::config::Command::Agent(a) = args.command else {
+        panic!("not agent")
+    };
+    let settings = a.common.resolve(|_| None).unwrap();
+    let nixery::config::Storage::S3 { s3, .. } = settings.storage else {
+        panic!("not s3")
+    };
+    assert_eq!(s3.bucket, env["NIXERY_S3_BUCKET"]);
+    assert_eq!(
+        s3.endpoint.as_deref(),
+        Some(env["NIXERY_S3_ENDPOINT"].as_str())
+    );
+}

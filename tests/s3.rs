@@ -372,6 +372,23 @@ fn two_instances_on_one_bucket_build_each_image_once() {
         said.starts_with("307 ") && said.contains(&format!("127.0.0.1:{}", g.nodes[0].s3_port)),
         "not redirected to the bucket: {said}"
     );
+    // A Range request follows the redirect: the bucket answers 206.
+    let ranged = Command::new("curl")
+        .args(["-s", "-L", "-r", "10-109", "-w", "\n%{http_code}"])
+        .arg(c.url(&format!("/v2/shell/jq/blobs/{layer}")))
+        .output()
+        .unwrap();
+    let (bytes, status) = ranged.stdout.split_at(ranged.stdout.len() - 4);
+    assert_eq!(status, b"\n206");
+    assert_eq!(bytes.len(), 100);
+    let whole = Command::new("curl")
+        .args(["-s", "-L"])
+        .arg(c.url(&format!("/v2/shell/jq/blobs/{layer}")))
+        .output()
+        .unwrap()
+        .stdout;
+    assert_eq!(Digest::of(&whole).to_string(), layer);
+    assert_eq!(bytes, &whole[10..110]);
     let (ok, _, err) = run(Command::new("skopeo").args([
         "copy",
         "--src-tls-verify=false",
