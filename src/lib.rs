@@ -30,7 +30,7 @@ use crate::registry::AppState;
 pub enum Error {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
-    #[error("opening the blob store: {0}")]
+    #[error("opening the blob store")]
     Store(#[from] store::StoreError),
     #[error("preparing the state directory {0}: {1}")]
     StateDir(std::path::PathBuf, #[source] std::io::Error),
@@ -82,8 +82,26 @@ pub async fn app_state_with(
                 )?
                 .with_signer(s3_client),
             );
-            tracing::info!(bucket = %s3.bucket, endpoint = s3.endpoint.as_deref().unwrap_or("AWS"), prefix = %s3.prefix, "blobs and the image index are in an S3 bucket, cached in the state directory");
             let shared = Arc::new(shared::Shared::new(os, &s3.prefix, *lease_ttl));
+            let endpoint = s3.endpoint.as_deref().unwrap_or("AWS");
+            match remote.probe(shared.instance()).await {
+                Ok(true) => {
+                    tracing::info!(bucket = %s3.bucket, endpoint, prefix = %s3.prefix, "blobs and the image index are in an S3 bucket, cached in the state directory")
+                }
+                Ok(false) => {
+                    tracing::warn!(bucket = %s3.bucket, endpoint, "the object store does not answer; requests that need it fail with 503 until it does")
+                }
+                Err(store::StoreError::Remote { detail, .. }) => {
+                    return Err(Error::Store(store::StoreError::Remote {
+                        what: format!(
+                            "bucket '{}' at {endpoint} cannot be written (check the bucket, the region and AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)",
+                            s3.bucket
+                        ),
+                        detail,
+                    }))
+                }
+                Err(e) => return Err(Error::Store(e)),
+            }
             let limit = settings
                 .storage_limit
                 .unwrap_or_else(|| gc::default_limit(&settings.state_dir));

@@ -372,6 +372,16 @@ fn two_instances_on_one_bucket_build_each_image_once() {
         said.starts_with("307 ") && said.contains(&format!("127.0.0.1:{}", g.nodes[0].s3_port)),
         "not redirected to the bucket: {said}"
     );
+    // HEAD is answered here, from the bucket's metadata: no redirect.
+    let head = Command::new("curl")
+        .args(["-s", "-I"])
+        .arg(c.url(&format!("/v2/shell/jq/blobs/{layer}")))
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&head.stdout).to_ascii_lowercase();
+    let size = common::largest_layer(&m)["size"].as_u64().unwrap();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains(&format!("content-length: {size}")), "{head}");
     // A Range request follows the redirect: the bucket answers 206.
     let ranged = Command::new("curl")
         .args(["-s", "-L", "-r", "10-109", "-w", "\n%{http_code}"])
@@ -654,4 +664,57 @@ async fn agents_on_one_bucket_build_once_and_other_nodes_serve_from_it() {
     }
     assert_eq!(nb.evaluations.load(Ordering::SeqCst), 0, "node B evaluated");
     drop(g);
+}
+
+/// A bucket that cannot be used is said at start, naming it; a store that
+/// does not answer yet is not fatal (requests get 503 until it does).
+#[test]
+fn a_bucket_that_cannot_be_used_is_said_at_start() {
+    let Some(g) = Garage::start("a_bucket_that_cannot_be_used", 1, "probe") else {
+        return;
+    };
+    let start = |bucket: &str, secret: &str, endpoint: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixery"));
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--storage-backend",
+            "s3",
+        ])
+        .args(["--s3-endpoint", endpoint, "--s3-bucket", bucket])
+        .args(["--s3-region", garage::REGION, "--pkgs-path"])
+        .arg(common::offline_pkgs())
+        .arg("--state-dir")
+        .arg(dir.path())
+        .env("AWS_ACCESS_KEY_ID", garage::KEY_ID)
+        .env("AWS_SECRET_ACCESS_KEY", secret);
+        cmd
+    };
+    for (bucket, secret) in [("nosuch", garage::SECRET), ("probe", &"0".repeat(64))] {
+        let out = start(bucket, secret, &g.endpoint())
+            .stdout(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started with bucket {bucket}: {err}");
+        assert!(
+            err.contains(&format!(
+                "bucket '{bucket}' at {} cannot be written",
+                g.endpoint()
+            )),
+            "{err}"
+        );
+    }
+    // Nothing listens there: it starts, and says 503 until the store is back.
+    let proxy = Proxy::start(g.nodes[0].s3_port);
+    proxy.down();
+    let dir = tempfile::tempdir().unwrap();
+    let s = serve(dir.path(), &g, &proxy.endpoint(), "p", &[]);
+    let (code, body) = manifest(&s, "hello");
+    assert_eq!(code, 503, "{body}");
+    proxy.pass();
+    let (code, body) = manifest(&s, "hello");
+    assert_eq!(code, 200, "{body}");
 }

@@ -138,6 +138,33 @@ impl ObjectBlobStore {
         }
     }
 
+    /// Writes and removes a small object, so that a bucket that does not
+    /// exist or credentials it refuses are said at start, not at the first
+    /// pull. Ok(false): the store did not answer (it may come back; requests
+    /// fail with 503 meanwhile); Err: it answered no.
+    pub async fn probe(&self, instance: &str) -> Result<bool, StoreError> {
+        let key = self.under(&format!("probe/{instance}"));
+        let put = small(
+            "PUT",
+            &key,
+            self.os.put(&key, PutPayload::from_static(b"ok")),
+        )
+        .await;
+        let answer = match put {
+            Err(_) => return Ok(false),
+            Ok(r) => r,
+        };
+        match answer {
+            Ok(_) => {
+                let _ = small("DELETE", &key, self.os.delete(&key)).await;
+                Ok(true)
+            }
+            // No HTTP answer at all: down or unreachable for now.
+            Err(e) if e.to_string().contains("error sending request") => Ok(false),
+            Err(e) => Err(remote("PUT", &key, e)),
+        }
+    }
+
     pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
         &self.os
     }
