@@ -451,7 +451,9 @@ fn a_dead_builders_lease_expires_and_another_instance_builds() {
     let dir = tempfile::tempdir().unwrap();
     let set = gated_set(dir.path());
     let pkgs = set.display().to_string();
-    let flags = ["--pkgs-path", pkgs.as_str(), "--build-lease-ttl", "3"];
+    // Long enough that B, asked right after A dies, still finds A's lease
+    // live on a loaded machine (A renewed it at most 2 s before).
+    let flags = ["--pkgs-path", pkgs.as_str(), "--build-lease-ttl", "6"];
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut a = serve(da.path(), &g, &g.endpoint(), "dead", &flags);
     let b = serve(db.path(), &g, &g.endpoint(), "dead", &flags);
