@@ -60,64 +60,13 @@ pub async fn app_state_with(
     std::fs::create_dir_all(&settings.state_dir)
         .map_err(|e| Error::StateDir(settings.state_dir.clone(), e))?;
     let local = Arc::new(store::LocalStore::open(&settings.state_dir)?);
-    let (store, shared, gc_store, redirect): (
-        Arc<dyn store::BlobStore>,
-        _,
-        Option<Arc<dyn store::BlobStore>>,
-        _,
-    ) = match &settings.storage {
-        config::Storage::Filesystem => (local.clone(), None, None, None),
-        config::Storage::S3 {
-            s3,
-            redirect,
-            lease_ttl,
-        } => {
-            let s3_client = s3.connect()?;
-            let os: Arc<dyn object_store::ObjectStore> = s3_client.clone();
-            let remote = Arc::new(
-                store::ObjectBlobStore::new(
-                    os.clone(),
-                    &s3.prefix,
-                    &settings.state_dir.join("tmp"),
-                )?
-                .with_signer(s3_client),
-            );
-            let shared = Arc::new(shared::Shared::new(os, &s3.prefix, *lease_ttl));
-            let endpoint = s3.endpoint.as_deref().unwrap_or("AWS");
-            match remote.probe(shared.instance()).await {
-                Ok(true) => {
-                    tracing::info!(bucket = %s3.bucket, endpoint, prefix = %s3.prefix, "blobs and the image index are in an S3 bucket, cached in the state directory")
-                }
-                Ok(false) => {
-                    tracing::warn!(bucket = %s3.bucket, endpoint, "the object store does not answer; requests that need it fail with 503 until it does")
-                }
-                Err(store::StoreError::Remote { detail, .. }) => {
-                    return Err(Error::Store(store::StoreError::Remote {
-                        what: format!(
-                            "bucket '{}' at {endpoint} cannot be written (check the bucket, the region and AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)",
-                            s3.bucket
-                        ),
-                        detail,
-                    }))
-                }
-                Err(e) => return Err(Error::Store(e)),
-            }
-            let limit = settings
-                .storage_limit
-                .unwrap_or_else(|| gc::default_limit(&settings.state_dir));
-            let cached = Arc::new(store::CachedStore::new(
-                local.clone(),
-                remote.clone(),
-                limit,
-            ));
-            (
-                cached,
-                Some(shared),
-                Some(local.clone() as Arc<dyn store::BlobStore>),
-                redirect.then_some(remote),
-            )
-        }
-    };
+    let Storage {
+        store,
+        shared,
+        gc_store,
+        bucket,
+        redirect,
+    } = open_storage(settings, &local).await?;
     if store::free_bytes(&settings.state_dir).is_some_and(|b| b < 1 << 20) {
         tracing::warn!(
             state_dir = %settings.state_dir.display(),
@@ -154,6 +103,7 @@ pub async fn app_state_with(
                 .storage_limit
                 .unwrap_or_else(|| gc::default_limit(&settings.state_dir)),
             shared,
+            bucket,
             gc_store,
         },
         nix,
@@ -187,6 +137,77 @@ pub async fn app_state_with(
         ready: Arc::new(AtomicBool::new(true)),
         limits: settings.limits,
         redirect,
+    })
+}
+
+/// The stores one storage setting makes.
+struct Storage {
+    /// Where builds write and the registry reads.
+    store: Arc<dyn store::BlobStore>,
+    shared: Option<Arc<shared::Shared>>,
+    /// What garbage collection trims, if not `store`.
+    gc_store: Option<Arc<dyn store::BlobStore>>,
+    bucket: Option<Arc<store::ObjectBlobStore>>,
+    /// Where blob GETs are redirected to, with `--s3-redirect`.
+    redirect: Option<Arc<store::ObjectBlobStore>>,
+}
+
+async fn open_storage(
+    settings: &Settings,
+    local: &Arc<store::LocalStore>,
+) -> Result<Storage, Error> {
+    let (s3, redirect, lease_ttl) = match &settings.storage {
+        config::Storage::Filesystem => {
+            return Ok(Storage {
+                store: local.clone(),
+                shared: None,
+                gc_store: None,
+                bucket: None,
+                redirect: None,
+            })
+        }
+        config::Storage::S3 {
+            s3,
+            redirect,
+            lease_ttl,
+        } => (s3, *redirect, lease_ttl),
+    };
+    let s3_client = s3.connect()?;
+    let os: Arc<dyn object_store::ObjectStore> = s3_client.clone();
+    let remote = Arc::new(
+        store::ObjectBlobStore::new(os.clone(), &s3.prefix, &settings.state_dir.join("tmp"))?
+            .with_signer(s3_client),
+    );
+    let shared = Arc::new(shared::Shared::new(os, &s3.prefix, *lease_ttl));
+    let endpoint = s3.endpoint.as_deref().unwrap_or("AWS");
+    match remote.probe(shared.instance()).await {
+        Ok(true) => {
+            tracing::info!(bucket = %s3.bucket, endpoint, prefix = %s3.prefix, "blobs and the image index are in an S3 bucket, cached in the state directory")
+        }
+        Ok(false) => {
+            tracing::warn!(bucket = %s3.bucket, endpoint, "the object store does not answer; requests that need it fail with 503 until it does")
+        }
+        Err(store::StoreError::Remote { detail, .. }) => {
+            return Err(Error::Store(store::StoreError::Remote {
+                what: format!(
+                    "bucket '{}' at {endpoint} cannot be written (check the bucket, the region and AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)",
+                    s3.bucket
+                ),
+                detail,
+            }))
+        }
+        Err(e) => return Err(Error::Store(e)),
+    }
+    let limit = settings
+        .storage_limit
+        .unwrap_or_else(|| gc::default_limit(&settings.state_dir));
+    let cached = store::CachedStore::new(local.clone(), remote.clone(), limit);
+    Ok(Storage {
+        store: Arc::new(cached),
+        shared: Some(shared),
+        gc_store: Some(local.clone()),
+        bucket: Some(remote.clone()),
+        redirect: redirect.then_some(remote),
     })
 }
 

@@ -720,3 +720,69 @@ fn a_bucket_that_cannot_be_used_is_said_at_start() {
     let (code, body) = manifest(&s, "hello");
     assert_eq!(code, 200, "{body}");
 }
+
+/// A blob that leaves the bucket behind nixery's back (a lifecycle rule, a
+/// hand) is stored again, never served as missing: an instance taking the
+/// image from the index builds it instead, and a builder that reuses the
+/// blob from its local cache uploads it again before recording the image.
+#[test]
+fn a_blob_lost_from_the_bucket_is_stored_again() {
+    let Some(g) = Garage::start("a_blob_lost_from_the_bucket", 1, "lost") else {
+        return;
+    };
+    let rt = rt();
+    let os = g.client(&g.endpoint());
+    let layer_of = |s: &Server| {
+        let (code, m) = http_get(&s.url("/v2/hello/manifests/latest"));
+        assert_eq!(code, 200);
+        let m: serde_json::Value = serde_json::from_str(&m).unwrap();
+        common::largest_layer(&m)["digest"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let key = |prefix: &str, digest: &str| {
+        object_store::path::Path::from(format!(
+            "{prefix}/blobs/sha256/{}",
+            digest.strip_prefix("sha256:").unwrap()
+        ))
+    };
+    let in_bucket = |k: &object_store::path::Path| rt.block_on(os.head(k)).is_ok();
+
+    // Taken from the index: B sees the hole and builds instead.
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = serve(da.path(), &g, &g.endpoint(), "lost", &[]);
+    let layer = layer_of(&a);
+    let k = key("lost", &layer);
+    rt.block_on(os.delete(&k)).unwrap();
+    let b = serve(db.path(), &g, &g.endpoint(), "lost", &[]);
+    assert_eq!(layer_of(&b), layer);
+    assert_eq!(
+        metric_of(&b, "nixery_builds_total"),
+        1.0,
+        "B took a broken image"
+    );
+    assert_eq!(metric_of(&b, "nixery_shared_index_hits_total"), 0.0);
+    assert!(in_bucket(&k), "B did not store the blob again");
+    let body = Command::new("curl")
+        .args(["-sf"])
+        .arg(b.url(&format!("/v2/hello/blobs/{layer}")))
+        .output()
+        .unwrap();
+    assert!(body.status.success());
+    assert_eq!(Digest::of(&body.stdout).to_string(), layer);
+
+    // Reused from the builder's cache: uploaded again before the record.
+    let dc = tempfile::tempdir().unwrap();
+    let c = serve(dc.path(), &g, &g.endpoint(), "heal", &["--cache-ttl", "2"]);
+    assert_eq!(layer_of(&c), layer);
+    let k = key("heal", &layer);
+    rt.block_on(os.delete(&k)).unwrap();
+    // The answer expires; asked again, C finds the image in its own catalog.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(layer_of(&c), layer);
+    assert!(
+        in_bucket(&k),
+        "C recorded an image whose blob the bucket lacks"
+    );
+}

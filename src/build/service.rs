@@ -41,6 +41,8 @@ pub struct BuilderConfig {
     pub storage_limit: u64,
     /// The index and build leases of a bucket shared with other instances.
     pub shared: Option<Arc<crate::shared::Shared>>,
+    /// That bucket's blobs (behind the local cache of `store`).
+    pub bucket: Option<Arc<crate::store::ObjectBlobStore>>,
     /// What garbage collection trims to `storage_limit` [default: the blob
     /// store]: with a shared bucket, the local cache in front of it, since
     /// other instances serve from the bucket.
@@ -517,6 +519,14 @@ impl Builder {
         source: &Source,
         img: &BuiltImage,
     ) {
+        // An image is recorded only once all its blobs are in the bucket: one
+        // reused from the local cache may have left it (a lifecycle rule).
+        if let Some(bucket) = &self.cfg.bucket {
+            if let Err(e) = self.upload_missing(bucket, img).await {
+                warn!(error = %e, "storing the image's blobs in the bucket failed; not recording it in the shared index");
+                return;
+            }
+        }
         if let Some(image_key) = self.catalog.request_image_key(key) {
             let ttl = (!source.is_immutable_at(&spec.tag)).then_some(self.cfg.mutable_ttl);
             let record = crate::shared::Record {
@@ -536,6 +546,42 @@ impl Builder {
                 warn!(error = %e, "recording the image in the shared index failed");
             }
         }
+    }
+
+    /// Uploads the blobs of an image that the bucket lacks, from here.
+    async fn upload_missing(
+        &self,
+        bucket: &crate::store::ObjectBlobStore,
+        img: &BuiltImage,
+    ) -> Result<(), crate::store::StoreError> {
+        use std::io::Write;
+        for d in crate::catalog::digests_of(img) {
+            if bucket.stat(&d).await?.is_some() {
+                continue;
+            }
+            warn!(blob = %d, "a blob of a built image is missing from the bucket; uploading it again");
+            let mut stream = self.store.get(&d, None).await?.ok_or_else(|| {
+                crate::store::StoreError::remote(
+                    format!("blob {d}"),
+                    "in neither the cache nor the bucket",
+                )
+            })?;
+            let dir = bucket.staging_dir().to_path_buf();
+            let mut w = crate::store::Stager::new(&dir)?;
+            while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+                let chunk = chunk.map_err(|e| crate::store::StoreError::Io {
+                    path: dir.clone(),
+                    source: e,
+                })?;
+                w.write_all(&chunk)
+                    .map_err(|e| crate::store::StoreError::Io {
+                        path: dir.clone(),
+                        source: e,
+                    })?;
+            }
+            bucket.upload_staged(&w.finish(Some(&d))?).await?;
+        }
+        Ok(())
     }
 
     /// The image another instance built for this request, read from the
@@ -570,6 +616,16 @@ impl Builder {
             roots: r.roots,
             gcroot_dir: self.cfg.state_dir.join("gcroots").join(&r.image_key),
         });
+        // Every blob must be there (a bucket lifecycle rule, or a hand, may
+        // have removed some): else it is built again, which stores them anew.
+        let digests: Vec<_> = crate::catalog::digests_of(&img).into_iter().collect();
+        let present = futures::future::join_all(digests.iter().map(|d| self.store.stat(d))).await;
+        for (d, p) in digests.iter().zip(present) {
+            if p?.is_none() {
+                warn!(image = %img.oci_digest, blob = %d, "the shared index names an image with a blob the bucket lacks; building it again");
+                return Ok(None);
+            }
+        }
         self.catalog.add_image(&r.image_key, img.clone());
         let ttl = r
             .expires
