@@ -786,3 +786,30 @@ fn a_blob_lost_from_the_bucket_is_stored_again() {
         "C recorded an image whose blob the bucket lacks"
     );
 }
+
+/// Three Garage nodes in containers on a private Docker network; one is cut
+/// off the network (alive, unreachable): the other two keep serving and
+/// storing (quorum writes of two of three replicas).
+#[test]
+fn a_garage_node_cut_off_its_network_leaves_the_cluster_serving() {
+    if !common::have_tool("docker", "garage_partition") {
+        return;
+    }
+    let Some(g) = Garage::start_in_docker("garage_partition", 3, "partition") else {
+        return;
+    };
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = serve(da.path(), &g, &g.nodes[0].endpoint(), "p", &[]);
+    let (code, built) = manifest(&a, "jq");
+    assert_eq!(code, 200, "{built}");
+    g.nodes[2].disconnect();
+    let b = serve(db.path(), &g, &g.nodes[1].endpoint(), "p", &[]);
+    let (code, served) = manifest(&b, "jq");
+    assert_eq!((code, served.as_str()), (200, built.as_str()));
+    assert_eq!(metric_of(&b, "nixery_builds_total"), 0.0);
+    let rt = rt();
+    let os = g.client(&g.nodes[1].endpoint());
+    assert!(rt.block_on(blobs_verify(&*os, "p")) >= 3);
+    let (code, body) = manifest(&a, "less");
+    assert_eq!(code, 200, "{body}");
+}

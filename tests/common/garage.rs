@@ -40,14 +40,19 @@ fn free_port() -> u16 {
 
 pub struct Node {
     pub child: Option<Child>,
+    /// The node's container, when it runs in one (`Garage::start_in_docker`).
+    pub container: Option<String>,
+    pub network: Option<String>,
     pub config: PathBuf,
+    /// Its address: 127.0.0.1, or the container's on the private network.
+    pub host: String,
     pub s3_port: u16,
     pub rpc_port: u16,
 }
 
 impl Node {
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.s3_port)
+        format!("http://{}:{}", self.host, self.s3_port)
     }
 
     /// Kills the node for good (SIGKILL: no goodbye to its peers).
@@ -56,6 +61,19 @@ impl Node {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if let Some(c) = self.container.take() {
+            let _ = Command::new("docker").args(["rm", "-f", &c]).output();
+        }
+    }
+
+    /// Cuts a container node off its network: alive, but unreachable.
+    pub fn disconnect(&self) {
+        let (c, n) = (
+            self.container.as_ref().unwrap(),
+            self.network.as_ref().unwrap(),
+        );
+        let (ok, _, err) = super::run(Command::new("docker").args(["network", "disconnect", n, c]));
+        assert!(ok, "docker network disconnect: {err}");
     }
 }
 
@@ -70,7 +88,39 @@ pub struct Garage {
     bin: PathBuf,
     pub nodes: Vec<Node>,
     pub bucket: String,
+    /// The private Docker network of container nodes, removed on drop.
+    network: Option<String>,
     _dir: tempfile::TempDir,
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.kill();
+        }
+        if let Some(net) = &self.network {
+            let _ = Command::new("docker").args(["network", "rm", net]).output();
+        }
+    }
+}
+
+fn config_text(dirs: &str, n: usize, host: &str, s3_port: u16, rpc_port: u16) -> String {
+    let secret = "6a4b5f8c2d1e0f3a9b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a";
+    format!(
+        r#"metadata_dir = "{dirs}/meta"
+data_dir = "{dirs}/data"
+db_engine = "lmdb"
+replication_factor = {n}
+rpc_bind_addr = "{host}:{rpc_port}"
+rpc_public_addr = "{host}:{rpc_port}"
+rpc_secret = "{secret}"
+
+[s3_api]
+s3_region = "{REGION}"
+api_bind_addr = "{host}:{s3_port}"
+root_domain = ".s3.garage.localhost"
+"#
+    )
 }
 
 impl Garage {
@@ -79,31 +129,16 @@ impl Garage {
     pub fn start(what: &str, n: usize, bucket: &str) -> Option<Garage> {
         let bin = binary(what)?;
         let dir = tempfile::tempdir().unwrap();
-        let secret = "6a4b5f8c2d1e0f3a9b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a";
         let mut nodes = Vec::new();
         for i in 0..n {
             let root = dir.path().join(format!("node{i}"));
             std::fs::create_dir_all(&root).unwrap();
             let (s3_port, rpc_port) = (free_port(), free_port());
             let config = root.join("garage.toml");
+            let dirs = root.display().to_string();
             std::fs::write(
                 &config,
-                format!(
-                    r#"metadata_dir = "{root}/meta"
-data_dir = "{root}/data"
-db_engine = "lmdb"
-replication_factor = {n}
-rpc_bind_addr = "127.0.0.1:{rpc_port}"
-rpc_public_addr = "127.0.0.1:{rpc_port}"
-rpc_secret = "{secret}"
-
-[s3_api]
-s3_region = "{REGION}"
-api_bind_addr = "127.0.0.1:{s3_port}"
-root_domain = ".s3.garage.localhost"
-"#,
-                    root = root.display()
-                ),
+                config_text(&dirs, n, "127.0.0.1", s3_port, rpc_port),
             )
             .unwrap();
             let log = std::fs::File::create(root.join("garage.log")).unwrap();
@@ -118,7 +153,10 @@ root_domain = ".s3.garage.localhost"
                 .expect("starting garage");
             nodes.push(Node {
                 child: Some(child),
+                container: None,
+                network: None,
                 config,
+                host: "127.0.0.1".into(),
                 s3_port,
                 rpc_port,
             });
@@ -127,8 +165,103 @@ root_domain = ".s3.garage.localhost"
             bin,
             nodes,
             bucket: bucket.to_string(),
+            network: None,
             _dir: dir,
         };
+        g.setup(bucket);
+        Some(g)
+    }
+
+    /// A cluster of `n` nodes, each in a container of its own on a private
+    /// Docker network (the host reaches them at their addresses there); the
+    /// image holds only garage and the libraries it loads, imported once.
+    pub fn start_in_docker(what: &str, n: usize, bucket: &str) -> Option<Garage> {
+        let bin = binary(what)?;
+        let image = "nixery-test/garage:2.5.0";
+        if !super::run(Command::new("docker").args(["image", "inspect", image])).0 {
+            let (ok, _, err) = super::run(Command::new("sh").arg("-c").arg(format!(
+                "tar -c --dereference -f - {} /lib/x86_64-linux-gnu/libgcc_s.so.1 \
+                 /lib/x86_64-linux-gnu/libm.so.6 /lib/x86_64-linux-gnu/libc.so.6 \
+                 /lib64/ld-linux-x86-64.so.2 2>/dev/null | docker import - {image}",
+                bin.display(),
+            )));
+            assert!(ok, "making the garage image: {err}");
+        }
+        let network = format!("nixery-garage-{}-{bucket}", std::process::id());
+        // A subnet of our own (fixed addresses need one): the first free
+        // 10.213.x.0/24.
+        let mut base = None;
+        for k in 0..64u32 {
+            let x = (std::process::id() + k * 37) % 250;
+            let (ok, _, err) = super::run(Command::new("docker").args([
+                "network",
+                "create",
+                "--subnet",
+                &format!("10.213.{x}.0/24"),
+                &network,
+            ]));
+            if ok {
+                base = Some(format!("10.213.{x}"));
+                break;
+            }
+            assert!(err.contains("overlap"), "docker network create: {err}");
+        }
+        let base = base.expect("no free 10.213.x.0/24 subnet for the Garage network");
+        // From here on, a panic removes what was made (Drop).
+        let mut g = Garage {
+            bin: bin.clone(),
+            nodes: Vec::new(),
+            bucket: bucket.to_string(),
+            network: Some(network.clone()),
+            _dir: tempfile::tempdir().unwrap(),
+        };
+        for i in 0..n {
+            let root = g._dir.path().join(format!("node{i}"));
+            std::fs::create_dir_all(&root).unwrap();
+            let host = format!("{base}.{}", 10 + i);
+            let config = root.join("garage.toml");
+            std::fs::write(&config, config_text("/data", n, &host, 3900, 3901)).unwrap();
+            let name = format!("{network}-{i}");
+            let (ok, _, err) = super::run(Command::new("docker").args([
+                "run",
+                "-d",
+                "--name",
+                &name,
+                "--network",
+                &network,
+                "--ip",
+                &host,
+                "-e",
+                "RUST_LOG=garage=warn",
+                "-v",
+                &format!("{}:/etc/garage.toml:ro", config.display()),
+                "--tmpfs",
+                "/data",
+                image,
+                &bin.display().to_string(),
+                "-c",
+                "/etc/garage.toml",
+                "server",
+            ]));
+            // Removed on drop even if it failed to start.
+            g.nodes.push(Node {
+                child: None,
+                container: Some(name),
+                network: Some(network.clone()),
+                config,
+                host,
+                s3_port: 3900,
+                rpc_port: 3901,
+            });
+            assert!(ok, "docker run garage: {err}");
+        }
+        g.setup(bucket);
+        Some(g)
+    }
+
+    /// Joins the nodes into one layout, then makes the key and the bucket.
+    fn setup(&self, bucket: &str) {
+        let (g, n) = (self, self.nodes.len());
         // Each node's ID, once its RPC answers (`node id` reads the key from
         // disk; `status` asks the server); then they meet, and the layout
         // gives each one a zone of its own.
@@ -149,7 +282,7 @@ root_domain = ".s3.garage.localhost"
             ids.push(id);
         }
         for (i, id) in ids.iter().enumerate().skip(1) {
-            let peer = format!("{id}@127.0.0.1:{}", g.nodes[i].rpc_port);
+            let peer = format!("{id}@{}:{}", g.nodes[i].host, g.nodes[i].rpc_port);
             g.must(0, &["node", "connect", &peer]);
         }
         for (i, id) in ids.iter().enumerate() {
@@ -185,16 +318,20 @@ root_domain = ".s3.garage.localhost"
                 std::thread::sleep(Duration::from_millis(300));
             }
         }
-        Some(g)
     }
 
     pub fn cli(&self, node: usize, args: &[&str]) -> (bool, String, String) {
-        super::run(
-            Command::new(&self.bin)
-                .arg("-c")
-                .arg(&self.nodes[node].config)
-                .args(args),
-        )
+        let n = &self.nodes[node];
+        match &n.container {
+            Some(c) => super::run(
+                Command::new("docker")
+                    .args(["exec", c])
+                    .arg(&self.bin)
+                    .args(["-c", "/etc/garage.toml"])
+                    .args(args),
+            ),
+            None => super::run(Command::new(&self.bin).arg("-c").arg(&n.config).args(args)),
+        }
     }
 
     fn must(&self, node: usize, args: &[&str]) -> String {
