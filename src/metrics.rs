@@ -130,6 +130,11 @@ impl Default for Metrics {
             m.cache_misses.clone(),
         );
         registry.register(
+            "object_store_errors",
+            "Requests to the S3 bucket that failed or went unanswered (after retries)",
+            crate::store::REMOTE_ERRORS.clone(),
+        );
+        registry.register(
             "shared_index_hits",
             "Images found in the shared bucket's index, built by another instance",
             m.shared_hits.clone(),

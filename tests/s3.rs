@@ -506,6 +506,7 @@ fn object_store_faults_are_said_clearly_and_lose_nothing() {
     let (code, body) = manifest(&a, "hello");
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("object store"), "{body}");
+    assert!(metric_of(&a, "nixery_object_store_errors_total") >= 1.0);
     // The message names the upload that was cut, not the bucket's address.
     assert!(body.contains("PUT f/blobs/sha256/"), "{body}");
     assert!(!body.contains("127.0.0.1"), "{body}");
@@ -518,10 +519,12 @@ fn object_store_faults_are_said_clearly_and_lose_nothing() {
 
     // Down: B, which has nothing of its own, says so; then recovers.
     let b = serve(db.path(), &g, &proxy.endpoint(), "f", &[]);
+    assert_eq!(metric_of(&b, "nixery_object_store_errors_total"), 0.0);
     proxy.down();
     let (code, body) = manifest(&b, "hello");
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("object store"), "{body}");
+    assert!(metric_of(&b, "nixery_object_store_errors_total") >= 1.0);
     proxy.pass();
     let (code, served) = manifest(&b, "hello");
     assert_eq!((code, served.as_str()), (200, built.as_str()));

@@ -41,8 +41,14 @@ pub enum StoreError {
     },
 }
 
+/// Object store requests that failed or went unanswered, in this process
+/// (`nixery_object_store_errors_total`).
+pub static REMOTE_ERRORS: std::sync::LazyLock<prometheus_client::metrics::counter::Counter> =
+    std::sync::LazyLock::new(Default::default);
+
 impl StoreError {
     pub(crate) fn remote(what: impl Into<String>, detail: impl std::fmt::Display) -> Self {
+        REMOTE_ERRORS.inc();
         StoreError::Remote {
             what: what.into(),
             detail: detail.to_string(),
