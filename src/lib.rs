@@ -242,6 +242,7 @@ pub async fn serve_on(
                 }
             },
         };
+        prepare_connection(&stream);
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             metrics.connections_refused.inc();
             tokio::spawn(refuse(stream));
@@ -268,6 +269,17 @@ pub async fn serve_on(
     Ok(())
 }
 
+/// Socket options of an accepted connection. No Nagle: a streamed body goes
+/// out after its headers in a second write, which Nagle's algorithm holds
+/// until the client's delayed ACK (40 ms on Linux) whenever the body is small:
+/// a config blob was served at 0.66 MB/s (0.37x the reference registry), 45.8
+/// MB/s without it (benches/blobs.sh).
+fn prepare_connection(stream: &tokio::net::TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "setting TCP_NODELAY");
+    }
+}
+
 /// A connection past the cap: a 503 with the registry's error JSON, then close.
 async fn refuse(mut stream: tokio::net::TcpStream) {
     use tokio::io::AsyncWriteExt;
@@ -281,4 +293,21 @@ async fn refuse(mut stream: tokio::net::TcpStream) {
         let _ = stream.shutdown().await;
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    /// Accepted connections send small responses at once (no Nagle). A
+    /// timing test would say more but cannot be trusted on a shared machine;
+    /// benches/blobs.sh measures the effect.
+    #[tokio::test]
+    async fn accepted_connections_do_not_wait_for_delayed_acks() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        assert!(!stream.nodelay().unwrap(), "Linux's default is Nagle on");
+        super::prepare_connection(&stream);
+        assert!(stream.nodelay().unwrap());
+    }
 }
