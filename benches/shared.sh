@@ -42,7 +42,7 @@ EOF
 g() { "$GARAGE" -c "$WORK/garage.toml" "$@"; }
 g server >/dev/null 2>"$WORK/garage.log" &
 pids+=($!)
-for _ in $(seq 100); do g node id -q >/dev/null 2>&1 && break; sleep 0.2; done
+for _ in $(seq 100); do g status >/dev/null 2>&1 && break; sleep 0.2; done
 g layout assign -z dc1 -c 1G "$(g node id -q | cut -d@ -f1)" >/dev/null
 g layout apply --version 1 >/dev/null
 export AWS_ACCESS_KEY_ID=GK31c2f218a2e44f485b94239e
