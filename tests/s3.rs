@@ -19,6 +19,13 @@ use common::{http_get, metric, run, Server};
 use nixery::name::Digest;
 use nixery::shared::{Attempt, Shared};
 use nixery::store::{BlobStore, CachedStore, LocalStore, ObjectBlobStore};
+
+/// A whole blob (or a range of it), which must be there.
+async fn read_all(s: &dyn BlobStore, d: &Digest, range: Option<(u64, u64)>) -> Vec<u8> {
+    nixery::store::conformance::read_all(s, d, range)
+        .await
+        .expect("blob present")
+}
 use sha2::Digest as _;
 
 fn rt() -> tokio::runtime::Runtime {
@@ -178,16 +185,6 @@ fn blob_store_contract_holds_on_garage() {
         );
         assert_eq!(read_all(&limited, &ds[0], None).await, vec![0u8; 1_000_000]);
     });
-}
-
-async fn read_all(s: &dyn BlobStore, d: &Digest, range: Option<(u64, u64)>) -> Vec<u8> {
-    use futures::StreamExt;
-    let mut st = s.get(d, range).await.unwrap().expect("blob present");
-    let mut out = Vec::new();
-    while let Some(c) = st.next().await {
-        out.extend_from_slice(&c.unwrap());
-    }
-    out
 }
 
 /// Why leases do not use `If-None-Match: *`: Garage accepts a conditional

@@ -173,7 +173,8 @@ pub async fn get_small(
 pub mod conformance {
     use super::*;
 
-    async fn read_all(
+    /// A whole blob, or its `range` (None: absent); panics on a store error.
+    pub async fn read_all(
         store: &dyn BlobStore,
         d: &Digest,
         range: Option<(u64, u64)>,
