@@ -52,8 +52,11 @@ impl S3Config {
             .with_client_options(
                 ClientOptions::new()
                     .with_connect_timeout(Duration::from_secs(5))
-                    // A whole request, body included: a 64 MiB blob on a slow link.
-                    .with_timeout(Duration::from_secs(600))
+                    // No deadline on a whole request: a blob streams from the
+                    // bucket at its client's pace, which may be slow. Requests
+                    // without a body to stream have their own (SMALL_OP_TIMEOUT);
+                    // an upload is bounded by its build's timeout.
+                    .with_timeout_disabled()
                     .with_allow_http(true),
             )
             // A store that is down is said so within seconds, not minutes.
