@@ -40,7 +40,7 @@ api_bind_addr = "127.0.0.1:$S3"
 root_domain = ".s3.garage.localhost"
 EOF
 g() { "$GARAGE" -c "$WORK/garage.toml" "$@"; }
-g server >/dev/null 2>"$WORK/garage.log" &
+"$GARAGE" -c "$WORK/garage.toml" server >/dev/null 2>"$WORK/garage.log" &
 pids+=($!)
 for _ in $(seq 100); do g status >/dev/null 2>&1 && break; sleep 0.2; done
 g layout assign -z dc1 -c 1G "$(g node id -q | cut -d@ -f1)" >/dev/null
