@@ -25,12 +25,11 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use futures::StreamExt;
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutPayload};
 
 use crate::name::Digest;
-use crate::store::object::{remote, small, SMALL_OP_TIMEOUT};
+use crate::store::object::{list_all, remote, small, SMALL_OP_TIMEOUT};
 use crate::store::StoreError;
 
 /// One image in the shared index.
@@ -115,17 +114,7 @@ impl Shared {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "host".into());
-        let random: u64 = {
-            use std::hash::{BuildHasher, Hasher};
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u128(
-                now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_nanos(),
-            );
-            h.finish()
-        };
+        let random = random_u64();
         let safe: String = host
             .chars()
             .map(|c| {
@@ -196,13 +185,7 @@ impl Shared {
     /// Live claims on a key's lease (instance names), removing dead ones.
     async fn live_claims(&self, dir: &Key) -> Result<Vec<String>, StoreError> {
         let mut live = Vec::new();
-        let mut listing = self.os.list(Some(dir));
-        loop {
-            let next = tokio::time::timeout(SMALL_OP_TIMEOUT, listing.next())
-                .await
-                .map_err(|_| StoreError::remote(format!("LIST {dir}"), "no answer"))?;
-            let Some(meta) = next else { break };
-            let meta = meta.map_err(|e| remote("LIST", dir, e))?;
+        for meta in list_all(&*self.os, dir).await? {
             let Some(name) = meta.location.filename().map(str::to_string) else {
                 continue;
             };
@@ -267,9 +250,20 @@ impl Shared {
 
 /// A random pause between `lo` and `hi`, for retries that must not meet again.
 pub fn jitter(lo: Duration, hi: Duration) -> Duration {
+    let span = hi.saturating_sub(lo).as_millis().max(1) as u64;
+    lo + Duration::from_millis(random_u64() % span)
+}
+
+/// A random number (std's randomly keyed hasher over the time; no crate
+/// needed for names and pauses).
+fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(now_secs());
-    let span = hi.saturating_sub(lo).as_millis().max(1) as u64;
-    lo + Duration::from_millis(h.finish() % span)
+    h.write_u128(
+        now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.finish()
 }

@@ -554,32 +554,20 @@ impl Builder {
         bucket: &crate::store::ObjectBlobStore,
         img: &BuiltImage,
     ) -> Result<(), crate::store::StoreError> {
-        use std::io::Write;
         for d in crate::catalog::digests_of(img) {
             if bucket.stat(&d).await?.is_some() {
                 continue;
             }
             warn!(blob = %d, "a blob of a built image is missing from the bucket; uploading it again");
-            let mut stream = self.store.get(&d, None).await?.ok_or_else(|| {
-                crate::store::StoreError::remote(
-                    format!("blob {d}"),
-                    "in neither the cache nor the bucket",
-                )
-            })?;
-            let dir = bucket.staging_dir().to_path_buf();
-            let mut w = crate::store::Stager::new(&dir)?;
-            while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
-                let chunk = chunk.map_err(|e| crate::store::StoreError::Io {
-                    path: dir.clone(),
-                    source: e,
+            let staged = crate::store::stage_copy(&*self.store, &d, bucket.staging_dir())
+                .await?
+                .ok_or_else(|| {
+                    crate::store::StoreError::remote(
+                        format!("blob {d}"),
+                        "in neither the cache nor the bucket",
+                    )
                 })?;
-                w.write_all(&chunk)
-                    .map_err(|e| crate::store::StoreError::Io {
-                        path: dir.clone(),
-                        source: e,
-                    })?;
-            }
-            bucket.upload_staged(&w.finish(Some(&d))?).await?;
+            bucket.upload_staged(&staged).await?;
         }
         Ok(())
     }

@@ -11,11 +11,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
-use futures::StreamExt;
 
-use super::{
-    object::ObjectBlobStore, BlobStore, ByteStream, LocalStore, Staged, Stager, StoreError,
-};
+use super::{object::ObjectBlobStore, BlobStore, ByteStream, LocalStore, Staged, StoreError};
 use crate::name::Digest;
 
 pub struct CachedStore {
@@ -106,17 +103,9 @@ async fn copy(
     local: &LocalStore,
     digest: &Digest,
 ) -> Result<(), StoreError> {
-    use std::io::Write;
-    let Some(mut stream) = remote.get(digest, None).await? else {
-        return Ok(());
-    };
-    let mut w = Stager::new(local.staging_dir())?;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| StoreError::remote(format!("GET {digest}"), e))?;
-        w.write_all(&chunk)
-            .map_err(super::io_at(local.staging_dir()))?;
+    if let Some(staged) = super::stage_copy(remote, digest, local.staging_dir()).await? {
+        local.put(staged).await?;
     }
-    local.put(w.finish(Some(digest))?).await?;
     Ok(())
 }
 

@@ -139,6 +139,25 @@ pub trait BlobStore: Send + Sync + 'static {
     fn list(&self) -> BoxFuture<'_, Result<Vec<(Digest, u64)>, StoreError>>;
 }
 
+/// Copies a blob from `from` into verified staging in `dir`, ready to `put`
+/// into another store (None: `from` lacks it). Its digest is checked, so a
+/// corrupt copy is never staged.
+pub async fn stage_copy(
+    from: &dyn BlobStore,
+    digest: &Digest,
+    dir: &Path,
+) -> Result<Option<Staged>, StoreError> {
+    let Some(mut stream) = from.get(digest, None).await? else {
+        return Ok(None);
+    };
+    let mut w = Stager::new(dir)?;
+    while let Some(chunk) = stream.next().await {
+        w.write_all(&chunk.map_err(io_at(dir))?)
+            .map_err(io_at(dir))?;
+    }
+    w.finish(Some(digest)).map(Some)
+}
+
 /// Stores bytes already in memory (configs, manifests).
 pub async fn put_bytes(store: &dyn BlobStore, bytes: &[u8]) -> Result<Digest, StoreError> {
     let mut s = Stager::new(store.staging_dir())?;

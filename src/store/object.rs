@@ -110,6 +110,30 @@ pub(crate) async fn small<T>(
         })
 }
 
+/// Every object under `dir`, each page of the listing within the store's
+/// deadline.
+pub(crate) async fn list_all(
+    os: &dyn ObjectStore,
+    dir: &Key,
+) -> Result<Vec<object_store::ObjectMeta>, StoreError> {
+    let mut out = Vec::new();
+    let mut listing = os.list(Some(dir));
+    loop {
+        let next = tokio::time::timeout(SMALL_OP_TIMEOUT, listing.next())
+            .await
+            .map_err(|_| {
+                StoreError::remote(
+                    format!("LIST {dir}"),
+                    format!("no answer within {}s", SMALL_OP_TIMEOUT.as_secs()),
+                )
+            })?;
+        match next {
+            None => return Ok(out),
+            Some(meta) => out.push(meta.map_err(|e| remote("LIST", dir, e))?),
+        }
+    }
+}
+
 impl ObjectBlobStore {
     /// Blobs under `prefix` in `os`, staged in `staging` (created).
     pub fn new(os: Arc<dyn ObjectStore>, prefix: &str, staging: &Path) -> Result<Self, StoreError> {
@@ -322,26 +346,16 @@ impl BlobStore for ObjectBlobStore {
     fn list(&self) -> BoxFuture<'_, Result<Vec<(Digest, u64)>, StoreError>> {
         Box::pin(async move {
             let dir = self.under("blobs/sha256");
-            let mut out = Vec::new();
-            let mut listing = self.os.list(Some(&dir));
-            loop {
-                let next = tokio::time::timeout(SMALL_OP_TIMEOUT, listing.next())
-                    .await
-                    .map_err(|_| {
-                        StoreError::remote(
-                            format!("LIST {dir}"),
-                            format!("no answer within {}s", SMALL_OP_TIMEOUT.as_secs()),
-                        )
-                    })?;
-                let Some(meta) = next else { break };
-                let meta = meta.map_err(|e| remote("LIST", &dir, e))?;
-                let Some(name) = meta.location.filename() else {
-                    continue;
-                };
-                if let Ok(d) = format!("sha256:{name}").parse::<Digest>() {
-                    out.push((d, meta.size));
-                }
-            }
+            let mut out: Vec<(Digest, u64)> = list_all(&*self.os, &dir)
+                .await?
+                .into_iter()
+                .filter_map(|meta| {
+                    let name = meta.location.filename()?;
+                    // Only objects named by a digest are blobs.
+                    let d = format!("sha256:{name}").parse::<Digest>().ok()?;
+                    Some((d, meta.size))
+                })
+                .collect();
             out.sort();
             Ok(out)
         })
