@@ -22,7 +22,9 @@ let
     if srcType == "path" then args.path
     else if srcType == "git" then
       builtins.fetchGit ({ inherit (args) url; } // (if args ? rev then { inherit (args) rev; } else { inherit (args) ref; }))
-    else if srcType == "channel" then builtins.fetchTarball args.url
+    # A pinned channel names the sha256 of its unpacked contents.
+    else if srcType == "channel" then
+      builtins.fetchTarball (if args ? sha256 then { inherit (args) url sha256; } else args.url)
     else throw "prepare-image.nix: unknown srcType '${srcType}'";
 
   pkgs = import source { inherit system; };

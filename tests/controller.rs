@@ -801,6 +801,120 @@ async fn a_moving_source_is_pinned_for_every_node_and_followed_after_the_ttl() {
         .contains("no branch or tag 'no-such-branch'"));
 }
 
+/// A channel tarball whose default.nix says `text`; the hash of its contents.
+fn channel_tarball(web: &std::path::Path, name: &str, text: &str) -> String {
+    let default_nix = format!("# {text}\n{{ ... }}: {{ }}\n");
+    common::files::channel_tarball(web, name, &[("default.nix", default_nix.as_bytes())])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_is_pinned_by_its_contents_and_repinned_when_they_change() {
+    if !have_tool("nix-prefetch-url", "a_channel_is_pinned") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let web = dir.path().join("web");
+    let v1 = channel_tarball(&web, "nixpkgs.tar.gz", "first");
+    let files = common::files::FileServer::start(web.clone());
+    let url = files.url("nixpkgs.tar.gz");
+    let nix = Arc::new(nixery::nix::fake::FakeNix::standard(
+        &dir.path().join("fake"),
+    ));
+    let state = nixery::app_state_with(&settings(&dir.path().join("state")), nix.clone())
+        .await
+        .unwrap();
+    let channel = nixery::nix::Source::Channel(url.clone());
+    let mut a = agent("node-a", "127.0.0.1:5000", &state, |c| {
+        c.allowed_sources = vec![channel.clone()]
+    });
+    let server = Server::new(niximage(
+        "curl-and-jq",
+        1,
+        &["hello"],
+        &["k8s.nixos.org/nixery-node-a"],
+    ));
+    server.edit(|o| {
+        o["spec"]["source"] = json!({ "channel": url });
+        o["spec"]["tag"] = json!("latest");
+    });
+    let pinned = |sha256: &str| nixery::nix::Source::PinnedChannel {
+        url: url.clone(),
+        sha256: sha256.to_string(),
+    };
+
+    // The channel's contents are hashed once, into status; the build is of
+    // the tarball at that hash.
+    let (result, calls) = reconcile(&server, &mut a, 4).await;
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(calls[0].manager(), "nixery.k8s.nixos.org-revision");
+    assert_eq!(calls[0].body["status"]["revision"], format!("sha256:{v1}"));
+    assert_eq!(calls[0].body["status"]["revisionOf"], url.as_str());
+    assert_node_patch(&calls[1], "node-a", "Building");
+    build_finished(&mut a).await;
+    assert_eq!(nix.sources.lock().unwrap().last(), Some(&pinned(&v1)));
+    let (_, calls) = reconcile(&server, &mut a, 3).await;
+    assert_node_patch(&calls[0], "node-a", "Ready");
+    assert_eq!(
+        calls[0].body["status"]["nodes"][0]["revision"],
+        format!("sha256:{v1}")
+    );
+    let r = get(&state, "/v2/niximage/default/curl-and-jq/manifests/latest").await;
+    assert_eq!(r.status, StatusCode::OK);
+
+    // The channel moves on. Within the cache TTL the pin holds: nothing is
+    // looked at or written, and a rebuild (a spec change) is of the pinned contents.
+    let v2 = channel_tarball(&web, "nixpkgs.tar.gz", "second");
+    assert_ne!(v1, v2);
+    let (_, calls) = reconcile(&server, &mut a, 0).await;
+    assert!(calls.is_empty(), "{calls:#?}");
+    // ... but a node that never held them downloads the tarball and Nix
+    // finds other contents: the build fails, and its retry resolves the
+    // channel again instead of waiting out the TTL.
+    nix.moved.lock().unwrap().insert(v1.clone());
+    server.edit(|o| {
+        o["metadata"]["generation"] = json!(2);
+        o["spec"]["contents"] = json!(["hello", "jq"]);
+    });
+    let (result, calls) = reconcile(&server, &mut a, 3).await;
+    assert!(result.is_ok(), "{result:?}");
+    assert_node_patch(&calls[0], "node-a", "Building");
+    build_finished(&mut a).await;
+    assert_eq!(nix.sources.lock().unwrap().last(), Some(&pinned(&v1)));
+    let (result, calls) = reconcile(&server, &mut a, 3).await;
+    let err = result.unwrap_err().to_string();
+    assert!(err.contains("hash mismatch"), "{err}");
+    assert_node_patch(&calls[0], "node-a", "Failed");
+    // Not before the backoff (5 s after a first failure) ...
+    let (_, calls) = reconcile(&server, &mut a, 0).await;
+    assert!(calls.is_empty(), "{calls:#?}");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // ... then the new contents are pinned and built, on every node alike.
+    let (result, calls) = reconcile(&server, &mut a, 4).await;
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(calls[0].manager(), "nixery.k8s.nixos.org-revision");
+    assert_eq!(calls[0].body["status"]["revision"], format!("sha256:{v2}"));
+    assert_node_patch(&calls[1], "node-a", "Building");
+    build_finished(&mut a).await;
+    assert_eq!(nix.sources.lock().unwrap().last(), Some(&pinned(&v2)));
+    let (_, calls) = reconcile(&server, &mut a, 3).await;
+    assert_node_patch(&calls[0], "node-a", "Ready");
+
+    // A channel URL that does not exist is the user's to fix.
+    server.edit(|o| {
+        o["metadata"]["generation"] = json!(3);
+        o["spec"]["source"] = json!({ "channel": files.url("no-such.tar.gz") });
+    });
+    let mut b = agent("node-a", "127.0.0.1:5000", &state, |c| {
+        c.allowed_sources = vec![nixery::nix::Source::Channel(files.url("no-such.tar.gz"))]
+    });
+    let (result, calls) = reconcile(&server, &mut b, 3).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert_event(&calls[2], "UnknownRevision", "Warning");
+    assert!(server.object().status.unwrap().conditions[0]
+        .message
+        .contains("does not exist"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_niximage_config_is_the_image_config() {
     let (_dir, state, mut a, server) = one_agent(&["hello"]).await;

@@ -122,7 +122,12 @@ enum NodeBuild {
 /// a spec change, for the user's errors).
 struct Failure {
     generation: i64,
+    /// The pinned revision the failed build was of.
+    revision: Option<String>,
     retry_at: Option<Instant>,
+    /// The pinned channel's tarball no longer had its pinned contents: resolve
+    /// it again before the retry instead of waiting for the cache TTL.
+    repin: bool,
 }
 
 /// What reconcile needs: the API, the pipeline, and this node's identity.
@@ -486,7 +491,8 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
         return user_error(api, &obj, ctx, REASON_SOURCE_NOT_ALLOWED, &message).await;
     }
 
-    // A moving git source builds the commit it names now, the same on every node.
+    // A moving source builds what it names now, the same on every node: a
+    // git branch or tag its commit, a channel its tarball's contents.
     let mut spec = spec;
     let revision = match pin_revision(api, &obj, ctx, &source, &spec.tag).await? {
         Pin::Fixed(r) => r,
@@ -495,7 +501,18 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
         }
     };
     if let Some(r) = &revision {
-        spec.tag = r.clone();
+        match (
+            source.channel_url(),
+            r.strip_prefix(CHANNEL_REVISION_PREFIX),
+        ) {
+            (Some(url), Some(sha256)) => {
+                spec.source = Some(Source::PinnedChannel {
+                    url,
+                    sha256: sha256.to_string(),
+                })
+            }
+            _ => spec.tag = r.clone(),
+        }
     }
 
     // This node's entry: what we last wrote, else (after a restart) what the object says.
@@ -554,7 +571,9 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
     // A failed build waits for its backoff (or, for the user's errors, for a
     // spec change), whatever triggered this reconcile (our own status write does).
     if let Some(f) = ctx.failed.lock().unwrap().get(&uid) {
-        if f.generation == generation {
+        // A user's error waits for a spec change; a failed build, for its
+        // backoff, unless the source has moved to another revision since.
+        if f.generation == generation && (f.retry_at.is_none() || f.revision == revision) {
             match f.retry_at {
                 None => return Ok(Action::await_change()),
                 Some(t) if t > Instant::now() => return Ok(Action::requeue(t - Instant::now())),
@@ -609,10 +628,16 @@ enum Pin {
     Unknown(String),
 }
 
-/// For a git source at a branch or tag: the commit it names, resolved once
-/// and shared by every node through `status.revision`, resolved again after
-/// the cache TTL (written only when it changed, so agents that agree write
-/// nothing). For any other source, None (and an old revision is cleared).
+/// How a channel's pinned revision is written in `status.revision`: the
+/// sha256 of its unpacked tarball.
+const CHANNEL_REVISION_PREFIX: &str = "sha256:";
+
+/// For a git source at a branch or tag: the commit it names; for a channel:
+/// the hash of its tarball's contents. Resolved once and shared by every node
+/// through `status.revision`, resolved again after the cache TTL (written only
+/// when it changed, so agents that agree write nothing), or at once when a
+/// node found the pinned tarball changed. For any other source, None (and an
+/// old revision is cleared).
 async fn pin_revision(
     api: &Api<NixImage>,
     obj: &NixImage,
@@ -631,8 +656,11 @@ async fn pin_revision(
         .await
         .map_err(Error::PatchStatus)
     };
-    let url = match source {
-        Source::Git { url } if !crate::nix::is_commit(tag) => url,
+    let of = match source {
+        Source::Git { url } if !crate::nix::is_commit(tag) => {
+            format!("{}#{tag}", crate::nix::redact_url(url))
+        }
+        Source::Channel(_) => crate::nix::redact_url(&source.channel_url().unwrap_or_default()),
         _ => {
             if status.revision.is_some() {
                 apply(json!({})).await?;
@@ -641,7 +669,6 @@ async fn pin_revision(
         }
     };
     let uid = obj.uid().unwrap_or_default();
-    let of = format!("{}#{tag}", crate::nix::redact_url(url));
     let ttl = ctx.builder.mutable_ttl();
     let resolved_at = status
         .revision_resolved
@@ -655,34 +682,56 @@ async fn pin_revision(
         .unwrap()
         .get(&uid)
         .is_some_and(|(o, at)| *o == of && at.elapsed() < ttl);
-    if status.revision.is_some() && status.revision_of.as_deref() == Some(&of) && (fresh || checked)
+    let repin = ctx.failed.lock().unwrap().get(&uid).is_some_and(|f| {
+        f.repin && f.revision == status.revision && f.retry_at.is_some_and(|t| t <= Instant::now())
+    });
+    if status.revision.is_some()
+        && status.revision_of.as_deref() == Some(&of)
+        && (fresh || checked)
+        && !repin
     {
         return Ok(Pin::Fixed(status.revision));
     }
-    let commit = match crate::nix::resolve_git_ref(url, tag).await {
-        Ok(Some(c)) => c,
-        Ok(None) => {
-            return Ok(Pin::Unknown(format!(
-                "{} has no branch or tag '{tag}'",
-                crate::nix::redact_url(url)
-            )))
-        }
+    let resolved = match source {
+        Source::Git { url } => crate::nix::resolve_git_ref(url, tag).await.map(|c| {
+            c.ok_or_else(|| {
+                format!(
+                    "{} has no branch or tag '{tag}'",
+                    crate::nix::redact_url(url)
+                )
+            })
+        }),
+        _ => crate::nix::resolve_tarball(&source.channel_url().unwrap_or_default())
+            .await
+            .map(|h| {
+                h.map(|h| format!("{CHANNEL_REVISION_PREFIX}{h}"))
+                    .ok_or_else(|| format!("the channel {of} does not exist"))
+            }),
+    };
+    let revision = match resolved {
+        Ok(Ok(r)) => r,
+        Ok(Err(message)) => return Ok(Pin::Unknown(message)),
         Err(e) => return Err(Error::Build(e.to_string())),
     };
+    if repin {
+        if let Some(f) = ctx.failed.lock().unwrap().get_mut(&uid) {
+            f.repin = false;
+        }
+    }
     ctx.resolved
         .lock()
         .unwrap()
         .insert(uid, (of.clone(), Instant::now()));
-    if status.revision.as_deref() != Some(&commit) || status.revision_of.as_deref() != Some(&of) {
+    if status.revision.as_deref() != Some(&revision) || status.revision_of.as_deref() != Some(&of) {
         apply(json!({
-            "revision": commit,
+            "revision": revision,
             "revisionOf": of,
             "revisionResolved": Timestamp::now().to_string(),
         }))
         .await?;
-        info!(%commit, source = %of, "resolved the source's revision");
+        info!(%revision, source = %of, "resolved the source's revision");
     }
-    Ok(Pin::Fixed(Some(commit)))
+    Ok(Pin::Fixed(Some(revision)))
 }
 
 /// Starts this generation's build in the background (replacing a build of an
@@ -784,6 +833,8 @@ async fn finish(
                 uid,
                 Failure {
                     generation,
+                    repin: revision.is_some() && crate::nix::is_hash_mismatch(&e.to_string()),
+                    revision,
                     retry_at: Some(Instant::now() + backoff(n)),
                 },
             );
@@ -870,7 +921,9 @@ async fn user_error(
         obj.uid().unwrap_or_default(),
         Failure {
             generation: obj.metadata.generation.unwrap_or(0),
+            revision: None,
             retry_at: None,
+            repin: false,
         },
     );
     report_failure(api, obj, ctx, reason, message).await?;

@@ -116,11 +116,12 @@ pub struct NixImageStatus {
     /// Compressed size in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<i64>,
-    /// The commit a moving git source (a branch or tag) was resolved to;
-    /// every node builds this one.
+    /// What a moving source was resolved to, which every node builds: the
+    /// commit of a git branch or tag, or `sha256:<hash>` of a channel
+    /// tarball's unpacked contents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
-    /// What `revision` resolves: `<repository>#<branch or tag>`.
+    /// What `revision` resolves: `<repository>#<branch or tag>`, or the channel's URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision_of: Option<String>,
     /// When `revision` was resolved (RFC 3339); it is resolved again after
@@ -148,7 +149,7 @@ pub struct NodeStatus {
     pub observed_generation: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
-    /// The git commit this node built from, for a moving source.
+    /// The revision (git commit or channel hash) this node built, for a moving source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
     /// Where pods on this node pull the image from (its own registry host).

@@ -37,6 +37,11 @@ pub struct FakeNix {
     pub evaluations: AtomicUsize,
     /// `realise` calls so far (builds).
     pub realisations: AtomicUsize,
+    /// The source of each `prepare` call, in order.
+    pub sources: std::sync::Mutex<Vec<Source>>,
+    /// Pinned channel hashes whose tarball has other contents now: evaluating
+    /// one fails as Nix does ("hash mismatch").
+    pub moved: std::sync::Mutex<BTreeSet<String>>,
 }
 
 fn pkg(refs: &[&str], files: &[(&str, &str)], program: Option<&str>) -> FakePackage {
@@ -144,6 +149,8 @@ impl FakeNix {
             packages,
             evaluations: AtomicUsize::new(0),
             realisations: AtomicUsize::new(0),
+            sources: Default::default(),
+            moved: Default::default(),
         }
     }
 
@@ -242,13 +249,24 @@ impl FakeNix {
 impl Nix for FakeNix {
     fn prepare<'a>(
         &'a self,
-        _source: &'a Source,
+        source: &'a Source,
         _tag: &'a str,
         packages: &'a [String],
         _system: &'a str,
     ) -> BoxFuture<'a, Result<Prepared, NixError>> {
         Box::pin(async move {
             self.evaluations.fetch_add(1, Ordering::SeqCst);
+            self.sources.lock().unwrap().push(source.clone());
+            if let Source::PinnedChannel { url, sha256 } = source {
+                if self.moved.lock().unwrap().contains(sha256) {
+                    return Err(NixError::Failed {
+                        stage: "evaluating the package list",
+                        log: format!(
+                            "error: NAR hash mismatch in input '{url}', expected 'sha256:{sha256}'"
+                        ),
+                    });
+                }
+            }
             let mut unknown = Vec::new();
             let mut resolved = Vec::new();
             for name in packages {

@@ -26,6 +26,10 @@ pub enum Source {
     Git { url: String },
     /// A nixpkgs channel name (`nixos-unstable`), or a tarball URL.
     Channel(String),
+    /// A channel's tarball as it was when pinned: its URL and the sha256 (Nix
+    /// base32) of its unpacked contents, so every node builds the same packages
+    /// (or fails saying the tarball changed) however the URL moves.
+    PinnedChannel { url: String, sha256: String },
 }
 
 impl Source {
@@ -37,7 +41,24 @@ impl Source {
     /// Whether this source at this tag always means the same packages: only
     /// a git commit does; branches, tags, channels and paths can move.
     pub fn is_immutable_at(&self, tag: &str) -> bool {
-        matches!(self, Source::Git { .. }) && is_commit(tag)
+        match self {
+            Source::Git { .. } => is_commit(tag),
+            Source::PinnedChannel { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// The tarball a channel means: a name is that branch of nixpkgs on
+    /// GitHub (as in Nixery), anything with a scheme is a URL.
+    pub fn channel_url(&self) -> Option<String> {
+        match self {
+            Source::Channel(c) if c.contains("://") => Some(c.clone()),
+            Source::Channel(c) => Some(format!(
+                "https://github.com/NixOS/nixpkgs/archive/{c}.tar.gz"
+            )),
+            Source::PinnedChannel { url, .. } => Some(url.clone()),
+            _ => None,
+        }
     }
 
     /// `srcType` and `srcArgs` for prepare-image.nix at this tag.
@@ -52,14 +73,14 @@ impl Source {
                 };
                 ("git", rev.to_string())
             }
-            Source::Channel(c) => {
-                let url = if c.contains("://") {
-                    c.clone()
-                } else {
-                    format!("https://github.com/NixOS/nixpkgs/archive/{c}.tar.gz")
-                };
-                ("channel", serde_json::json!({ "url": url }).to_string())
-            }
+            Source::Channel(_) => (
+                "channel",
+                serde_json::json!({ "url": self.channel_url() }).to_string(),
+            ),
+            Source::PinnedChannel { url, sha256 } => (
+                "channel",
+                serde_json::json!({ "url": url, "sha256": sha256 }).to_string(),
+            ),
         }
     }
 
@@ -70,6 +91,9 @@ impl Source {
             Source::Path(p) => format!("path {}", p.display()),
             Source::Git { url } => format!("git {}", redact_url(url)),
             Source::Channel(c) => format!("channel {}", redact_url(c)),
+            Source::PinnedChannel { url, sha256 } => {
+                format!("channel {} (sha256:{sha256})", redact_url(url))
+            }
         }
     }
 
@@ -108,6 +132,69 @@ pub fn redact_url(url: &str) -> String {
         }
         None => url.to_string(),
     }
+}
+
+/// What a channel's tarball holds now: the sha256 (Nix base32) of its
+/// unpacked contents, which are left in the store under the name
+/// `builtins.fetchTarball` gives them, so the build that follows downloads
+/// nothing again. None when the URL does not exist (HTTP 404 or 410, or no such file).
+pub async fn resolve_tarball(url: &str) -> Result<Option<String>, NixError> {
+    let out = run(
+        "nix-prefetch-url",
+        &[
+            "--unpack", "--name", "source", "--type", "sha256", "--", url,
+        ],
+        "resolving the channel",
+        None,
+    )
+    .await;
+    match out {
+        Ok(out) => match out.lines().map(str::trim).rfind(|l| !l.is_empty()) {
+            Some(h) if h.len() == 52 && h.bytes().all(|b| b.is_ascii_alphanumeric()) => {
+                Ok(Some(h.to_string()))
+            }
+            _ => Err(NixError::BadOutput {
+                stage: "resolving the channel",
+                message: format!("nix-prefetch-url printed {out:?}"),
+            }),
+        },
+        Err(NixError::Failed { stage, log }) => {
+            let missing = [
+                "HTTP error 404",
+                "HTTP error 410",
+                "response code 404",
+                "response code 410",
+                "No such file",
+            ]
+            .iter()
+            .any(|m| log.contains(m));
+            if missing {
+                return Ok(None);
+            }
+            // The URL may carry credentials: only the redacted form is kept.
+            let last = log
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            Err(NixError::Failed {
+                stage,
+                log: format!(
+                    "nix-prefetch-url {} failed: {}",
+                    redact_url(url),
+                    last.replace(url, &redact_url(url))
+                ),
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether a build failed because a pinned tarball no longer has the
+/// contents it was pinned at (Nix 2.8: "hash mismatch in file downloaded",
+/// "NAR hash mismatch"; later: "hash mismatch in fixed-output derivation").
+pub fn is_hash_mismatch(message: &str) -> bool {
+    message.contains("hash mismatch")
 }
 
 /// The commit a git branch or tag names now (`git ls-remote`): a branch
@@ -559,6 +646,12 @@ mod tests {
         assert!(!Source::Channel("nixos-unstable".into())
             .is_immutable_at("0123456789abcdef0123456789abcdef01234567"));
         assert!(!Source::Path("/p".into()).is_immutable_at("latest"));
+        let pinned = Source::PinnedChannel {
+            url: "https://x/y.tar.gz".into(),
+            sha256: "0".repeat(52),
+        };
+        assert!(pinned.is_immutable_at("latest"));
+        assert!(!pinned.tags_are_revisions());
     }
 
     #[test]
@@ -673,5 +766,15 @@ mod tests {
         assert!(args.contains("https://github.com/NixOS/nixpkgs/archive/nixos-unstable.tar.gz"));
         let (_, args) = Source::Channel("file:///tmp/pkgs.tar.gz".into()).nix_args("latest");
         assert!(args.contains("file:///tmp/pkgs.tar.gz"));
+        // A pinned channel carries the hash its contents must have.
+        let (t, args) = Source::PinnedChannel {
+            url: "https://u:secret@x/y.tar.gz".into(),
+            sha256: "1".repeat(52),
+        }
+        .nix_args("latest");
+        assert_eq!(t, "channel");
+        let v: serde_json::Value = serde_json::from_str(&args).unwrap();
+        assert_eq!(v["sha256"], "1".repeat(52));
+        assert_eq!(v["url"], "https://u:secret@x/y.tar.gz");
     }
 }

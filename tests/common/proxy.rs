@@ -26,26 +26,11 @@ impl Proxy {
     /// Listens on a free loopback port and forwards to `upstream`, on a
     /// thread of its own (so tests may block while it runs).
     pub fn start(upstream: u16) -> Proxy {
-        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        std_listener.set_nonblocking(true).unwrap();
-        let port = std_listener.local_addr().unwrap().port();
         let mode = Arc::new(AtomicU8::new(PASS));
         let cut_after = Arc::new(AtomicU64::new(u64::MAX));
         let (m, c) = (mode.clone(), cut_after.clone());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = TcpListener::from_std(std_listener).unwrap();
-                tokio::select! {
-                    _ = serve(listener, m, c, upstream) => {}
-                    _ = stopped => {}
-                }
-            });
-        });
+        let (port, stop) =
+            super::files::serve_on_own_thread(move |listener| serve(listener, m, c, upstream));
         Proxy {
             port,
             mode,
