@@ -670,6 +670,55 @@ fn memory_kib(pid: u32) -> (u64, u64) {
 }
 
 #[test]
+fn a_blob_file_cut_by_hand_while_it_is_sent_ends_that_download_only() {
+    // Blobs are sent from a mapping of their file. Nothing of ours ever
+    // shortens one, but a hand might: that download must end short (the
+    // client sees fewer bytes than Content-Length), and the server live on.
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let server = Server::start(&state, &[]);
+    let (code, body) = http_get(&server.url("/v2/big/manifests/latest"));
+    assert_eq!(code, 200, "{body}");
+    let manifest: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let layer = largest_layer(&manifest);
+    let digest = layer["digest"].as_str().unwrap().to_string();
+    let size = layer["size"].as_u64().unwrap();
+    let mut c = std::net::TcpStream::connect(&server.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        c,
+        "GET /v2/big/blobs/{digest} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        server.addr
+    )
+    .unwrap();
+    let mut first = vec![0u8; 64 << 10];
+    let n = c.read(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    // The client has read little; most of the blob is still to be sent.
+    let file = state
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest); // ends early, by a close or a reset
+    let got = (n + rest.len()) as u64;
+    assert!(got < size, "got {got} of {size} bytes from a cut file");
+    // The server lives, and serves everything else.
+    assert_eq!(http_get(&server.url("/healthz")).0, 200);
+    let (code, _) = http_get(&server.url(&format!(
+        "/v2/big/blobs/{}",
+        manifest["config"]["digest"].as_str().unwrap()
+    )));
+    assert_eq!(code, 200);
+}
+
+#[test]
 fn a_thousand_stalled_downloads_of_a_big_blob_stay_under_200_mib() {
     use std::io::{Read, Write};
     const CLIENTS: usize = 1000;

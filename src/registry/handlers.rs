@@ -513,7 +513,7 @@ async fn blob(
         Response::new(Body::empty())
     } else {
         let stream = store
-            .get(&digest, Some((start, end)))
+            .send(&digest, Some((start, end)))
             .await
             .map_err(storage_error)?
             .ok_or_else(unknown)?;

@@ -140,6 +140,19 @@ impl BlobStore for CachedStore {
         })
     }
 
+    fn send<'a>(
+        &'a self,
+        digest: &'a Digest,
+        range: Option<(u64, u64)>,
+    ) -> BoxFuture<'a, Result<Option<ByteStream>, StoreError>> {
+        Box::pin(async move {
+            if let Some(s) = self.local.send(digest, range).await? {
+                return Ok(Some(s));
+            }
+            self.get(digest, range).await
+        })
+    }
+
     fn put(&self, staged: Staged) -> BoxFuture<'_, Result<Digest, StoreError>> {
         Box::pin(async move {
             // Shared first: a blob is cached locally only once every

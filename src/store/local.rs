@@ -12,6 +12,9 @@ use crate::name::Digest;
 pub struct LocalStore {
     blobs: PathBuf,
     tmp: PathBuf,
+    /// Blob files mapped for sending, one mapping per blob however many
+    /// clients download it at once (kept while any of them is running).
+    mapped: std::sync::Mutex<std::collections::HashMap<Digest, std::sync::Weak<memmap2::Mmap>>>,
 }
 
 impl LocalStore {
@@ -35,11 +38,48 @@ impl LocalStore {
                 std::fs::remove_file(&path).map_err(io_at(&path))?;
             }
         }
-        Ok(Self { blobs, tmp })
+        Ok(LocalStore {
+            blobs,
+            tmp,
+            mapped: Default::default(),
+        })
     }
 
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         self.blobs.join(digest.hex())
+    }
+
+    /// The blob file's mapping (shared with downloads of it that are
+    /// running), or None when it is absent.
+    fn map(&self, digest: &Digest) -> Result<Option<std::sync::Arc<memmap2::Mmap>>, StoreError> {
+        if let Some(m) = self
+            .mapped
+            .lock()
+            .unwrap()
+            .get(digest)
+            .and_then(|w| w.upgrade())
+        {
+            return Ok(Some(m));
+        }
+        let p = self.blob_path(digest);
+        let f = match std::fs::File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_at(&p)(e)),
+        };
+        // SAFETY: a blob file is complete before it is renamed into place
+        // and is never written again (removing it leaves the mapping
+        // intact). Only the kernel reads this memory, when it sends it to a
+        // socket (see `send`): were the file cut by hand, the send fails
+        // with EFAULT; nothing in this process reads it, so no SIGBUS.
+        let map = std::sync::Arc::new(unsafe { memmap2::Mmap::map(&f) }.map_err(io_at(&p))?);
+        let _ = map.advise(memmap2::Advice::Sequential);
+        let mut mapped = self.mapped.lock().unwrap();
+        if mapped.len() >= 256 {
+            mapped.retain(|_, w| w.strong_count() > 0);
+        }
+        mapped.insert(digest.clone(), std::sync::Arc::downgrade(&map));
+        Ok(Some(map))
     }
 
     /// Reads every blob and removes those whose content does not match their
@@ -95,26 +135,52 @@ impl BlobStore for LocalStore {
         range: Option<(u64, u64)>,
     ) -> BoxFuture<'a, Result<Option<ByteStream>, StoreError>> {
         Box::pin(async move {
-            use tokio::io::{AsyncReadExt, AsyncSeekExt};
             let p = self.blob_path(digest);
-            let mut f = match tokio::fs::File::open(&p).await {
+            let opened = tokio::task::spawn_blocking({
+                let p = p.clone();
+                move || -> io::Result<(std::fs::File, u64)> {
+                    let f = std::fs::File::open(&p)?;
+                    let len = f.metadata()?.len();
+                    Ok((f, len))
+                }
+            })
+            .await
+            .map_err(|e| io_at(&p)(io::Error::other(e.to_string())))?;
+            let (f, len) = match opened {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(io_at(&p)(e)),
             };
-            let (start, end) = match range {
-                Some(r) => r,
-                None => (0, f.metadata().await.map_err(io_at(&p))?.len()),
+            let (start, end) = range.unwrap_or((0, len));
+            let stream = FileChunks::new(f, start, end);
+            Ok(Some(Box::pin(Counted::new(stream)) as ByteStream))
+        })
+    }
+
+    fn send<'a>(
+        &'a self,
+        digest: &'a Digest,
+        range: Option<(u64, u64)>,
+    ) -> BoxFuture<'a, Result<Option<ByteStream>, StoreError>> {
+        Box::pin(async move {
+            // An open and a mmap: no reading, so not worth a blocking-pool trip.
+            let map = match self.map(digest) {
+                Ok(Some(m)) => m,
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(e),
             };
-            if start > 0 {
-                f.seek(io::SeekFrom::Start(start))
-                    .await
-                    .map_err(io_at(&p))?;
+            let len = map.len() as u64;
+            let (start, end) = range.unwrap_or((0, len));
+            if len == 0 || end > len || start > end {
+                // Nothing to map (an empty blob), or not what its size said.
+                return self.get(digest, range).await;
             }
-            let stream = tokio_util::io::ReaderStream::with_capacity(
-                f.take(end.saturating_sub(start)),
-                read_chunk(),
-            );
+            let whole = bytes::Bytes::from_owner(Mapped(map));
+            let stream = MappedChunks {
+                whole,
+                pos: start as usize,
+                end: end as usize,
+            };
             Ok(Some(Box::pin(Counted::new(stream)) as ByteStream))
         })
     }
@@ -217,6 +283,171 @@ impl<S: futures::Stream + Unpin> futures::Stream for Counted<S> {
     }
 }
 
+/// A file's bytes from `start` to `end` as chunks of `read_chunk()` bytes.
+/// Each chunk is read on the blocking pool straight into the buffer the
+/// connection then sends (tokio's `File` reads into a buffer of its own and
+/// copies from it: one pass over every byte more), and the next chunk is
+/// read while this one is being sent. A file shorter than `end` (cut by
+/// hand) ends the stream with an error, never with short data.
+struct FileChunks {
+    file: std::sync::Arc<std::fs::File>,
+    pos: u64,
+    end: u64,
+    reading: Option<tokio::task::JoinHandle<io::Result<bytes::Bytes>>>,
+}
+
+impl FileChunks {
+    fn new(file: std::fs::File, start: u64, end: u64) -> Self {
+        FileChunks {
+            file: std::sync::Arc::new(file),
+            pos: start,
+            end,
+            reading: None,
+        }
+    }
+
+    /// Starts reading the next chunk, if any is left.
+    fn read_ahead(&mut self) {
+        if self.reading.is_some() || self.pos >= self.end {
+            return;
+        }
+        let len = (self.end - self.pos).min(read_chunk() as u64) as usize;
+        let (file, offset) = (self.file.clone(), self.pos);
+        self.pos += len as u64;
+        self.reading = Some(tokio::task::spawn_blocking(move || {
+            read_at(&file, offset, len)
+        }));
+    }
+}
+
+/// A blob file's mapping as the owner of `Bytes`.
+struct Mapped(std::sync::Arc<memmap2::Mmap>);
+
+impl AsRef<[u8]> for Mapped {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// A mapped blob from `pos` to `end` in chunks of `MAPPED_CHUNK` bytes
+/// (slices of the mapping, not copies), the next one's pages asked for
+/// ahead (`madvise(WILLNEED)`) so that a blob not in the page cache is read
+/// from disk before the connection sends it, not while it waits.
+struct MappedChunks {
+    whole: bytes::Bytes,
+    pos: usize,
+    end: usize,
+}
+
+const MAPPED_CHUNK: usize = 1 << 20;
+
+impl futures::Stream for MappedChunks {
+    type Item = io::Result<bytes::Bytes>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if self.pos >= self.end {
+            return std::task::Poll::Ready(None);
+        }
+        let len = (self.end - self.pos).min(MAPPED_CHUNK);
+        let chunk = self.whole.slice(self.pos..self.pos + len);
+        self.pos += len;
+        let ahead = (self.end - self.pos).min(MAPPED_CHUNK);
+        if ahead > 0 {
+            // SAFETY: madvise on part of a live mapping; WILLNEED only starts reading.
+            unsafe {
+                let page = 4096;
+                let from = self.whole.as_ptr().add(self.pos) as usize & !(page - 1);
+                libc::madvise(
+                    from as *mut libc::c_void,
+                    self.whole.as_ptr().add(self.pos + ahead) as usize - from,
+                    libc::MADV_WILLNEED,
+                );
+            }
+        }
+        std::task::Poll::Ready(Some(Ok(chunk)))
+    }
+}
+
+/// `len` bytes of `file` from `offset` into a new buffer, written by `pread`
+/// into its uninitialised capacity (no zeroing pass first); an error if the
+/// file ends before.
+fn read_at(file: &std::fs::File, offset: u64, len: usize) -> io::Result<bytes::Bytes> {
+    use std::os::fd::AsRawFd;
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    while buf.len() < len {
+        let filled = buf.len();
+        let spare = &mut buf.spare_capacity_mut()[..len - filled];
+        // SAFETY: pread writes at most spare.len() bytes into memory this Vec
+        // owns; only the n bytes it reports written are marked initialised.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                (offset + filled as u64) as libc::off_t,
+            )
+        };
+        match n {
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the blob file is shorter than its size",
+                ))
+            }
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            // SAFETY: pread initialised these n bytes.
+            n => unsafe { buf.set_len(filled + n as usize) },
+        }
+    }
+    Ok(bytes::Bytes::from(buf))
+}
+
+impl futures::Stream for FileChunks {
+    type Item = io::Result<bytes::Bytes>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::future::Future;
+        use std::task::Poll;
+        self.read_ahead();
+        let Some(reading) = self.reading.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let result = match std::pin::Pin::new(reading).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(r) => r.unwrap_or_else(|e| Err(io::Error::other(e.to_string()))),
+        };
+        self.reading = None;
+        match result {
+            Ok(chunk) => {
+                self.read_ahead();
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Err(e) => {
+                // Nothing after an error.
+                self.pos = self.end;
+                Poll::Ready(Some(Err(e)))
+            }
+        }
+    }
+}
+
+impl Drop for FileChunks {
+    fn drop(&mut self) {
+        if let Some(r) = self.reading.take() {
+            r.abort();
+        }
+    }
+}
+
 /// The filesystem holding `path`, as statvfs reports it.
 fn statvfs(path: &Path) -> Option<libc::statvfs> {
     use std::os::unix::ffi::OsStrExt;
@@ -268,6 +499,50 @@ mod tests {
             0,
             "no temporaries left"
         );
+    }
+
+    #[tokio::test]
+    async fn a_blob_file_cut_short_ends_its_download_with_an_error() {
+        use futures::StreamExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        // Several chunks' worth, so the cut falls after some were sent.
+        let data: Vec<u8> = (0..3 * read_chunk() + 5).map(|i| (i % 251) as u8).collect();
+        let d = crate::store::put_bytes(&store, &data).await.unwrap();
+        let mut s = store.get(&d, None).await.unwrap().unwrap();
+        let first = s.next().await.unwrap().unwrap();
+        assert_eq!(&first[..], &data[..first.len()]);
+        // Cut by hand while it streams (the next chunk may already be read).
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(store.blob_path(&d))
+            .unwrap()
+            .set_len(first.len() as u64 + 10)
+            .unwrap();
+        let mut got = first.len();
+        let mut failed = false;
+        while let Some(c) = s.next().await {
+            match c {
+                Ok(c) => got += c.len(),
+                Err(e) => {
+                    assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+                    failed = true;
+                }
+            }
+        }
+        assert!(failed, "the short file ended the stream with an error");
+        assert!(got < data.len());
+        // A range reaching past the file's end is refused the same way.
+        let mut s = store
+            .get(&d, Some((0, data.len() as u64)))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut errors = 0;
+        while let Some(c) = s.next().await {
+            errors += c.is_err() as usize;
+        }
+        assert_eq!(errors, 1);
     }
 
     #[test]
