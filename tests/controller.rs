@@ -462,16 +462,17 @@ async fn only_allowed_package_sources_are_built() {
     );
 
     // The agent's own source is always allowed, and so is a listed one (this
-    // one does not exist, so its build fails: a build failure, not a refusal).
+    // one does not exist: the channel is looked at, and found missing, not refused).
     server.edit(|o| {
         o["metadata"]["generation"] = json!(2);
         o["spec"]["source"] = json!({ "channel": allowed });
     });
-    let (result, _) = reconcile(&server, &mut a, 3).await;
-    assert!(result.is_ok());
-    build_finished(&mut a).await;
-    let (_, calls) = reconcile(&server, &mut a, 3).await;
-    assert_event(&calls[2], "BuildFailed", "Warning");
+    let (result, calls) = reconcile(&server, &mut a, 3).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert_event(&calls[2], "UnknownRevision", "Warning");
+    assert!(server.object().status.unwrap().conditions[0]
+        .message
+        .contains("the channel file:///nonexistent/allowed.tar.gz does not exist"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -807,11 +808,22 @@ fn channel_tarball(web: &std::path::Path, name: &str, text: &str) -> String {
     common::files::channel_tarball(web, name, &[("default.nix", default_nix.as_bytes())])
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_channel_is_pinned_by_its_contents_and_repinned_when_they_change() {
-    if !have_tool("nix-prefetch-url", "a_channel_is_pinned") {
-        return;
-    }
+/// A NixImage of `hello` from a channel tarball (default.nix "first", hash
+/// `v1`) on a real HTTP file server, one agent (allowed that channel) with a
+/// fake Nix that records what it was asked to build.
+struct ChannelSetup {
+    dir: tempfile::TempDir,
+    web: std::path::PathBuf,
+    v1: String,
+    files: common::files::FileServer,
+    url: String,
+    nix: Arc<nixery::nix::fake::FakeNix>,
+    state: nixery::registry::AppState,
+    a: Agent,
+    server: Server,
+}
+
+async fn channel_setup(cache_ttl: Duration) -> ChannelSetup {
     let dir = tempfile::tempdir().unwrap();
     let web = dir.path().join("web");
     let v1 = channel_tarball(&web, "nixpkgs.tar.gz", "first");
@@ -820,12 +832,11 @@ async fn a_channel_is_pinned_by_its_contents_and_repinned_when_they_change() {
     let nix = Arc::new(nixery::nix::fake::FakeNix::standard(
         &dir.path().join("fake"),
     ));
-    let state = nixery::app_state_with(&settings(&dir.path().join("state")), nix.clone())
-        .await
-        .unwrap();
-    let channel = nixery::nix::Source::Channel(url.clone());
-    let mut a = agent("node-a", "127.0.0.1:5000", &state, |c| {
-        c.allowed_sources = vec![channel.clone()]
+    let mut s = settings(&dir.path().join("state"));
+    s.cache_ttl = cache_ttl;
+    let state = nixery::app_state_with(&s, nix.clone()).await.unwrap();
+    let a = agent("node-a", "127.0.0.1:5000", &state, |c| {
+        c.allowed_sources = vec![nixery::nix::Source::Channel(url.clone())]
     });
     let server = Server::new(niximage(
         "curl-and-jq",
@@ -837,6 +848,35 @@ async fn a_channel_is_pinned_by_its_contents_and_repinned_when_they_change() {
         o["spec"]["source"] = json!({ "channel": url });
         o["spec"]["tag"] = json!("latest");
     });
+    ChannelSetup {
+        dir,
+        web,
+        v1,
+        files,
+        url,
+        nix,
+        state,
+        a,
+        server,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_is_pinned_by_its_contents_and_repinned_when_they_change() {
+    if !have_tool("nix-prefetch-url", "a_channel_is_pinned") {
+        return;
+    }
+    let ChannelSetup {
+        dir: _dir,
+        web,
+        v1,
+        files,
+        url,
+        nix,
+        state,
+        mut a,
+        server,
+    } = channel_setup(Duration::from_secs(3600)).await;
     let pinned = |sha256: &str| nixery::nix::Source::PinnedChannel {
         url: url.clone(),
         sha256: sha256.to_string(),
@@ -913,6 +953,59 @@ async fn a_channel_is_pinned_by_its_contents_and_repinned_when_they_change() {
     assert!(server.object().status.unwrap().conditions[0]
         .message
         .contains("does not exist"));
+
+    // A channel whose server does not answer: said in status, and tried
+    // again only after the backoff (our own status write does not retry it).
+    let down = "http://user:secret@127.0.0.1:9/nixpkgs.tar.gz";
+    server.edit(|o| {
+        o["metadata"]["generation"] = json!(4);
+        o["spec"]["source"] = json!({ "channel": down });
+    });
+    let mut c = agent("node-a", "127.0.0.1:5000", &state, |c| {
+        c.allowed_sources = vec![nixery::nix::Source::Channel(down.into())]
+    });
+    let (result, calls) = reconcile(&server, &mut c, 3).await;
+    let err = result.unwrap_err().to_string();
+    assert!(err.contains("127.0.0.1:9"), "{err}");
+    assert!(!err.contains("secret"), "{err}");
+    assert_node_patch(&calls[0], "node-a", "Failed");
+    assert_event(&calls[2], "BuildFailed", "Warning");
+    let (result, calls) = reconcile(&server, &mut c, 0).await;
+    assert!(calls.is_empty(), "{calls:#?}");
+    assert!(matches!(result, Ok(a) if a != Action::await_change()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_channel_whose_server_is_down_keeps_its_image_ready() {
+    if !have_tool("nix-prefetch-url", "a_pinned_channel_whose_server_is_down") {
+        return;
+    }
+    // TTL 0: every reconcile resolves the channel again.
+    let ChannelSetup {
+        dir: _dir,
+        v1,
+        files,
+        state,
+        mut a,
+        server,
+        ..
+    } = channel_setup(Duration::ZERO).await;
+    let (result, _) = reconcile(&server, &mut a, 4).await;
+    assert!(result.is_ok(), "{result:?}");
+    build_finished(&mut a).await;
+    let (_, calls) = reconcile(&server, &mut a, 3).await;
+    assert_node_patch(&calls[0], "node-a", "Ready");
+    // The channel's server goes away: re-resolving fails, and the image
+    // stays Ready at its pin, with nothing written.
+    drop(files);
+    let (result, calls) = reconcile(&server, &mut a, 0).await;
+    assert!(result.is_ok(), "{result:?}");
+    assert!(calls.is_empty(), "{calls:#?}");
+    let status = server.object().status.unwrap();
+    assert_eq!(status.revision, Some(format!("sha256:{v1}")));
+    assert_eq!(status.conditions[0].status, "True");
+    let r = get(&state, "/v2/niximage/default/curl-and-jq/manifests/latest").await;
+    assert_eq!(r.status, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -128,6 +128,9 @@ struct Failure {
     /// The pinned channel's tarball no longer had its pinned contents: resolve
     /// it again before the retry instead of waiting for the cache TTL.
     repin: bool,
+    /// Resolving the moving source failed (its server did not answer): no
+    /// new attempt before `retry_at`.
+    unresolved: bool,
 }
 
 /// What reconcile needs: the API, the pipeline, and this node's identity.
@@ -499,6 +502,11 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
         Pin::Unknown(message) => {
             return user_error(api, &obj, ctx, REASON_UNKNOWN_REVISION, &message).await
         }
+        Pin::Failed(message) => {
+            let current = obj.status.as_ref().and_then(|s| s.revision.clone());
+            return retry_later(api, &obj, ctx, current, false, true, &message).await;
+        }
+        Pin::Wait(d) => return Ok(Action::requeue(d)),
     };
     if let Some(r) = &revision {
         match (
@@ -624,8 +632,12 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
 enum Pin {
     /// The commit to build (None: the source does not move, or is a commit).
     Fixed(Option<String>),
-    /// The branch or tag does not exist (the user's error).
+    /// The branch, tag or channel does not exist (the user's error).
     Unknown(String),
+    /// Resolving failed (its server did not answer): retried after a backoff.
+    Failed(String),
+    /// Resolving failed a moment ago: not before this long.
+    Wait(Duration),
 }
 
 /// How a channel's pinned revision is written in `status.revision`: the
@@ -669,6 +681,15 @@ async fn pin_revision(
         }
     };
     let uid = obj.uid().unwrap_or_default();
+    let generation = obj.metadata.generation.unwrap_or(0);
+    let wait = ctx.failed.lock().unwrap().get(&uid).and_then(|f| {
+        let t = f.retry_at?;
+        (f.unresolved && f.generation == generation && t > Instant::now())
+            .then(|| t - Instant::now())
+    });
+    if let Some(d) = wait {
+        return Ok(Pin::Wait(d));
+    }
     let ttl = ctx.builder.mutable_ttl();
     let resolved_at = status
         .revision_resolved
@@ -711,7 +732,20 @@ async fn pin_revision(
     let revision = match resolved {
         Ok(Ok(r)) => r,
         Ok(Err(message)) => return Ok(Pin::Unknown(message)),
-        Err(e) => return Err(Error::Build(e.to_string())),
+        Err(e) => {
+            if status.revision.is_some() && status.revision_of.as_deref() == Some(&of) && !repin {
+                // The source's server is down: the image stays at its pin
+                // (a failure of re-resolving never fails a Ready image);
+                // looked at again after the TTL.
+                warn!(error = %e, source = %of, "could not resolve the source again; keeping its revision");
+                ctx.resolved
+                    .lock()
+                    .unwrap()
+                    .insert(uid, (of.clone(), Instant::now()));
+                return Ok(Pin::Fixed(status.revision));
+            }
+            return Ok(Pin::Failed(e.to_string()));
+        }
     };
     if repin {
         if let Some(f) = ctx.failed.lock().unwrap().get_mut(&uid) {
@@ -823,23 +857,8 @@ async fn finish(
             if let Some(reason) = reason {
                 return user_error(api, obj, ctx, reason, &e.to_string()).await;
             }
-            let n = {
-                let mut failures = ctx.failures.lock().unwrap();
-                let n = failures.entry(uid.clone()).or_insert(0);
-                *n += 1;
-                *n
-            };
-            ctx.failed.lock().unwrap().insert(
-                uid,
-                Failure {
-                    generation,
-                    repin: revision.is_some() && crate::nix::is_hash_mismatch(&e.to_string()),
-                    revision,
-                    retry_at: Some(Instant::now() + backoff(n)),
-                },
-            );
-            report_failure(api, obj, ctx, REASON_BUILD_FAILED, &e.to_string()).await?;
-            return Err(Error::Build(e.to_string()));
+            let repin = revision.is_some() && crate::nix::is_hash_mismatch(&e.to_string());
+            return retry_later(api, obj, ctx, revision, repin, false, &e.to_string()).await;
         }
     };
     let digest = image.oci_digest.to_string();
@@ -908,6 +927,39 @@ async fn finish(
     Ok(Action::requeue(RECHECK))
 }
 
+/// A failure that may pass (a build, a source's server): this node's entry
+/// and the aggregate say `BuildFailed` with the message, and the object is
+/// tried again after its backoff, which grows with its failures.
+async fn retry_later(
+    api: &Api<NixImage>,
+    obj: &NixImage,
+    ctx: &Context,
+    revision: Option<String>,
+    repin: bool,
+    unresolved: bool,
+    message: &str,
+) -> Result<Action, Error> {
+    let uid = obj.uid().unwrap_or_default();
+    let n = {
+        let mut failures = ctx.failures.lock().unwrap();
+        let n = failures.entry(uid.clone()).or_insert(0);
+        *n += 1;
+        *n
+    };
+    ctx.failed.lock().unwrap().insert(
+        uid,
+        Failure {
+            generation: obj.metadata.generation.unwrap_or(0),
+            revision,
+            retry_at: Some(Instant::now() + backoff(n)),
+            repin,
+            unresolved,
+        },
+    );
+    report_failure(api, obj, ctx, REASON_BUILD_FAILED, message).await?;
+    Err(Error::Build(message.to_string()))
+}
+
 /// The user's error: this node's entry says why, the aggregate's `Ready`
 /// condition carries the reason, and nothing is retried until the spec changes.
 async fn user_error(
@@ -924,6 +976,7 @@ async fn user_error(
             revision: None,
             retry_at: None,
             repin: false,
+            unresolved: false,
         },
     );
     report_failure(api, obj, ctx, reason, message).await?;

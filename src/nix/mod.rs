@@ -159,7 +159,9 @@ pub async fn resolve_tarball(url: &str) -> Result<Option<String>, NixError> {
             }),
         },
         Err(NixError::Failed { stage, log }) => {
+            // curl's words: HTTP 404 or 410, a file:// path that is not there (37).
             let missing = [
+                "Couldn't read a file:// file",
                 "HTTP error 404",
                 "HTTP error 410",
                 "response code 404",
