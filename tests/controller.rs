@@ -992,9 +992,16 @@ async fn a_pinned_channel_whose_server_is_down_keeps_its_image_ready() {
     } = channel_setup(Duration::ZERO).await;
     let (result, _) = reconcile(&server, &mut a, 4).await;
     assert!(result.is_ok(), "{result:?}");
+    let resolved = server.object().status.unwrap().revision_resolved;
     build_finished(&mut a).await;
-    let (_, calls) = reconcile(&server, &mut a, 3).await;
-    assert_node_patch(&calls[0], "node-a", "Ready");
+    // Looked at again (TTL 0), unchanged: only the time of the check is
+    // written, so that other nodes need not download the tarball too.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_, calls) = reconcile(&server, &mut a, 4).await;
+    assert_eq!(calls[0].manager(), "nixery.k8s.nixos.org-revision");
+    assert_eq!(calls[0].body["status"]["revision"], format!("sha256:{v1}"));
+    assert_ne!(server.object().status.unwrap().revision_resolved, resolved);
+    assert_node_patch(&calls[1], "node-a", "Ready");
     // The channel's server goes away: re-resolving fails, and the image
     // stays Ready at its pin, with nothing written.
     drop(files);

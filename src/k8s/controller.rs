@@ -756,7 +756,13 @@ async fn pin_revision(
         .lock()
         .unwrap()
         .insert(uid, (of.clone(), Instant::now()));
-    if status.revision.as_deref() != Some(&revision) || status.revision_of.as_deref() != Some(&of) {
+    // A git branch is written only when it moved (agents that agree write
+    // nothing); a channel's check time is written every time, so that the
+    // other nodes do not each download the tarball again (one write per TTL).
+    if status.revision.as_deref() != Some(&revision)
+        || status.revision_of.as_deref() != Some(&of)
+        || matches!(source, Source::Channel(_))
+    {
         apply(json!({
             "revision": revision,
             "revisionOf": of,
