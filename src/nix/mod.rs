@@ -159,9 +159,11 @@ pub async fn resolve_tarball(url: &str) -> Result<Option<String>, NixError> {
             }),
         },
         Err(NixError::Failed { stage, log }) => {
-            // curl's words: HTTP 404 or 410, a file:// path that is not there (37).
+            // curl's words: HTTP 404 or 410, a file:// path that is not there
+            // (error 37: "Couldn't read a file:// file (37)" in Debian 12's
+            // curl, "Could not read a file:// file (37)" in Debian 13's).
             let missing = [
-                "Couldn't read a file:// file",
+                "read a file:// file (37)",
                 "HTTP error 404",
                 "HTTP error 410",
                 "response code 404",
