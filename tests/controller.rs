@@ -719,6 +719,41 @@ fn git_repo(root: &std::path::Path) -> (String, impl Fn() -> String) {
     (url, commit)
 }
 
+/// One agent (node-a) allowed `allowed`, with the fake Nix (which records
+/// what it is asked to build) and this cache TTL, and the API server's copy
+/// of a NixImage of `hello` from `source` at `tag`.
+async fn moving_source(
+    dir: &std::path::Path,
+    cache_ttl: Duration,
+    allowed: nixery::nix::Source,
+    source: Value,
+    tag: &str,
+) -> (
+    Arc<nixery::nix::fake::FakeNix>,
+    nixery::registry::AppState,
+    Agent,
+    Server,
+) {
+    let nix = Arc::new(nixery::nix::fake::FakeNix::standard(&dir.join("fake")));
+    let mut s = settings(&dir.join("state"));
+    s.cache_ttl = cache_ttl;
+    let state = nixery::app_state_with(&s, nix.clone()).await.unwrap();
+    let a = agent("node-a", "127.0.0.1:5000", &state, |c| {
+        c.allowed_sources = vec![allowed]
+    });
+    let server = Server::new(niximage(
+        "curl-and-jq",
+        1,
+        &["hello"],
+        &["k8s.nixos.org/nixery-node-a"],
+    ));
+    server.edit(|o| {
+        o["spec"]["source"] = source;
+        o["spec"]["tag"] = json!(tag);
+    });
+    (nix, state, a, server)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_moving_source_is_pinned_for_every_node_and_followed_after_the_ttl() {
     if !have_tool("git", "a_moving_source_is_pinned") {
@@ -728,25 +763,14 @@ async fn a_moving_source_is_pinned_for_every_node_and_followed_after_the_ttl() {
     let (url, commit) = git_repo(dir.path());
     let first = commit();
     // TTL 0: every reconcile looks at the branch again (writing only when it moved).
-    let mut s = settings(&dir.path().join("state"));
-    s.cache_ttl = Duration::ZERO;
-    let nix = Arc::new(nixery::nix::fake::FakeNix::standard(
-        &dir.path().join("fake"),
-    ));
-    let state = nixery::app_state_with(&s, nix).await.unwrap();
-    let mut a = agent("node-a", "127.0.0.1:5000", &state, |c| {
-        c.allowed_sources = vec![nixery::nix::Source::Git { url: url.clone() }]
-    });
-    let server = Server::new(niximage(
-        "curl-and-jq",
-        1,
-        &["hello"],
-        &["k8s.nixos.org/nixery-node-a"],
-    ));
-    server.edit(|o| {
-        o["spec"]["source"] = json!({ "repo": url });
-        o["spec"]["tag"] = json!("main");
-    });
+    let (_, state, mut a, server) = moving_source(
+        dir.path(),
+        Duration::ZERO,
+        nixery::nix::Source::Git { url: url.clone() },
+        json!({ "repo": url }),
+        "main",
+    )
+    .await;
 
     // The branch is resolved once, into status, before anything is built.
     let (result, calls) = reconcile(&server, &mut a, 4).await;
@@ -829,25 +853,14 @@ async fn channel_setup(cache_ttl: Duration) -> ChannelSetup {
     let v1 = channel_tarball(&web, "nixpkgs.tar.gz", "first");
     let files = common::files::FileServer::start(web.clone());
     let url = files.url("nixpkgs.tar.gz");
-    let nix = Arc::new(nixery::nix::fake::FakeNix::standard(
-        &dir.path().join("fake"),
-    ));
-    let mut s = settings(&dir.path().join("state"));
-    s.cache_ttl = cache_ttl;
-    let state = nixery::app_state_with(&s, nix.clone()).await.unwrap();
-    let a = agent("node-a", "127.0.0.1:5000", &state, |c| {
-        c.allowed_sources = vec![nixery::nix::Source::Channel(url.clone())]
-    });
-    let server = Server::new(niximage(
-        "curl-and-jq",
-        1,
-        &["hello"],
-        &["k8s.nixos.org/nixery-node-a"],
-    ));
-    server.edit(|o| {
-        o["spec"]["source"] = json!({ "channel": url });
-        o["spec"]["tag"] = json!("latest");
-    });
+    let (nix, state, a, server) = moving_source(
+        dir.path(),
+        cache_ttl,
+        nixery::nix::Source::Channel(url.clone()),
+        json!({ "channel": url }),
+        "latest",
+    )
+    .await;
     ChannelSetup {
         dir,
         web,

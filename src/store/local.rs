@@ -135,25 +135,25 @@ impl BlobStore for LocalStore {
         range: Option<(u64, u64)>,
     ) -> BoxFuture<'a, Result<Option<ByteStream>, StoreError>> {
         Box::pin(async move {
+            use tokio::io::{AsyncReadExt, AsyncSeekExt};
             let p = self.blob_path(digest);
-            let opened = tokio::task::spawn_blocking({
-                let p = p.clone();
-                move || -> io::Result<(std::fs::File, u64)> {
-                    let f = std::fs::File::open(&p)?;
-                    let len = f.metadata()?.len();
-                    Ok((f, len))
-                }
-            })
-            .await
-            .map_err(|e| io_at(&p)(io::Error::other(e.to_string())))?;
-            let (f, len) = match opened {
+            let mut f = match tokio::fs::File::open(&p).await {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(io_at(&p)(e)),
             };
-            let (start, end) = range.unwrap_or((0, len));
-            let stream = FileChunks::new(f, start, end);
-            Ok(Some(Box::pin(Counted::new(stream)) as ByteStream))
+            let (start, end) = match range {
+                Some(r) => r,
+                None => (0, f.metadata().await.map_err(io_at(&p))?.len()),
+            };
+            if start > 0 {
+                f.seek(io::SeekFrom::Start(start))
+                    .await
+                    .map_err(io_at(&p))?;
+            }
+            let len = end.saturating_sub(start);
+            let stream = tokio_util::io::ReaderStream::with_capacity(f.take(len), read_chunk());
+            Ok(Some(Box::pin(Counted::new(stream, len)) as ByteStream))
         })
     }
 
@@ -181,7 +181,9 @@ impl BlobStore for LocalStore {
                 pos: start as usize,
                 end: end as usize,
             };
-            Ok(Some(Box::pin(Counted::new(stream)) as ByteStream))
+            Ok(Some(
+                Box::pin(Counted::new(stream, end - start)) as ByteStream
+            ))
         })
     }
 
@@ -257,13 +259,18 @@ fn read_chunk() -> usize {
     (READ_BUDGET / n).clamp(16 << 10, 256 << 10)
 }
 
-/// A download's stream, counted while it lives.
-struct Counted<S>(S);
+/// A download's stream, counted while it lives, and held to its length: a
+/// file that ends before (cut by hand) ends the stream with an error, never
+/// with short data.
+struct Counted<S> {
+    inner: S,
+    left: u64,
+}
 
 impl<S> Counted<S> {
-    fn new(s: S) -> Self {
+    fn new(inner: S, len: u64) -> Self {
         STREAMING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Counted(s)
+        Counted { inner, left: len }
     }
 }
 
@@ -273,50 +280,30 @@ impl<S> Drop for Counted<S> {
     }
 }
 
-impl<S: futures::Stream + Unpin> futures::Stream for Counted<S> {
-    type Item = S::Item;
+impl<S> futures::Stream for Counted<S>
+where
+    S: futures::Stream<Item = io::Result<bytes::Bytes>> + Unpin,
+{
+    type Item = io::Result<bytes::Bytes>;
     fn poll_next(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<S::Item>> {
-        std::pin::Pin::new(&mut self.0).poll_next(cx)
-    }
-}
-
-/// A file's bytes from `start` to `end` as chunks of `read_chunk()` bytes.
-/// Each chunk is read on the blocking pool straight into the buffer the
-/// connection then sends (tokio's `File` reads into a buffer of its own and
-/// copies from it: one pass over every byte more), and the next chunk is
-/// read while this one is being sent. A file shorter than `end` (cut by
-/// hand) ends the stream with an error, never with short data.
-struct FileChunks {
-    file: std::sync::Arc<std::fs::File>,
-    pos: u64,
-    end: u64,
-    reading: Option<tokio::task::JoinHandle<io::Result<bytes::Bytes>>>,
-}
-
-impl FileChunks {
-    fn new(file: std::fs::File, start: u64, end: u64) -> Self {
-        FileChunks {
-            file: std::sync::Arc::new(file),
-            pos: start,
-            end,
-            reading: None,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.inner).poll_next(cx) {
+            Poll::Ready(Some(Ok(c))) => {
+                self.left = self.left.saturating_sub(c.len() as u64);
+                Poll::Ready(Some(Ok(c)))
+            }
+            Poll::Ready(None) if self.left > 0 => {
+                self.left = 0;
+                Poll::Ready(Some(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the blob file is shorter than its size",
+                ))))
+            }
+            other => other,
         }
-    }
-
-    /// Starts reading the next chunk, if any is left.
-    fn read_ahead(&mut self) {
-        if self.reading.is_some() || self.pos >= self.end {
-            return;
-        }
-        let len = (self.end - self.pos).min(read_chunk() as u64) as usize;
-        let (file, offset) = (self.file.clone(), self.pos);
-        self.pos += len as u64;
-        self.reading = Some(tokio::task::spawn_blocking(move || {
-            read_at(&file, offset, len)
-        }));
     }
 }
 
@@ -367,84 +354,6 @@ impl futures::Stream for MappedChunks {
             }
         }
         std::task::Poll::Ready(Some(Ok(chunk)))
-    }
-}
-
-/// `len` bytes of `file` from `offset` into a new buffer, written by `pread`
-/// into its uninitialised capacity (no zeroing pass first); an error if the
-/// file ends before.
-fn read_at(file: &std::fs::File, offset: u64, len: usize) -> io::Result<bytes::Bytes> {
-    use std::os::fd::AsRawFd;
-    let mut buf: Vec<u8> = Vec::with_capacity(len);
-    while buf.len() < len {
-        let filled = buf.len();
-        let spare = &mut buf.spare_capacity_mut()[..len - filled];
-        // SAFETY: pread writes at most spare.len() bytes into memory this Vec
-        // owns; only the n bytes it reports written are marked initialised.
-        let n = unsafe {
-            libc::pread(
-                file.as_raw_fd(),
-                spare.as_mut_ptr().cast(),
-                spare.len(),
-                (offset + filled as u64) as libc::off_t,
-            )
-        };
-        match n {
-            0 => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the blob file is shorter than its size",
-                ))
-            }
-            n if n < 0 => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-            // SAFETY: pread initialised these n bytes.
-            n => unsafe { buf.set_len(filled + n as usize) },
-        }
-    }
-    Ok(bytes::Bytes::from(buf))
-}
-
-impl futures::Stream for FileChunks {
-    type Item = io::Result<bytes::Bytes>;
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        use std::future::Future;
-        use std::task::Poll;
-        self.read_ahead();
-        let Some(reading) = self.reading.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let result = match std::pin::Pin::new(reading).poll(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(r) => r.unwrap_or_else(|e| Err(io::Error::other(e.to_string()))),
-        };
-        self.reading = None;
-        match result {
-            Ok(chunk) => {
-                self.read_ahead();
-                Poll::Ready(Some(Ok(chunk)))
-            }
-            Err(e) => {
-                // Nothing after an error.
-                self.pos = self.end;
-                Poll::Ready(Some(Err(e)))
-            }
-        }
-    }
-}
-
-impl Drop for FileChunks {
-    fn drop(&mut self) {
-        if let Some(r) = self.reading.take() {
-            r.abort();
-        }
     }
 }
 
