@@ -270,12 +270,14 @@ impl Garage {
             let deadline = Instant::now() + Duration::from_secs(30);
             let id = loop {
                 let (ok, out, err) = g.cli(i, &["node", "id", "-q"]);
-                if ok && g.cli(i, &["status"]).0 {
+                let (up, _, status_err) = g.cli(i, &["status"]);
+                if ok && up {
                     break out.trim().split('@').next().unwrap().to_string();
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "garage node {i} did not start: {err}"
+                    "garage node {i} did not start: {err}{status_err}\n{}",
+                    g.node_log(i)
                 );
                 std::thread::sleep(Duration::from_millis(200));
             };
@@ -318,6 +320,23 @@ impl Garage {
                 std::thread::sleep(Duration::from_millis(300));
             }
         }
+    }
+
+    /// What a node process said (its log's last lines), or its container's
+    /// log, for a failure message.
+    fn node_log(&self, node: usize) -> String {
+        let n = &self.nodes[node];
+        let text = match &n.container {
+            Some(c) => super::run(Command::new("docker").args(["logs", "--tail", "20", c])).2,
+            None => {
+                std::fs::read_to_string(n.config.with_file_name("garage.log")).unwrap_or_default()
+            }
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "its log ends:\n{}",
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        )
     }
 
     pub fn cli(&self, node: usize, args: &[&str]) -> (bool, String, String) {
