@@ -1,9 +1,12 @@
 # Resolves an image's package list against a package source, as data.
 #
-# Called by nixery (src/nix.rs) with every input passed as a string argument:
-#   nix-instantiate --eval --strict --json --read-write-mode nix/prepare-image.nix \
+# Called by nixery (src/nix/mod.rs) with every input passed as a string argument:
+#   nix-instantiate --eval --strict --json nix/prepare-image.nix \
 #     --argstr srcType path|git|channel --argstr srcArgs JSON \
 #     --argstr packages '["curl","python3Packages.requests"]' --argstr system x86_64-linux
+# Read-only, this computes the paths without writing anything to the store;
+# only when some output is missing is it run again with --read-write-mode, which
+# writes the derivations that nix-store --realise then builds.
 # and answers
 #   { unknown = [names]; drvs = [drv paths]; outs = [output paths];
 #     resolved = [{ name; attr; out; program; }]; }

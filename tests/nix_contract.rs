@@ -231,6 +231,135 @@ async fn same_image_in_fresh_state_dirs_has_the_same_digest() {
     assert_eq!(ra.body, rb.body);
 }
 
+/// Output paths already in the store need no derivation written: the
+/// evaluation is read-only and the paths only get GC roots. Missing ones are
+/// instantiated and built.
+#[tokio::test]
+async fn present_paths_need_no_derivation_written_and_missing_ones_are_built() {
+    use nixery::nix::Nix;
+    let dir = tempfile::tempdir().unwrap();
+    // A package no store has yet: the offline set and one new derivation.
+    let pkgs = dir.path().join("pkgs");
+    std::fs::create_dir_all(&pkgs).unwrap();
+    let nonce = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    std::fs::write(
+        pkgs.join("default.nix"),
+        format!(
+            r#"{{ system ? builtins.currentSystem, ... }}:
+let pkgs = import {} {{ inherit system; }}; in pkgs // {{
+  fresh = pkgs.hostTools.mkDerivation {{
+    name = "fresh-{nonce}";
+    script = "mkdir -p $out/share && echo {nonce} > $out/share/nonce";
+  }};
+}}"#,
+            offline_pkgs().display()
+        ),
+    )
+    .unwrap();
+    let mut s = settings(&dir.path().join("state1"));
+    s.source = nixery::nix::Source::Path(pkgs.clone());
+    let nix = nixery::nix::NixCli::new(&dir.path().join("probe"), offline_nix_options()).unwrap();
+    let names = ["fresh".to_string(), "hello".to_string()];
+    let prepared = nix
+        .prepare(&s.source, "latest", &names, "x86_64-linux")
+        .await
+        .unwrap();
+    let (drv, out) = (&prepared.drvs[0], &prepared.outs[0]);
+    assert!(drv.ends_with(&format!("fresh-{nonce}.drv")), "{drv}");
+    // Evaluating wrote nothing.
+    assert!(!std::path::Path::new(drv).exists(), "{drv} written");
+    assert!(!std::path::Path::new(out).exists());
+
+    // Missing, it is instantiated and built.
+    let app = nixery::app_state(&s).await.unwrap();
+    let first = get(&app, "/v2/fresh/hello/manifests/latest").await;
+    assert_eq!(
+        first.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&first.body)
+    );
+    assert!(std::path::Path::new(drv).exists());
+    assert_eq!(
+        std::fs::read_to_string(format!("{out}/share/nonce"))
+            .unwrap()
+            .trim(),
+        nonce
+    );
+    drop(app);
+
+    // That state directory gone (its roots with it), the output is copied
+    // out and back in without its derivation, as a node gets paths from a
+    // binary cache or `nix copy`.
+    std::fs::remove_dir_all(dir.path().join("state1")).unwrap();
+    let nix_store = |args: &[&str], input: Option<&[u8]>| {
+        use std::io::Write;
+        let mut child = std::process::Command::new("nix-store")
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.unwrap_or_default())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "nix-store {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let exported = nix_store(&["--export", out], None);
+    nix_store(&["--delete", out, drv], None);
+    assert!(!std::path::Path::new(out).exists());
+    nix_store(
+        &["--import", "--option", "require-sigs", "false"],
+        Some(&exported),
+    );
+    assert!(std::path::Path::new(out).exists());
+    assert!(!std::path::Path::new(drv).exists());
+
+    // A fresh state directory makes the same image from the present paths
+    // without writing the derivation again, and roots them.
+    let mut s2 = settings(&dir.path().join("state2"));
+    s2.source = s.source.clone();
+    let app = nixery::app_state(&s2).await.unwrap();
+    let second = get(&app, "/v2/fresh/hello/manifests/latest").await;
+    assert_eq!(
+        second.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&second.body)
+    );
+    assert_eq!(
+        first.header("docker-content-digest"),
+        second.header("docker-content-digest")
+    );
+    assert!(!std::path::Path::new(drv).exists(), "{drv} written again");
+    let roots = std::process::Command::new("nix-store")
+        .args(["--query", "--roots", out])
+        .output()
+        .unwrap();
+    let roots = String::from_utf8_lossy(&roots.stdout);
+    let state2 = format!("{}/gcroots/", dir.path().join("state2").display());
+    assert!(
+        roots.lines().any(|l| l.starts_with(&state2)),
+        "{out} is not rooted in {state2}: {roots}"
+    );
+}
+
 #[tokio::test]
 async fn images_that_share_dependencies_share_layers() {
     let dir = tempfile::tempdir().unwrap();

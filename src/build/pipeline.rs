@@ -3,18 +3,19 @@
 //! layers, pack them (or find them in the layer cache), and store config and
 //! manifests. No single flight, caching of images or timeouts: see `service`.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use futures::StreamExt;
 use sha2::Digest as _;
-use tracing::info;
+use tracing::{debug, info};
 
 use super::{BuildError, BuiltImage, ImageSpec, Progress};
 use crate::layers::{self, PathInfo, PlannedLayer, Popularity};
 use crate::metrics::Metrics;
-use crate::nix::{LogSink, Nix, Prepared};
+use crate::nix::{LogSink, Nix, Prepared, Source};
 use crate::oci::{self, LayerBlob};
 use crate::store::{put_bytes, BlobStore, Staged, Stager};
 
@@ -35,27 +36,19 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Realises the packages under GC roots of this image, plans and packs the
-    /// layers, and stores config and manifests. The guard it returns keeps
-    /// the garbage collector away until the image is catalogued.
-    pub async fn build_image(
+    /// `Nix::realise`, with Nix's log lines passed on as progress.
+    async fn realise(
         &self,
-        key: &str,
-        prepared: &Prepared,
-        spec: &ImageSpec,
-        program: Option<String>,
+        paths: &[String],
+        gcroot: &Path,
         report: &(dyn Fn(Progress) + Send + Sync),
-    ) -> Result<(BuiltImage, crate::gc::BuildGuard), BuildError> {
-        report(Progress::Stage("building"));
-        let t = Instant::now();
-        let gcroot_dir = self.cfg.state_dir.join("gcroots").join(key);
+    ) -> Result<(), crate::nix::NixError> {
         // Nix's log lines arrive on its reader task; forward them from here.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         let sink: LogSink = Arc::new(move |line: &str| {
             let _ = tx.send(line.to_string());
         });
-        let gcroot = gcroot_dir.join("root");
-        let realise = self.nix.realise(&prepared.drvs, &gcroot, sink);
+        let realise = self.nix.realise(paths, gcroot, sink);
         tokio::pin!(realise);
         let realised = loop {
             tokio::select! {
@@ -66,14 +59,76 @@ impl Pipeline {
         while let Ok(line) = rx.try_recv() {
             report(Progress::NixLog(line));
         }
-        realised.map_err(|e| match e.unsupported_system() {
-            Some(system) => BuildError::UnsupportedSystem { system },
-            None => BuildError::Nix(e),
-        })?;
-        info!(seconds = t.elapsed().as_secs_f64(), "realised");
+        realised
+    }
 
-        report(Progress::Stage("reading closure"));
-        let closure: Vec<PathInfo> = self.nix.closure(&prepared.outs).await?;
+    /// Realises the packages under GC roots of this image, plans and packs the
+    /// layers, and stores config and manifests. The guard it returns keeps
+    /// the garbage collector away until the image is catalogued.
+    pub async fn build_image(
+        &self,
+        key: &str,
+        source: &Source,
+        prepared: &Prepared,
+        spec: &ImageSpec,
+        program: Option<String>,
+        report: &(dyn Fn(Progress) + Send + Sync),
+    ) -> Result<(BuiltImage, crate::gc::BuildGuard), BuildError> {
+        report(Progress::Stage("building"));
+        let t = Instant::now();
+        let gcroot_dir = self.cfg.state_dir.join("gcroots").join(key);
+        let gcroot = gcroot_dir.join("root");
+        // Nix reads the closure of valid paths only, and roots present
+        // output paths without building: when both succeed, every path is
+        // present (on a node, most images) and no derivation was written (the
+        // evaluation was read-only). Else the derivations are written and
+        // built, under the same roots.
+        // (Quietly: for missing paths Nix says what it cannot do, which is
+        // no news to the user.)
+        let quiet: LogSink = Arc::new(|_: &str| {});
+        let (closure, rooted) = tokio::join!(
+            self.nix.closure(&prepared.outs),
+            self.nix.realise(&prepared.outs, &gcroot, quiet),
+        );
+        let (prepared, closure) = match (closure, rooted) {
+            (Ok(closure), Ok(())) => (Cow::Borrowed(prepared), closure),
+            _ => {
+                let packages = spec.all_packages();
+                let system = spec.arch.nix_system();
+                let written = self
+                    .nix
+                    .instantiate(source, &spec.tag, &packages, system)
+                    .await?;
+                if !written.unknown.is_empty() {
+                    // The source moved between the two evaluations.
+                    return Err(BuildError::UnknownPackages(written.unknown));
+                }
+                self.realise(&written.drvs, &gcroot, report)
+                    .await
+                    .map_err(|e| match e.unsupported_system() {
+                        Some(system) => BuildError::UnsupportedSystem { system },
+                        None => BuildError::Nix(e),
+                    })?;
+                report(Progress::Stage("reading closure"));
+                let closure = self.nix.closure(&written.outs).await?;
+                (Cow::Owned(written), closure)
+            }
+        };
+        info!(seconds = t.elapsed().as_secs_f64(), "realised");
+        self.assemble(&prepared, spec, program, closure, gcroot_dir, report)
+            .await
+    }
+
+    /// Plans and packs the layers of a closure and stores config and manifests.
+    async fn assemble(
+        &self,
+        prepared: &Prepared,
+        spec: &ImageSpec,
+        program: Option<String>,
+        closure: Vec<PathInfo>,
+        gcroot_dir: PathBuf,
+        report: &(dyn Fn(Progress) + Send + Sync),
+    ) -> Result<(BuiltImage, crate::gc::BuildGuard), BuildError> {
         let roots = root_order(prepared, self.cfg.popularity.as_ref());
         let planned = layers::plan(
             &closure,
@@ -113,16 +168,20 @@ impl Pipeline {
         // build goes on writing after its error is reported.
         let failed = std::sync::atomic::AtomicBool::new(false);
         let mut first_error: Option<BuildError> = None;
+        // A core per layer while it packs; storing it (fsync) frees the core
+        // for the next. The semaphore is fair, so layers start in this order.
+        let cores = tokio::sync::Semaphore::new(parallel);
         let jobs = order.into_iter().map(|(i, l)| {
-            let failed = &failed;
+            let (failed, cores) = (&failed, &cores);
             async move {
+                let core = cores.acquire().await.expect("never closed");
                 if failed.load(std::sync::atomic::Ordering::SeqCst) {
                     return (i, None);
                 }
-                (i, Some(self.store_path_layer(l.paths).await))
+                (i, Some(self.store_path_layer(l.paths, core).await))
             }
         });
-        let mut stream = futures::stream::iter(jobs).buffer_unordered(parallel);
+        let mut stream = futures::stream::iter(jobs).buffer_unordered(2 * parallel);
         while let Some((i, result)) = stream.next().await {
             match result {
                 Some(Ok(blob)) => {
@@ -208,7 +267,11 @@ impl Pipeline {
     }
 
     /// A layer of store paths: from the layer cache, or packed and stored.
-    async fn store_path_layer(&self, paths: Vec<String>) -> Result<LayerBlob, BuildError> {
+    async fn store_path_layer(
+        &self,
+        paths: Vec<String>,
+        core: tokio::sync::SemaphorePermit<'_>,
+    ) -> Result<LayerBlob, BuildError> {
         let cache_file = self.layer_cache_file(&paths);
         if let Some(blob) = self.cached_layer(&cache_file).await {
             self.metrics.layers_reused.inc();
@@ -218,13 +281,21 @@ impl Pipeline {
         let compression = self.cfg.compression;
         let (blob, staged) =
             tokio::task::spawn_blocking(move || -> Result<(LayerBlob, Staged), BuildError> {
+                let t = Instant::now();
                 let entries = oci::store_path_entries(&paths)?;
                 let (w, blob) = oci::pack_layer(&entries, Stager::new(&staging)?, compression)?;
                 let staged = w.finish(Some(&blob.digest))?;
+                debug!(
+                    paths = paths.len(),
+                    size = blob.size,
+                    seconds = t.elapsed().as_secs_f64(),
+                    "layer packed"
+                );
                 Ok((blob, staged))
             })
             .await
             .map_err(|e| BuildError::Internal(e.to_string()))??;
+        drop(core);
         self.store.put(staged).await?;
         // Recorded only once the blob is stored.
         crate::store::write_atomic(

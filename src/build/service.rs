@@ -728,11 +728,11 @@ impl Builder {
                 }
                 None => {
                     let this = self.clone();
-                    let (k, spec) = (key.clone(), spec.clone());
+                    let (k, spec, source) = (key.clone(), spec.clone(), source.clone());
                     let f = async move {
                         let result = this
                             .pipeline
-                            .build_image(&k, &prepared, &spec, program, &*report)
+                            .build_image(&k, &source, &prepared, &spec, program, &*report)
                             .await;
                         let result = match result {
                             Ok((img, guard)) => {

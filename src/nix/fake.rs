@@ -35,7 +35,10 @@ pub struct FakeNix {
     packages: BTreeMap<String, FakePackage>,
     /// `prepare` calls so far (evaluations).
     pub evaluations: AtomicUsize,
-    /// `realise` calls so far (builds).
+    /// `instantiate` calls so far (evaluations that write derivations).
+    pub instantiations: AtomicUsize,
+    /// `realise` calls of derivations so far (builds; roots for present
+    /// output paths are not counted).
     pub realisations: AtomicUsize,
     /// The source of each `prepare` call, in order.
     pub sources: std::sync::Mutex<Vec<Source>>,
@@ -148,6 +151,7 @@ impl FakeNix {
             store: dir.join("nix/store"),
             packages,
             evaluations: AtomicUsize::new(0),
+            instantiations: AtomicUsize::new(0),
             realisations: AtomicUsize::new(0),
             sources: Default::default(),
             moved: Default::default(),
@@ -292,16 +296,50 @@ impl Nix for FakeNix {
         })
     }
 
+    fn instantiate<'a>(
+        &'a self,
+        source: &'a Source,
+        tag: &'a str,
+        packages: &'a [String],
+        system: &'a str,
+    ) -> BoxFuture<'a, Result<Prepared, NixError>> {
+        Box::pin(async move {
+            self.instantiations.fetch_add(1, Ordering::SeqCst);
+            // Its evaluation is counted as an instantiation, not again.
+            let prepared = self.prepare(source, tag, packages, system).await;
+            self.evaluations.fetch_sub(1, Ordering::SeqCst);
+            prepared
+        })
+    }
+
     fn realise<'a>(
         &'a self,
-        drvs: &'a [String],
+        paths: &'a [String],
         gcroot: &'a Path,
         log: LogSink,
     ) -> BoxFuture<'a, Result<(), NixError>> {
         Box::pin(async move {
-            self.realisations.fetch_add(1, Ordering::SeqCst);
-            let roots: Vec<&str> = drvs.iter().filter_map(|d| self.name_of(d)).collect();
-            for name in self.closure_names(&roots) {
+            if paths.iter().any(|p| p.ends_with(".drv")) {
+                self.realisations.fetch_add(1, Ordering::SeqCst);
+            }
+            // Output paths are only checked (there is no substituter);
+            // derivations are built with their dependencies.
+            if let Some(absent) = paths
+                .iter()
+                .find(|p| !p.ends_with(".drv") && !Path::new(p).exists())
+            {
+                return Err(NixError::Failed {
+                    stage: "building the packages",
+                    log: format!("error: path '{absent}' is required, but there is no substituter that can build it"),
+                });
+            }
+            let roots: Vec<&str> = paths.iter().filter_map(|d| self.name_of(d)).collect();
+            let drvs: Vec<&str> = paths
+                .iter()
+                .filter(|p| p.ends_with(".drv"))
+                .filter_map(|d| self.name_of(d))
+                .collect();
+            for name in self.closure_names(&drvs) {
                 let p = &self.packages[&name];
                 log(&format!("building '{}'", self.out_path(&name)));
                 if p.fails {
@@ -330,6 +368,13 @@ impl Nix for FakeNix {
 
     fn closure<'a>(&'a self, outs: &'a [String]) -> BoxFuture<'a, Result<Vec<PathInfo>, NixError>> {
         Box::pin(async move {
+            // Nix knows the closure of valid paths only.
+            if let Some(absent) = outs.iter().find(|p| !Path::new(p).exists()) {
+                return Err(NixError::Failed {
+                    stage: "reading the closure",
+                    log: format!("error: path '{absent}' is not valid"),
+                });
+            }
             let roots: Vec<&str> = outs.iter().filter_map(|o| self.name_of(o)).collect();
             Ok(self
                 .closure_names(&roots)

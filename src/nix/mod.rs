@@ -304,6 +304,10 @@ pub type LogSink = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// The Nix boundary, as the builder sees it.
 pub trait Nix: Send + Sync + 'static {
+    /// What the names mean in the source, evaluated without writing to the
+    /// store: output and derivation paths are computed, not written (an
+    /// image whose paths are all present needs nothing more from Nix than
+    /// its GC roots; `instantiate` writes what a build needs).
     fn prepare<'a>(
         &'a self,
         source: &'a Source,
@@ -311,9 +315,22 @@ pub trait Nix: Send + Sync + 'static {
         packages: &'a [String],
         system: &'a str,
     ) -> BoxFuture<'a, Result<Prepared, NixError>>;
+    /// The same evaluation, writing the derivations into the store for
+    /// `realise` to build. (Its answer can differ from `prepare`'s where the
+    /// package set is impure, as the offline set's `slow` is.)
+    fn instantiate<'a>(
+        &'a self,
+        source: &'a Source,
+        tag: &'a str,
+        packages: &'a [String],
+        system: &'a str,
+    ) -> BoxFuture<'a, Result<Prepared, NixError>>;
+    /// Makes `paths` valid under GC roots at `gcroot`: derivations are built
+    /// (or their outputs substituted); output paths already present only
+    /// get their roots.
     fn realise<'a>(
         &'a self,
-        drvs: &'a [String],
+        paths: &'a [String],
         gcroot: &'a Path,
         log: LogSink,
     ) -> BoxFuture<'a, Result<(), NixError>>;
@@ -494,6 +511,37 @@ async fn run(
     }
 }
 
+impl NixCli {
+    /// prepare-image.nix, with `--read-write-mode` when the derivations are
+    /// to be written (`--eval` alone computes their paths only).
+    async fn evaluate(
+        &self,
+        source: &Source,
+        tag: &str,
+        packages: &[String],
+        system: &str,
+        write: bool,
+    ) -> Result<Prepared, NixError> {
+        const STAGE: &str = "evaluating the package set";
+        let (src_type, src_args) = source.nix_args(tag);
+        let packages = serde_json::to_string(packages).expect("strings serialise");
+        let file = self.prepare_file.to_string_lossy();
+        let mut args = vec!["--eval", "--strict", "--json"];
+        if write {
+            args.push("--read-write-mode");
+        }
+        args.extend([
+            &*file, "--argstr", "srcType", src_type, "--argstr", "srcArgs", &src_args, "--argstr",
+            "packages", &packages, "--argstr", "system", system,
+        ]);
+        let out = run("nix-instantiate", &self.with_options(args), STAGE, None).await?;
+        serde_json::from_str(&out).map_err(|e| NixError::BadOutput {
+            stage: STAGE,
+            message: e.to_string(),
+        })
+    }
+}
+
 impl Nix for NixCli {
     fn prepare<'a>(
         &'a self,
@@ -502,40 +550,22 @@ impl Nix for NixCli {
         packages: &'a [String],
         system: &'a str,
     ) -> BoxFuture<'a, Result<Prepared, NixError>> {
-        Box::pin(async move {
-            let (src_type, src_args) = source.nix_args(tag);
-            let packages = serde_json::to_string(packages).expect("strings serialise");
-            let file = self.prepare_file.to_string_lossy();
-            let args = self.with_options(vec![
-                "--eval",
-                "--strict",
-                "--json",
-                "--read-write-mode",
-                &file,
-                "--argstr",
-                "srcType",
-                src_type,
-                "--argstr",
-                "srcArgs",
-                &src_args,
-                "--argstr",
-                "packages",
-                &packages,
-                "--argstr",
-                "system",
-                system,
-            ]);
-            let out = run("nix-instantiate", &args, "evaluating the package set", None).await?;
-            serde_json::from_str(&out).map_err(|e| NixError::BadOutput {
-                stage: "evaluating the package set",
-                message: e.to_string(),
-            })
-        })
+        Box::pin(self.evaluate(source, tag, packages, system, false))
+    }
+
+    fn instantiate<'a>(
+        &'a self,
+        source: &'a Source,
+        tag: &'a str,
+        packages: &'a [String],
+        system: &'a str,
+    ) -> BoxFuture<'a, Result<Prepared, NixError>> {
+        Box::pin(self.evaluate(source, tag, packages, system, true))
     }
 
     fn realise<'a>(
         &'a self,
-        drvs: &'a [String],
+        paths: &'a [String],
         gcroot: &'a Path,
         log: LogSink,
     ) -> BoxFuture<'a, Result<(), NixError>> {
@@ -548,7 +578,7 @@ impl Nix for NixCli {
             }
             let root = gcroot.to_string_lossy();
             let mut args = self.with_options(vec!["--realise", "--add-root", &root, "--indirect"]);
-            args.extend(drvs.iter().map(String::as_str));
+            args.extend(paths.iter().map(String::as_str));
             run("nix-store", &args, "building the packages", Some(log))
                 .await
                 .map(|_| ())
