@@ -57,7 +57,7 @@ fn main() {
         std::io::Sink,
         i64,
     ) -> std::io::Result<(std::io::Sink, nixery::oci::LayerBlob)>;
-    let gzip: Pack = |e, w, level| nixery::oci::pack_layer_gzip(e, w, level as u32);
+    let gzip: Pack = |e, w, level| nixery::oci::pack_layer_gzip_on(e, w, level as u32, 1);
     let zstd: Pack = |e, w, level| nixery::oci::pack_layer_zstd(e, w, level as i32);
     for (name, levels, pack) in [
         ("gzip", vec![1, 2, 3, 4, 5, 6, 7, 8, 9], gzip),

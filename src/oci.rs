@@ -279,10 +279,20 @@ pub fn pack_layer_gzip<W: Write>(
     w: W,
     level: u32,
 ) -> io::Result<(W, LayerBlob)> {
+    pack_layer_gzip_on(entries, w, level, parallelism())
+}
+
+/// `pack_layer_gzip` on at most `threads` threads (the same bytes).
+pub fn pack_layer_gzip_on<W: Write>(
+    entries: &[Entry],
+    w: W,
+    level: u32,
+    threads: usize,
+) -> io::Result<(W, LayerBlob)> {
     pack_with(
         entries,
         w,
-        |sink| ParallelGz::new(sink, level, parallelism()),
+        |sink| ParallelGz::new(sink, level, threads),
         ParallelGz::finish,
     )
 }
@@ -337,8 +347,9 @@ impl<W: Write> ParallelGz<W> {
         })
     }
 
-    /// Hands the current block to a thread (or deflates it here, when it is
-    /// the last and nothing else runs: a small layer needs no thread).
+    /// Hands the current block to a thread (or deflates it here: on one
+    /// thread, and when it is the last and nothing else runs, so that a small
+    /// layer needs no thread).
     fn dispatch(&mut self, last: bool) -> io::Result<()> {
         let block = std::mem::replace(&mut self.block, Vec::with_capacity(GZ_BLOCK));
         self.crc.update(&block);
@@ -346,8 +357,8 @@ impl<W: Write> ParallelGz<W> {
         let dictionary = std::mem::take(&mut self.window);
         self.window = block[block.len().saturating_sub(GZ_WINDOW)..].to_vec();
         let level = self.level;
-        if last && self.running.is_empty() {
-            let out = deflate_block(&block, &dictionary, level, true)?;
+        if self.threads == 1 || (last && self.running.is_empty()) {
+            let out = deflate_block(&block, &dictionary, level, last)?;
             return self.out.write_all(&out);
         }
         while self.running.len() >= self.threads {
