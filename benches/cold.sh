@@ -4,11 +4,14 @@
 # /nix/store, nothing packed), for this checkout and for BASE (a git revision,
 # built in a worktree with its own copy of target/release), alternating which
 # goes first, median of ROUNDS. Appends its table to benches/results.md.
-# Usage: benches/cold.sh BASE [rounds]
+# IMAGE (default shell/curl/jq) is the image asked for; `big` is one 64 MiB
+# store path, a layer that one core would pack alone.
+# Usage: [IMAGE=name] benches/cold.sh BASE [rounds]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BASE_REV=${1:?usage: benches/cold.sh BASE-REVISION [rounds]}
 ROUNDS=${2:-7}
+IMAGE=${IMAGE:-shell/curl/jq}
 cargo build --release --quiet
 NEW=$PWD/target/release/nixery
 BASE_DIR=/tmp/nixery-cold-base
@@ -34,7 +37,7 @@ cold() { # cold BINARY NAME -> seconds to the first manifest
   pid=$!
   for _ in $(seq 100); do curl -sf http://127.0.0.1:5150/v2/ >/dev/null && break; sleep 0.1; done
   seconds curl -sf -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
-    http://127.0.0.1:5150/v2/shell/curl/jq/manifests/latest
+    "http://127.0.0.1:5150/v2/$IMAGE/manifests/latest"
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
   rm -rf "$state"
 }
@@ -50,7 +53,7 @@ mn=$(median $N); mb=$(median $B)
   echo
   echo "## Cold image against a baseline build (benches/cold.sh)"
   echo
-  echo "Run $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores; shell/curl/jq, store paths present, fresh state directory; median of $ROUNDS alternating rounds, s."
+  echo "Run $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores; $IMAGE, store paths present, fresh state directory; median of $ROUNDS alternating rounds, s."
   echo
   echo "| this checkout ($(git rev-parse --short HEAD)) | baseline ($(git rev-parse --short "$BASE_REV")) | ratio |"
   echo "|---|---|---|"

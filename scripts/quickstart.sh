@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
-echo "quickstart: building nixery (release; the first build takes about 10 minutes on two cores)"
+echo "quickstart: building nixery (release; the first build takes about 4 minutes on two idle cores)"
 cargo build --release
 # The README's examples call `nixery`: put it on the PATH.
 ln -sf "$PWD/target/release/nixery" /usr/local/bin/nixery
