@@ -464,6 +464,21 @@ async fn every_caller_of_a_build_reads_one_state_stream() {
             events.contains(&Progress::Layers { done: total, total }),
             "{events:?}"
         );
+        // Nix's build lines, not what it said while the outputs were tried
+        // before their derivations were written.
+        let nix: Vec<&String> = events
+            .iter()
+            .filter_map(|e| match e {
+                Progress::NixLog(l) => Some(l),
+                _ => None,
+            })
+            .collect();
+        assert!(nix.iter().any(|l| l.starts_with("building '")), "{nix:?}");
+        assert!(
+            !nix.iter()
+                .any(|l| l.contains("don't know") || l.starts_with("error") || l.starts_with("  ")),
+            "{nix:?}"
+        );
     }
     assert!(app.builder.running().is_empty());
     let m = String::from_utf8_lossy(&get(&app, "/metrics").await.body).into_owned();

@@ -36,16 +36,34 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// `Nix::realise`, with Nix's log lines passed on as progress.
+    /// `Nix::realise`, with Nix's log lines passed on as progress; when
+    /// `errors` is false, without what it says of paths it cannot make
+    /// (`don't know how to build these paths:` and the list, `error: ...`).
     async fn realise(
         &self,
         paths: &[String],
         gcroot: &Path,
+        errors: bool,
         report: &(dyn Fn(Progress) + Send + Sync),
     ) -> Result<(), crate::nix::NixError> {
         // Nix's log lines arrive on its reader task; forward them from here.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let listing = std::sync::atomic::AtomicBool::new(false);
         let sink: LogSink = Arc::new(move |line: &str| {
+            use std::sync::atomic::Ordering::Relaxed;
+            if !errors {
+                if line.starts_with("don't know how to build") {
+                    listing.store(true, Relaxed);
+                    return;
+                }
+                if listing.load(Relaxed) && line.starts_with(' ') {
+                    return;
+                }
+                listing.store(false, Relaxed);
+                if line.starts_with("error") {
+                    return;
+                }
+            }
             let _ = tx.send(line.to_string());
         });
         let realise = self.nix.realise(paths, gcroot, sink);
@@ -83,12 +101,12 @@ impl Pipeline {
         // present (on a node, most images) and no derivation was written (the
         // evaluation was read-only). Else the derivations are written and
         // built, under the same roots.
-        // (Quietly: for missing paths Nix says what it cannot do, which is
-        // no news to the user.)
-        let quiet: LogSink = Arc::new(|_: &str| {});
+        // (Its progress is shown, as a binary cache may send the outputs
+        // now; but not its errors: for missing paths Nix says what it cannot
+        // do without their derivations, which is no news to the user.)
         let (closure, rooted) = tokio::join!(
             self.nix.closure(&prepared.outs),
-            self.nix.realise(&prepared.outs, &gcroot, quiet),
+            self.realise(&prepared.outs, &gcroot, false, report),
         );
         let (prepared, closure) = match (closure, rooted) {
             (Ok(closure), Ok(())) => (Cow::Borrowed(prepared), closure),
@@ -103,7 +121,7 @@ impl Pipeline {
                     // The source moved between the two evaluations.
                     return Err(BuildError::UnknownPackages(written.unknown));
                 }
-                self.realise(&written.drvs, &gcroot, report)
+                self.realise(&written.drvs, &gcroot, true, report)
                     .await
                     .map_err(|e| match e.unsupported_system() {
                         Some(system) => BuildError::UnsupportedSystem { system },

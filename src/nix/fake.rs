@@ -322,15 +322,23 @@ impl Nix for FakeNix {
             if paths.iter().any(|p| p.ends_with(".drv")) {
                 self.realisations.fetch_add(1, Ordering::SeqCst);
             }
-            // Output paths are only checked (there is no substituter);
-            // derivations are built with their dependencies.
-            if let Some(absent) = paths
+            // Output paths are only checked (there is no substituter), and
+            // missing ones said as Nix 2.8 to 2.26 say them; derivations are
+            // built with their dependencies.
+            let absent: Vec<&String> = paths
                 .iter()
-                .find(|p| !p.ends_with(".drv") && !Path::new(p).exists())
-            {
+                .filter(|p| !p.ends_with(".drv") && !Path::new(p).exists())
+                .collect();
+            if !absent.is_empty() {
+                log("don't know how to build these paths:");
+                for p in &absent {
+                    log(&format!("  {p}"));
+                }
+                let failed = format!("error: build of '{}' failed", absent[0]);
+                log(&failed);
                 return Err(NixError::Failed {
                     stage: "building the packages",
-                    log: format!("error: path '{absent}' is required, but there is no substituter that can build it"),
+                    log: failed,
                 });
             }
             let roots: Vec<&str> = paths.iter().filter_map(|d| self.name_of(d)).collect();
