@@ -100,10 +100,9 @@ impl Pipeline {
         // output paths without building: when both succeed, every path is
         // present (on a node, most images) and no derivation was written (the
         // evaluation was read-only). Else the derivations are written and
-        // built, under the same roots.
-        // (Its progress is shown, as a binary cache may send the outputs
-        // now; but not its errors: for missing paths Nix says what it cannot
-        // do without their derivations, which is no news to the user.)
+        // built, under the same roots. Rooting shows Nix's progress (a binary
+        // cache may send the outputs now) but not its errors: for missing
+        // paths it says what it cannot do without their derivations.
         let (closure, rooted) = tokio::join!(
             self.nix.closure(&prepared.outs),
             self.realise(&prepared.outs, &gcroot, false, report),
