@@ -314,6 +314,7 @@ const GZ_WINDOW: usize = 32 * 1024;
 /// deflate stream, which every decoder reads. The bytes depend on the input
 /// and level only, never on the number of threads. A layer of one large
 /// store path is no longer packed on one core while the others idle.
+/// Threads deflating at once are one per core over all layers (`DeflateTurn`).
 pub struct ParallelGz<W: Write> {
     out: W,
     level: u32,
@@ -364,10 +365,14 @@ impl<W: Write> ParallelGz<W> {
         while self.running.len() >= self.threads {
             self.write_oldest()?;
         }
+        let turn = DeflateTurn::take();
         self.running.push_back(
             std::thread::Builder::new()
                 .name("nixery-gzip".into())
-                .spawn(move || deflate_block(&block, &dictionary, level, last))?,
+                .spawn(move || {
+                    let _turn = turn;
+                    deflate_block(&block, &dictionary, level, last)
+                })?,
         );
         Ok(())
     }
@@ -406,6 +411,38 @@ impl<W: Write> Write for ParallelGz<W> {
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// A turn to deflate a block on a thread of its own. Turns are counted over
+/// every layer being packed (one per core), so blocks in memory stay about
+/// 2 MiB per core however many layers pack at once; a block waits for one.
+struct DeflateTurn;
+
+static DEFLATE_TURNS: std::sync::OnceLock<(std::sync::Mutex<usize>, std::sync::Condvar)> =
+    std::sync::OnceLock::new();
+
+impl DeflateTurn {
+    fn turns() -> &'static (std::sync::Mutex<usize>, std::sync::Condvar) {
+        DEFLATE_TURNS.get_or_init(|| (std::sync::Mutex::new(parallelism()), Default::default()))
+    }
+
+    fn take() -> Self {
+        let (free, freed) = Self::turns();
+        let mut free = free.lock().unwrap_or_else(|e| e.into_inner());
+        while *free == 0 {
+            free = freed.wait(free).unwrap_or_else(|e| e.into_inner());
+        }
+        *free -= 1;
+        DeflateTurn
+    }
+}
+
+impl Drop for DeflateTurn {
+    fn drop(&mut self) {
+        let (free, freed) = Self::turns();
+        *free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        freed.notify_one();
     }
 }
 
@@ -820,6 +857,24 @@ mod tests {
             gz.write_all(chunk).unwrap();
         }
         gz.finish().unwrap()
+    }
+
+    #[test]
+    fn deflate_threads_are_one_per_core_over_all_layers() {
+        let all: Vec<DeflateTurn> = (0..parallelism()).map(|_| DeflateTurn::take()).collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiting = std::thread::spawn(move || {
+            let turn = DeflateTurn::take();
+            tx.send(()).unwrap();
+            drop(turn);
+        });
+        // Every turn is taken: one more waits (however long we look).
+        assert!(rx
+            .recv_timeout(std::time::Duration::from_millis(200))
+            .is_err());
+        drop(all);
+        rx.recv().unwrap();
+        waiting.join().unwrap();
     }
 
     #[test]
