@@ -36,23 +36,33 @@ let
   # patchelf is the host's: the sandbox is off on Debian's Nix (NIX-NOTES.md).
   patchelf = "/usr/bin/patchelf";
 
-  importFiles = name: dir: files: builtins.path {
-    inherit name;
-    path = /. + dir;
-    filter = p: t: builtins.elem (baseNameOf p) files;
-  };
+  # Host files, each imported on its own as "name=/nix/store/...-name" for
+  # `copyFiles` (importing a directory through a filter would stat every entry
+  # of it: over 50,000 stats per evaluation for /usr/lib alone).
+  storeName = f: if builtins.match "[a-zA-Z0-9+_?=-][a-zA-Z0-9+._?=-]*" f != null then f else "host-file";
+  importFiles = dir: files:
+    map (f: "${f}=${builtins.path { name = storeName f; path = /. + "${dir}/${f}"; }}") files;
+  # Shell: copies a derivation's `files` into a directory, under their names.
+  copyFiles = to: ''for f in $files; do cp "''${f#*=}" "${to}/''${f%%=*}"; done'';
 
   rpathOf = deps: builtins.concatStringsSep ":" (map (d: "${d}/lib") deps);
 
   libs = builtins.mapAttrs (name: spec:
-    let deps = map (d: libs.${d}) spec.deps; in
+    let
+      deps = map (d: libs.${d}) spec.deps;
+      symlinks = spec.symlinks or { };
+    in
     mkDerivation {
       name = if name == "glibc" then "glibc-host" else "${name}-host";
-      src = importFiles "${name}-files" (spec.dir or host.libDir) spec.files;
+      files = importFiles (spec.dir or host.libDir)
+        (builtins.filter (f: !(builtins.hasAttr f symlinks)) spec.files);
+      # name:target, as the host has them.
+      links = builtins.attrValues (builtins.mapAttrs (l: t: "${l}:${t}") symlinks);
       rpath = rpathOf deps;
       script = ''
         mkdir -p $out/lib
-        cp -a $src/. $out/lib/
+        ${copyFiles "$out/lib"}
+        for l in $links; do ln -s "''${l#*:}" "$out/lib/''${l%%:*}"; done
         chmod -R u+w $out/lib
         if [ -n "$rpath" ]; then
           for f in $out/lib/*; do
@@ -82,12 +92,12 @@ let
   programs = builtins.mapAttrs (name: spec: withMeta name spec (
     mkDerivation (linksOf spec // {
       name = "${name}-host";
-      src = importFiles "${name}-bins" host.binDir spec.bins;
+      files = importFiles host.binDir spec.bins;
       interpreter = "${libs.glibc}/lib/${host.interpreter}";
       rpath = rpathOf (map (d: libs.${d}) spec.libs);
       script = ''
         mkdir -p $out/bin
-        cp $src/* $out/bin/
+        ${copyFiles "$out/bin"}
         chmod u+w $out/bin/*
         for f in $out/bin/*; do
           ${patchelf} --set-interpreter "$interpreter" --set-rpath "$rpath" "$f"
@@ -142,19 +152,19 @@ let
 
     cacert = mkDerivation {
       name = "cacert-host";
-      src = importFiles "ca-certificates" "/etc/ssl/certs" [ "ca-certificates.crt" ];
+      bundle = builtins.path { name = "ca-certificates.crt"; path = /etc/ssl/certs/ca-certificates.crt; };
       script = ''
         mkdir -p $out/etc/ssl/certs
-        cp $src/ca-certificates.crt $out/etc/ssl/certs/ca-bundle.crt
+        cp $bundle $out/etc/ssl/certs/ca-bundle.crt
       '';
     };
 
     iana-etc = mkDerivation {
       name = "iana-etc-host";
-      src = importFiles "iana-etc-files" "/etc" [ "services" "protocols" ];
+      files = importFiles "/etc" [ "services" "protocols" ];
       script = ''
         mkdir -p $out/etc
-        cp $src/services $src/protocols $out/etc/
+        ${copyFiles "$out/etc"}
       '';
     };
 

@@ -108,12 +108,29 @@ def main():
         if main in bins:
             programs[attr]["mainProgram"] = main
 
+    # Which of a library's files are symlinks to another of its files: the
+    # Nix side makes those links itself and imports only the files.
+    for attr, entry in libs.items():
+        lib_dir = entry.get("dir", LIB_DIR)
+        for name in sorted(entry["files"]):
+            path = os.path.join(lib_dir, name)
+            if os.path.islink(path):
+                target = os.path.basename(os.path.realpath(path))
+                if os.path.dirname(os.path.realpath(path)) != lib_dir or target not in entry["files"]:
+                    sys.exit(f"generate-host: {path} points outside {attr}'s files")
+                entry.setdefault("symlinks", {})[name] = target
+    for attr, spec in programs.items():
+        for b in spec["bins"]:
+            if os.path.islink(os.path.join(BIN_DIR, b)):
+                sys.exit(f"generate-host: {BIN_DIR}/{b} of {attr} is a symlink")
+
     out = {
         "libDir": LIB_DIR,
         "binDir": BIN_DIR,
         "interpreter": "ld-linux-x86-64.so.2",
         "libs": {k: dict({"files": sorted(v["files"]), "deps": sorted(v["deps"] - {k})},
-                         **({"dir": v["dir"]} if "dir" in v else {}))
+                         **({"dir": v["dir"]} if "dir" in v else {}),
+                         **({"symlinks": v["symlinks"]} if "symlinks" in v else {}))
                  for k, v in sorted(libs.items())},
         "programs": programs,
     }
