@@ -184,7 +184,6 @@ impl Pipeline {
         // once the layers already packing have stopped: nothing of a failed
         // build goes on writing after its error is reported.
         let failed = std::sync::atomic::AtomicBool::new(false);
-        let mut first_error: Option<BuildError> = None;
         // A core per layer while it packs; storing it (fsync) frees the core
         // for the next. The semaphore is fair, so layers start in this order.
         let cores = tokio::sync::Semaphore::new(parallel);
@@ -198,25 +197,65 @@ impl Pipeline {
                 (i, Some(self.store_path_layer(l.paths, core).await))
             }
         });
-        let mut stream = futures::stream::iter(jobs).buffer_unordered(2 * parallel);
-        while let Some((i, result)) = stream.next().await {
-            match result {
-                Some(Ok(blob)) => {
-                    packed[i] = Some(blob);
-                    done += 1;
-                    report(Progress::Layers { done, total });
-                }
-                Some(Err(e)) => {
-                    failed.store(true, std::sync::atomic::Ordering::SeqCst);
-                    first_error.get_or_insert(e);
-                }
-                None => {}
+        // The customisation layer (symlinks, a few small files) is packed
+        // beside the others, not after them.
+        let staging = self.store.staging_dir().to_path_buf();
+        let compression = self.cfg.compression;
+        let roots_for_custom = roots.clone();
+        let custom = async {
+            let packed = tokio::task::spawn_blocking(
+                move || -> Result<(LayerBlob, Staged, Vec<String>), BuildError> {
+                    let c = oci::customisation(&roots_for_custom)?;
+                    let (w, blob) =
+                        oci::pack_layer(&c.entries, Stager::new(&staging)?, compression)?;
+                    let staged = w.finish(Some(&blob.digest))?;
+                    Ok((blob, staged, c.bin))
+                },
+            )
+            .await
+            .map_err(|e| BuildError::Internal(e.to_string()))
+            .and_then(|r| r);
+            let stored = match packed {
+                Ok((custom, staged, bin)) => self
+                    .store
+                    .put(staged)
+                    .await
+                    .map(|_| (custom, bin))
+                    .map_err(BuildError::from),
+                Err(e) => Err(e),
+            };
+            if stored.is_err() {
+                failed.store(true, std::sync::atomic::Ordering::SeqCst);
             }
-        }
+            stored
+        };
+        let mut stream = futures::stream::iter(jobs).buffer_unordered(2 * parallel);
+        let store_path_layers = async {
+            let mut first_error: Option<BuildError> = None;
+            while let Some((i, result)) = stream.next().await {
+                match result {
+                    Some(Ok(blob)) => {
+                        packed[i] = Some(blob);
+                        done += 1;
+                        report(Progress::Layers { done, total });
+                    }
+                    Some(Err(e)) => {
+                        failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                        first_error.get_or_insert(e);
+                    }
+                    None => {}
+                }
+            }
+            if let Some(e) = first_error {
+                return Err(e);
+            }
+            Ok(())
+        };
+        // Both run to their end before an error is returned.
+        let (layers_done, custom) = tokio::join!(store_path_layers, custom);
         drop(stream);
-        if let Some(e) = first_error {
-            return Err(e);
-        }
+        layers_done?;
+        let (custom, bin) = custom?;
         // In plan order again: the image's layers are the plan's.
         let mut blobs: Vec<LayerBlob> = packed.into_iter().flatten().collect();
         if blobs.len() + 1 != total {
@@ -226,20 +265,6 @@ impl Pipeline {
                 total - 1
             )));
         }
-        let staging = self.store.staging_dir().to_path_buf();
-        let compression = self.cfg.compression;
-        let roots_for_custom = roots.clone();
-        let (custom, staged, bin) = tokio::task::spawn_blocking(
-            move || -> Result<(LayerBlob, Staged, Vec<String>), BuildError> {
-                let c = oci::customisation(&roots_for_custom)?;
-                let (w, blob) = oci::pack_layer(&c.entries, Stager::new(&staging)?, compression)?;
-                let staged = w.finish(Some(&blob.digest))?;
-                Ok((blob, staged, c.bin))
-            },
-        )
-        .await
-        .map_err(|e| BuildError::Internal(e.to_string()))??;
-        self.store.put(staged).await?;
         blobs.push(custom);
         report(Progress::Layers {
             done: blobs.len(),
@@ -257,7 +282,6 @@ impl Pipeline {
         }
         let config = oci::image_config(spec.arch, &blobs, &run, &history)
             .map_err(|e| BuildError::Internal(e.to_string()))?;
-        put_bytes(&*self.store, &config).await?;
         let compression = self.cfg.compression;
         let oci_manifest = oci::manifest(false, &config, &blobs, compression)
             .map_err(|e| BuildError::Internal(e.to_string()))?;
@@ -267,9 +291,21 @@ impl Pipeline {
                 .map_err(|e| BuildError::Internal(e.to_string()))?,
             None => oci_manifest.clone(),
         };
-        // Manifests are blobs too, so they can be served by digest after a restart.
-        let oci_digest = put_bytes(&*self.store, &oci_manifest).await?;
-        let docker_digest = put_bytes(&*self.store, &docker_manifest).await?;
+        // Manifests are blobs too, so they can be served by digest after a
+        // restart. The three are stored at once; nothing serves them before
+        // the build has finished.
+        let store = &*self.store;
+        let (_, oci_digest, docker_digest) = tokio::try_join!(
+            put_bytes(store, &config),
+            put_bytes(store, &oci_manifest),
+            async {
+                if docker_manifest == oci_manifest {
+                    Ok(crate::name::Digest::of(&docker_manifest))
+                } else {
+                    put_bytes(store, &docker_manifest).await
+                }
+            }
+        )?;
         let image = BuiltImage {
             oci_digest,
             oci_manifest: oci_manifest.into(),
