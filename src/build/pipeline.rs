@@ -292,10 +292,11 @@ impl Pipeline {
             None => oci_manifest.clone(),
         };
         // Manifests are blobs too, so they can be served by digest after a
-        // restart. The three are stored at once; nothing serves them before
-        // the build has finished.
+        // restart. The three are stored at once (nothing serves them before
+        // the build has finished), and all three have ended before an error
+        // is returned.
         let store = &*self.store;
-        let (_, oci_digest, docker_digest) = tokio::try_join!(
+        let (config_stored, oci_digest, docker_digest) = tokio::join!(
             put_bytes(store, &config),
             put_bytes(store, &oci_manifest),
             async {
@@ -305,7 +306,9 @@ impl Pipeline {
                     put_bytes(store, &docker_manifest).await
                 }
             }
-        )?;
+        );
+        config_stored?;
+        let (oci_digest, docker_digest) = (oci_digest?, docker_digest?);
         let image = BuiltImage {
             oci_digest,
             oci_manifest: oci_manifest.into(),
