@@ -201,29 +201,23 @@ impl Pipeline {
         // beside the others, not after them.
         let staging = self.store.staging_dir().to_path_buf();
         let compression = self.cfg.compression;
-        let roots_for_custom = roots.clone();
         let custom = async {
-            let packed = tokio::task::spawn_blocking(
-                move || -> Result<(LayerBlob, Staged, Vec<String>), BuildError> {
-                    let c = oci::customisation(&roots_for_custom)?;
-                    let (w, blob) =
-                        oci::pack_layer(&c.entries, Stager::new(&staging)?, compression)?;
-                    let staged = w.finish(Some(&blob.digest))?;
-                    Ok((blob, staged, c.bin))
-                },
-            )
-            .await
-            .map_err(|e| BuildError::Internal(e.to_string()))
-            .and_then(|r| r);
-            let stored = match packed {
-                Ok((custom, staged, bin)) => self
-                    .store
-                    .put(staged)
-                    .await
-                    .map(|_| (custom, bin))
-                    .map_err(BuildError::from),
-                Err(e) => Err(e),
-            };
+            let stored = async {
+                let (blob, staged, bin) = tokio::task::spawn_blocking(
+                    move || -> Result<(LayerBlob, Staged, Vec<String>), BuildError> {
+                        let c = oci::customisation(&roots)?;
+                        let (w, blob) =
+                            oci::pack_layer(&c.entries, Stager::new(&staging)?, compression)?;
+                        let staged = w.finish(Some(&blob.digest))?;
+                        Ok((blob, staged, c.bin))
+                    },
+                )
+                .await
+                .map_err(|e| BuildError::Internal(e.to_string()))??;
+                self.store.put(staged).await?;
+                Ok::<_, BuildError>((blob, bin))
+            }
+            .await;
             if stored.is_err() {
                 failed.store(true, std::sync::atomic::Ordering::SeqCst);
             }
@@ -282,7 +276,6 @@ impl Pipeline {
         }
         let config = oci::image_config(spec.arch, &blobs, &run, &history)
             .map_err(|e| BuildError::Internal(e.to_string()))?;
-        let compression = self.cfg.compression;
         let oci_manifest = oci::manifest(false, &config, &blobs, compression)
             .map_err(|e| BuildError::Internal(e.to_string()))?;
         // Docker schema2 has no zstd layers: such images have OCI manifests only.
