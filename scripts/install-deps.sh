@@ -10,7 +10,7 @@ packages=(
   hello curl jq less moreutils nano        # programs the offline set wraps
   ca-certificates netbase                  # data the offline set wraps
   debootstrap                              # the Debian 13 root of the Nix version matrix
-  skopeo umoci git containerd              # real clients used by the tests (ctr)
+  skopeo umoci git containerd podman       # real clients used by the tests (ctr)
   docker-registry wrk pigz hyperfine       # benchmarks (benches/registry.sh)
   chromium fonts-dejavu-core               # the page in a real browser (tests/browser.rs)
 )

@@ -47,6 +47,10 @@ fn skopeo_copy_then_umoci_unpack_runs_hello() {
         "echo $0; /usr/bin/env true && echo env-ok",
     ]));
     assert!(ok && out.contains("env-ok"), "{out}");
+    // Its largest layer (glibc's, over 1 MiB) is several gzip members, one
+    // per 1 MiB block: what skopeo and umoci read above is all of them.
+    let members = gzip_members_of_largest_layer(&server, "shell/hello");
+    assert!(members > 1, "{members} gzip member(s)");
 }
 
 #[test]
@@ -67,6 +71,9 @@ fn docker_pull_and_run() {
         run(Command::new("docker").args(["run", "--rm", &curl, "curl", "--version"]));
     assert!(ok, "docker run curl failed: {err}");
     assert!(out.starts_with("curl "), "{out}");
+    // Docker read every gzip member of every layer (one per 1 MiB block).
+    let members = gzip_members_of_largest_layer(&server, "shell/curl");
+    assert!(members > 1, "{members} gzip member(s)");
     // The default Cmd is the shell, and /tmp is writable by anyone.
     let (ok, out, err) = run(Command::new("docker").args([
         "run",
@@ -541,6 +548,11 @@ fn containerd_pull_and_run() {
             "Hello, world!",
             "ctr run ({compression}): {err}"
         );
+        if compression == "gzip" {
+            // containerd read every gzip member (one per 1 MiB block).
+            let members = gzip_members_of_largest_layer(&server, "shell/hello");
+            assert!(members > 1, "{members} gzip member(s)");
+        }
     }
     let (ok, _, err) = run(Command::new("ctr").args(["-a", socket, "namespaces", "rm", &ns]));
     assert!(ok, "the test's containerd namespace is left behind: {err}");
@@ -796,4 +808,105 @@ fn a_thousand_stalled_downloads_of_a_big_blob_stay_under_200_mib() {
         peak / 1024,
         rss / 1024
     );
+}
+
+/// What a tar entry is: its kind, size, link target and (for a regular
+/// file) the sha256 of its bytes.
+type TarEntry = (u8, u64, String, String);
+
+/// The entries of a tar stream by path (no leading `./` or trailing `/`).
+fn tar_files(r: impl std::io::Read) -> std::collections::BTreeMap<String, TarEntry> {
+    let mut files = std::collections::BTreeMap::new();
+    for e in tar::Archive::new(r).entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = e.path().unwrap().to_string_lossy().into_owned();
+        let path = path
+            .trim_start_matches("./")
+            .trim_end_matches('/')
+            .to_string();
+        let link = e
+            .link_name()
+            .unwrap()
+            .map(|l| l.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let (kind, size) = (
+            e.header().entry_type().as_byte(),
+            e.header().size().unwrap(),
+        );
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut bytes).unwrap();
+        let digest = nixery::name::Digest::of(&bytes).to_string();
+        files.insert(path, (kind, size, link, digest));
+    }
+    files
+}
+
+/// podman (containers/image, Go's gzip reader) pulls the image, and the
+/// container's filesystem holds every file of every layer, all gzip members
+/// read. (`podman run` cannot start containers on this machine: its runtime
+/// may not set rlimits here; `podman create` and `export` need no runtime.)
+#[test]
+fn podman_pull_reads_every_file_of_every_layer() {
+    if !have_tool("podman", "podman_pull_reads_every_file_of_every_layer") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("state"), &[]);
+    // A storage of its own (vfs: plain directories, no mounts), removed with
+    // the test's directory: the machine's podman storage is not touched.
+    let storage = dir.path().join("podman");
+    let podman = |args: &[&str]| {
+        run(Command::new("podman")
+            .arg("--root")
+            .arg(storage.join("root"))
+            .arg("--runroot")
+            .arg(storage.join("run"))
+            .args(["--storage-driver", "vfs"])
+            .args(args))
+    };
+    let image = format!("{}/shell/curl:latest", server.addr);
+    let (ok, _, err) = podman(&["pull", "-q", "--tls-verify=false", &image]);
+    assert!(ok, "podman pull failed: {err}");
+    let (ok, container, err) = podman(&["create", &image, "true"]);
+    assert!(ok, "podman create failed: {err}");
+    let container = container.trim().to_string();
+    let export = dir.path().join("rootfs.tar");
+    let (ok, _, err) = podman(&["export", "-o", export.to_str().unwrap(), &container]);
+    assert!(ok, "podman export failed: {err}");
+    let exported = tar_files(std::fs::File::open(&export).unwrap());
+    // Every entry of every layer, as the registry serves it.
+    let (code, body) = http_get(&server.url("/v2/shell/curl/manifests/latest"));
+    assert_eq!(code, 200, "{body}");
+    let manifest: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut checked = 0;
+    for layer in manifest["layers"].as_array().unwrap() {
+        let digest = layer["digest"].as_str().unwrap();
+        let blob = Command::new("curl")
+            .args([
+                "-sf",
+                &server.url(&format!("/v2/shell/curl/blobs/{digest}")),
+            ])
+            .output()
+            .unwrap()
+            .stdout;
+        let files = tar_files(flate2::read::MultiGzDecoder::new(blob.as_slice()));
+        for (path, entry) in files {
+            // Directories podman makes itself (/tmp, /etc) may differ in mode;
+            // files and links must be as packed, byte for byte.
+            let got = exported.get(&path);
+            if entry.0 == b'5' {
+                assert!(got.is_some(), "{path} missing");
+                continue;
+            }
+            assert!(got == Some(&entry), "{path}: {entry:?} exported as {got:?}");
+            checked += 1;
+        }
+    }
+    assert!(
+        exported.keys().any(|p| p.ends_with("/bin/curl")),
+        "no curl in the container"
+    );
+    assert!(checked > 100, "only {checked} files checked");
+    let _ = podman(&["rm", "-f", &container]);
+    let _ = podman(&["rmi", "-f", &image]);
 }

@@ -266,6 +266,36 @@ pub fn largest_layer(manifest: &serde_json::Value) -> serde_json::Value {
         .clone()
 }
 
+/// The gzip members of the largest layer of `image` (served gzip) on
+/// `server`, each decoded on its own: what a client that reads only the first
+/// member (Rust's `flate2::read::GzDecoder`) would miss, and a check that the
+/// layer a real client pulled was packed in parallel blocks.
+pub fn gzip_members_of_largest_layer(server: &Server, image: &str) -> usize {
+    let (code, body) = http_get(&server.url(&format!("/v2/{image}/manifests/latest")));
+    assert_eq!(code, 200, "{body}");
+    let manifest: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let digest = largest_layer(&manifest)["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = Command::new("curl")
+        .args(["-sf", &server.url(&format!("/v2/{image}/blobs/{digest}"))])
+        .output()
+        .expect("curl");
+    assert!(out.status.success(), "fetching {digest} failed");
+    assert_eq!(nixery::name::Digest::of(&out.stdout).to_string(), digest);
+    let mut rest = out.stdout.as_slice();
+    let mut members = 0;
+    while !rest.is_empty() {
+        let mut d = flate2::bufread::GzDecoder::new(rest);
+        std::io::copy(&mut d, &mut std::io::sink())
+            .unwrap_or_else(|e| panic!("member {members} of {digest}: {e}"));
+        rest = d.into_inner();
+        members += 1;
+    }
+    members
+}
+
 /// Every blob file's name equals the sha256 of its content, and there are at
 /// least `at_least` of them (so the check cannot pass having checked none).
 pub fn assert_blobs_verify(state_dir: &Path, at_least: usize) -> usize {
