@@ -10,7 +10,7 @@ packages=(
   nix-bin nix-setup-systemd busybox-static patchelf   # Nix and the offline set's tools
   hello curl jq less moreutils nano ca-certificates netbase # what the offline set wraps
   python3 binutils dpkg                                # generate-host.py (readelf, dpkg -L)
-  skopeo umoci git containerd docker-cli               # the clients the tests drive
+  skopeo umoci git containerd docker-cli podman        # the clients the tests drive
 )
 stamp="$root/.nixery-root-$(printf '%s\n' "${packages[@]}" | sha256sum | cut -c1-12)"
 if [ -e "$stamp" ]; then

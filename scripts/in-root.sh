@@ -9,6 +9,9 @@ root="$1"; shift
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 exec unshare --mount --propagation private -- bash -euo pipefail -c '
 root="$1"; repo="$2"; shift 2
+# The root a mount point of its own, as / is: podman applies layers in a
+# helper that makes / private, which fails (EINVAL) on a plain directory.
+mount --bind "$root" "$root"
 mount -t proc proc "$root/proc"
 mount --rbind /sys "$root/sys"
 mount --rbind /dev "$root/dev"
