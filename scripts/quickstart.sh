@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
-echo "quickstart: building nixery (release; the first build takes about 4 minutes on two idle cores)"
+echo "quickstart: building nixery (release; the first build takes 4 to 6 minutes on two idle cores)"
 cargo build --release
 # The README's examples call `nixery`: put it on the PATH.
 ln -sf "$PWD/target/release/nixery" /usr/local/bin/nixery
