@@ -260,17 +260,10 @@ fn killed_during_a_build_then_restarted_serves_only_whole_blobs() {
         0,
         "temporaries were not cleaned on start"
     );
-    let (code, body) = http_get(&server.url("/v2/big/manifests/latest"));
-    assert_eq!(code, 200, "{body}");
-    let manifest: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let manifest = manifest_of(&server, "big");
     for layer in manifest["layers"].as_array().unwrap() {
-        let digest = layer["digest"].as_str().unwrap();
-        let out = Command::new("curl")
-            .args(["-sf", &server.url(&format!("/v2/big/blobs/{digest}"))])
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        assert_eq!(nixery::name::Digest::of(&out.stdout).as_str(), digest);
+        // Served whole: the bytes match the digest.
+        blob_of(&server, "big", layer["digest"].as_str().unwrap());
     }
     // The layers, the config and both manifests, at least.
     assert_blobs_verify(&state, manifest["layers"].as_array().unwrap().len() + 3);
@@ -875,20 +868,10 @@ fn podman_pull_reads_every_file_of_every_layer() {
     assert!(ok, "podman export failed: {err}");
     let exported = tar_files(std::fs::File::open(&export).unwrap());
     // Every entry of every layer, as the registry serves it.
-    let (code, body) = http_get(&server.url("/v2/shell/curl/manifests/latest"));
-    assert_eq!(code, 200, "{body}");
-    let manifest: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let manifest = manifest_of(&server, "shell/curl");
     let mut checked = 0;
     for layer in manifest["layers"].as_array().unwrap() {
-        let digest = layer["digest"].as_str().unwrap();
-        let blob = Command::new("curl")
-            .args([
-                "-sf",
-                &server.url(&format!("/v2/shell/curl/blobs/{digest}")),
-            ])
-            .output()
-            .unwrap()
-            .stdout;
+        let blob = blob_of(&server, "shell/curl", layer["digest"].as_str().unwrap());
         let files = tar_files(flate2::read::MultiGzDecoder::new(blob.as_slice()));
         for (path, entry) in files {
             // Directories podman makes itself (/tmp, /etc) may differ in mode;

@@ -266,25 +266,36 @@ pub fn largest_layer(manifest: &serde_json::Value) -> serde_json::Value {
         .clone()
 }
 
-/// The gzip members of the largest layer of `image` (served gzip) on
-/// `server`, each decoded on its own: what a client that reads only the first
-/// member (Rust's `flate2::read::GzDecoder`) would miss, and a check that the
-/// layer a real client pulled was packed in parallel blocks.
-pub fn gzip_members_of_largest_layer(server: &Server, image: &str) -> usize {
+/// The `latest` manifest of `image` on `server` (whichever kind it serves).
+pub fn manifest_of(server: &Server, image: &str) -> serde_json::Value {
     let (code, body) = http_get(&server.url(&format!("/v2/{image}/manifests/latest")));
     assert_eq!(code, 200, "{body}");
-    let manifest: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let digest = largest_layer(&manifest)["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    serde_json::from_str(&body).unwrap()
+}
+
+/// A blob of `image` on `server`, fetched with curl; its bytes match `digest`.
+pub fn blob_of(server: &Server, image: &str, digest: &str) -> Vec<u8> {
     let out = Command::new("curl")
         .args(["-sf", &server.url(&format!("/v2/{image}/blobs/{digest}"))])
         .output()
         .expect("curl");
     assert!(out.status.success(), "fetching {digest} failed");
-    assert_eq!(nixery::name::Digest::of(&out.stdout).to_string(), digest);
-    let mut rest = out.stdout.as_slice();
+    assert_eq!(nixery::name::Digest::of(&out.stdout).as_str(), digest);
+    out.stdout
+}
+
+/// The gzip members of the largest layer of `image` (served gzip) on
+/// `server`, each decoded on its own: what a client that reads only the first
+/// member (Rust's `flate2::read::GzDecoder`) would miss, and a check that the
+/// layer a real client pulled was packed in parallel blocks.
+pub fn gzip_members_of_largest_layer(server: &Server, image: &str) -> usize {
+    let manifest = manifest_of(server, image);
+    let digest = largest_layer(&manifest)["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let blob = blob_of(server, image, &digest);
+    let mut rest = blob.as_slice();
     let mut members = 0;
     while !rest.is_empty() {
         let mut d = flate2::bufread::GzDecoder::new(rest);
