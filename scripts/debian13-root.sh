@@ -12,8 +12,20 @@ packages=(
   python3 binutils dpkg                                # generate-host.py (readelf, dpkg -L)
   skopeo umoci git containerd docker-cli podman        # the clients the tests drive
 )
+generator="$(dirname "$0")/../nix/offline-pkgs/generate-host.py"
 stamp="$root/.nixery-root-$(printf '%s\n' "${packages[@]}" | sha256sum | cut -c1-12)"
+# host.json is written again whenever the generator changes.
+host_stamp="$root/etc/nixery/.host-json-$(sha256sum <"$generator" | cut -c1-12)"
+write_host_json() {
+  # The offline package set wraps this root's own binaries and libraries.
+  mkdir -p "$root/etc/nixery"
+  rm -f "$root"/etc/nixery/.host-json-*
+  chroot "$root" python3 - <"$generator" >"$root/etc/nixery/host.json.new"
+  mv "$root/etc/nixery/host.json.new" "$root/etc/nixery/host.json"
+  touch "$host_stamp"
+}
 if [ -e "$stamp" ]; then
+  [ -e "$host_stamp" ] || { echo "debian13-root: writing host.json again (generate-host.py changed)"; write_host_json; }
   echo "debian13-root: reusing $root"
   exit 0
 fi
@@ -31,8 +43,6 @@ fi
 echo "debian13-root: installing ${packages[*]}"
 chroot "$root" /usr/bin/env DEBIAN_FRONTEND=noninteractive PATH=/usr/sbin:/usr/bin:/sbin:/bin \
   sh -c "apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends ${packages[*]} >/dev/null 2>&1"
-# The offline package set wraps this root's own binaries and libraries.
-mkdir -p "$root/etc/nixery"
-chroot "$root" python3 - <"$(dirname "$0")/../nix/offline-pkgs/generate-host.py" >"$root/etc/nixery/host.json"
+write_host_json
 bash "$(dirname "$0")/in-root.sh" "$root" nix --version
 touch "$stamp"

@@ -11,6 +11,8 @@
 { system ? builtins.currentSystem, ... }:
 let
   host = builtins.fromJSON (builtins.readFile ./host.json);
+  # host.json from before its `tools` were recorded cannot build the set.
+  tools = host.tools or (throw "nix/offline-pkgs/host.json lists no build tools: it was written by an older generate-host.py; run `python3 nix/offline-pkgs/generate-host.py > nix/offline-pkgs/host.json` again");
 
   # Debian's static busybox is the only build tool. Busybox picks its applet
   # from argv[0], so the builder must be a file named `busybox`.
@@ -33,8 +35,6 @@ let
       '' ];
     });
 
-  # patchelf is the host's: the sandbox is off on Debian's Nix (NIX-NOTES.md).
-  patchelf = "/usr/bin/patchelf";
 
   # Host files, each imported on its own as "name=/nix/store/...-name" for
   # `copyFiles` (importing a directory through a filter would stat every entry
@@ -46,6 +46,30 @@ let
   copyFiles = to: ''for f in $files; do cp "''${f#*=}" "${to}/''${f%%=*}"; done'';
 
   rpathOf = deps: builtins.concatStringsSep ":" (map (d: "${d}/lib") deps);
+
+  # The host's patchelf with the libraries it loads, in the store: builders
+  # never reach into /usr, so the set builds the same with Nix's sandbox on
+  # (Debian 13's and NixOS's default) or off (Debian 12's). It patches a copy
+  # of itself, run through the store's loader, to load only from $out/lib
+  # (DT_RPATH, which unlike RUNPATH also serves its libraries' own needs).
+  patchelfTool = let tool = tools.patchelf; in mkDerivation {
+    name = "patchelf-host";
+    bin = builtins.path { name = "patchelf"; path = /. + "${host.binDir}/${tool.bin}"; };
+    files = builtins.attrValues (builtins.mapAttrs
+      (soname: file: "${soname}=${builtins.path { name = storeName soname; path = /. + file; }}")
+      tool.libs);
+    script = ''
+      mkdir -p $out/bin $out/lib
+      ${copyFiles "$out/lib"}
+      cp $bin $out/bin/patchelf
+      cp $bin "$TMPDIR/patchelf"
+      chmod u+w $out/bin/patchelf
+      $out/lib/${host.interpreter} --library-path $out/lib "$TMPDIR/patchelf" \
+        --set-interpreter $out/lib/${host.interpreter} --force-rpath --set-rpath $out/lib $out/bin/patchelf
+      $out/bin/patchelf --version >/dev/null
+    '';
+  };
+  patchelf = "${patchelfTool}/bin/patchelf";
 
   libs = builtins.mapAttrs (name: spec:
     let
@@ -194,6 +218,35 @@ let
         echo "slow: sleeping for 20 seconds" >&2
         sleep 20
         mkdir -p $out && echo "$stamp" > $out/stamp
+      '';
+    };
+    # hello, patched anew on every evaluation (it depends on the time): a
+    # build that always runs patchelf on imported host files, so a test can
+    # show the set builds inside Nix's sandbox however much the store holds.
+    freshHello = mkDerivation {
+      name = "fresh-hello";
+      stamp = toString builtins.currentTime;
+      files = importFiles host.binDir [ "hello" ];
+      interpreter = "${libs.glibc}/lib/${host.interpreter}";
+      rpath = rpathOf [ libs.glibc ];
+      script = ''
+        mkdir -p $out/bin
+        ${copyFiles "$out/bin"}
+        chmod u+w $out/bin/hello
+        ${patchelf} --set-interpreter "$interpreter" --set-rpath "$rpath" $out/bin/hello
+        echo "$stamp" > $out/stamp
+      '';
+    };
+    # Runs a host program while it builds, as this set's builders once ran
+    # the host's patchelf: it builds only with Nix's sandbox off, and with it
+    # on fails the way such packages do ("sh: /usr/bin/hello: not found").
+    # New on every evaluation, so it is never in the store already.
+    hostProgram = mkDerivation {
+      name = "host-program";
+      stamp = toString builtins.currentTime;
+      script = ''
+        mkdir -p $out
+        /usr/bin/hello > $out/greeting
       '';
     };
     # 64 MiB of incompressible data: a layer that takes a while to pack.

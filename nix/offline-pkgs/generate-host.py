@@ -41,6 +41,10 @@ PROGRAMS = {
 LINKS = {"nix": {name: "nix" for name in [
     "nix-build", "nix-channel", "nix-collect-garbage", "nix-copy-closure", "nix-daemon",
     "nix-env", "nix-hash", "nix-instantiate", "nix-prefetch-url", "nix-shell", "nix-store"]}}
+# Build tools the set's builders run: each is imported with every library it
+# loads (the host's files, as they are), so a build needs nothing from the host
+# at build time and works inside Nix's sandbox, where one is on.
+TOOLS = {"patchelf": "patchelf"}
 # nixpkgs' meta.mainProgram, where it differs from the attribute name.
 MAIN_PROGRAM = {"bashInteractive": "bash", "gnugrep": "grep", "gnused": "sed", "findutils": "find"}
 
@@ -124,6 +128,24 @@ def main():
             if os.path.islink(os.path.join(BIN_DIR, b)):
                 sys.exit(f"generate-host: {BIN_DIR}/{b} of {attr} is a symlink")
 
+    # A tool's libraries by soname, found as the loader would (its own NEEDED
+    # entries and theirs in turn), and the loader itself.
+    tools = {}
+    for attr, binary in TOOLS.items():
+        path = os.path.join(BIN_DIR, binary)
+        found = {"ld-linux-x86-64.so.2": os.path.realpath(os.path.join(LIB_DIR, "ld-linux-x86-64.so.2"))}
+        todo = needed(path)
+        while todo:
+            soname = todo.pop()
+            if soname in found:
+                continue
+            lib = os.path.realpath(os.path.join(LIB_DIR, soname))
+            if not os.path.exists(lib):
+                sys.exit(f"generate-host: {binary} needs {soname}, which is not in {LIB_DIR}")
+            found[soname] = lib
+            todo.extend(needed(lib))
+        tools[attr] = {"bin": binary, "libs": dict(sorted(found.items()))}
+
     out = {
         "libDir": LIB_DIR,
         "binDir": BIN_DIR,
@@ -133,6 +155,7 @@ def main():
                          **({"symlinks": v["symlinks"]} if "symlinks" in v else {}))
                  for k, v in sorted(libs.items())},
         "programs": programs,
+        "tools": tools,
     }
     json.dump(out, sys.stdout, indent=1, sort_keys=True)
     sys.stdout.write("\n")
