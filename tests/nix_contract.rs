@@ -167,6 +167,46 @@ async fn failing_build_says_why_and_is_retried() {
 }
 
 #[tokio::test]
+async fn the_offline_set_builds_inside_nixs_sandbox() {
+    // Debian 13's and NixOS's Nix have the sandbox on; Debian 12's has it
+    // off. The offline set must build either way: its builders use only
+    // store paths (the host's patchelf is imported with its libraries).
+    // `freshHello` is a new derivation on every evaluation that runs patchelf
+    // on an imported host binary, so this builds in the sandbox however much
+    // the store already holds.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    s.nix_options.push(("sandbox".into(), "true".into()));
+    let app = nixery::app_state(&s).await.unwrap();
+    let r = get(&app, "/v2/freshHello/manifests/latest").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
+    let m = String::from_utf8_lossy(&get(&app, "/metrics").await.body).into_owned();
+    assert_eq!(metric(&m, "nixery_builds_total"), 1.0);
+    // A package that runs a host program while it builds cannot work there:
+    // the answer says which file and what to change, in one sentence.
+    let r = get(&app, "/v2/hostProgram/manifests/latest").await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN")
+    );
+    let msg = r.error_message();
+    assert!(
+        msg.contains("a builder needed /usr/bin/hello, which is outside /nix/store and hidden by Nix's build sandbox; set `sandbox = false` in nix.conf"),
+        "{msg}"
+    );
+    // Nix's own words stay in the detail.
+    let log = r.json()["errors"][0]["detail"]["log"].to_string();
+    assert!(log.contains("/usr/bin/hello: not found"), "{log}");
+    // With the sandbox off (the option wins over nix.conf), the same package builds.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    s.nix_options.push(("sandbox".into(), "false".into()));
+    let app = nixery::app_state(&s).await.unwrap();
+    let r = get(&app, "/v2/hostProgram/manifests/latest").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
+}
+
+#[tokio::test]
 async fn build_past_its_timeout_is_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path());

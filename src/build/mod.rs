@@ -142,14 +142,19 @@ impl BuildError {
     /// One line for people: for a failed Nix step, the step and Nix's last line.
     pub fn summary(&self) -> String {
         match self {
-            BuildError::Nix(NixError::Failed { stage, log }) => {
-                let last = log
-                    .lines()
-                    .rev()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or("");
-                format!("{stage} failed: {}", last.trim())
-            }
+            BuildError::Nix(e @ NixError::Failed { stage, log }) => match e.hidden_host_path() {
+                Some(path) => format!(
+                    "{stage} failed: a builder needed {path}, which is outside /nix/store and hidden by Nix's build sandbox; set `sandbox = false` in nix.conf (or NIX_CONFIG) or make the package import that file into the store"
+                ),
+                None => {
+                    let last = log
+                        .lines()
+                        .rev()
+                        .find(|l| !l.trim().is_empty())
+                        .unwrap_or("");
+                    format!("{stage} failed: {}", last.trim())
+                }
+            },
             other => other.to_string(),
         }
     }

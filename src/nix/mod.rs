@@ -274,6 +274,35 @@ impl NixError {
     }
 }
 
+impl NixError {
+    /// The file outside /nix/store that a failed builder could not find: with
+    /// Nix's sandbox on (Debian 13's and NixOS's default), a builder sees only
+    /// the store and its own build directory, so a package that runs a host
+    /// program fails with a shell's "sh: /usr/bin/patchelf: not found" and
+    /// exit code 127 (the shell's "command not found").
+    pub fn hidden_host_path(&self) -> Option<String> {
+        let NixError::Failed { log, .. } = self else {
+            return None;
+        };
+        if !log.contains("exit code 127") {
+            return None;
+        }
+        log.lines()
+            .filter(|l| l.contains(": not found") || l.contains("No such file or directory"))
+            .find_map(|line| {
+                line.split(|c: char| c.is_whitespace() || matches!(c, ':' | '\'' | '"' | '`'))
+                    .find(|w| {
+                        w.len() > 1
+                            && w.starts_with('/')
+                            && !["/nix/", "/build", "/tmp", "/proc", "/dev"]
+                                .iter()
+                                .any(|p| w.starts_with(p))
+                    })
+                    .map(str::to_string)
+            })
+    }
+}
+
 /// What prepare-image.nix answers.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 pub struct Prepared {
@@ -749,6 +778,37 @@ mod tests {
             failed("error: builder for '/nix/store/x.drv' failed").unsupported_system(),
             None
         );
+    }
+
+    #[test]
+    fn host_files_hidden_by_the_sandbox_are_named() {
+        let failed = |log: &str| NixError::Failed {
+            stage: "building the packages",
+            log: log.into(),
+        };
+        // As Nix 2.8 and 2.26 report the offline set's old builders with the
+        // sandbox on: busybox sh, then Nix's own lines.
+        let busybox = failed("building '/nix/store/x-libtinfo-host.drv'...\nsh: /usr/bin/patchelf: not found\nerror: builder for '/nix/store/x-libtinfo-host.drv' failed with exit code 127");
+        assert_eq!(
+            busybox.hidden_host_path().as_deref(),
+            Some("/usr/bin/patchelf")
+        );
+        let bash = failed("/nix/store/y-bash/bin/bash: line 1: /opt/tool/bin/gen: No such file or directory\nerror: builder for '/nix/store/y.drv' failed with exit code 127;");
+        assert_eq!(
+            bash.hidden_host_path().as_deref(),
+            Some("/opt/tool/bin/gen")
+        );
+        // Files of the store or of the build directory are the package's own
+        // business, and a missing file that did not stop a command from
+        // starting (another exit code) may be anything.
+        for own in [
+            "sh: /nix/store/z-patchelf/bin/patchelf: not found\nfailed with exit code 127",
+            "sh: /build/src/configure: not found\nfailed with exit code 127",
+            "cp: can't stat '/etc/ssl/certs/ca.crt': No such file or directory\nerror: builder for '/nix/store/x.drv' failed with exit code 1",
+            "error: attribute 'nosuch' missing",
+        ] {
+            assert_eq!(failed(own).hidden_host_path(), None, "{own}");
+        }
     }
 
     #[test]
