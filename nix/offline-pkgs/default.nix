@@ -58,14 +58,17 @@ let
     files = builtins.attrValues (builtins.mapAttrs
       (soname: file: "${soname}=${builtins.path { name = storeName soname; path = /. + file; }}")
       tool.libs);
+    # The copy that runs is in $out, not $TMPDIR, which may be mounted noexec
+    # (a container's tmpfs /tmp).
     script = ''
       mkdir -p $out/bin $out/lib
       ${copyFiles "$out/lib"}
       cp $bin $out/bin/patchelf
-      cp $bin "$TMPDIR/patchelf"
+      cp $bin $out/bin/.patchelf-unpatched
       chmod u+w $out/bin/patchelf
-      $out/lib/${host.interpreter} --library-path $out/lib "$TMPDIR/patchelf" \
+      $out/lib/${host.interpreter} --library-path $out/lib $out/bin/.patchelf-unpatched \
         --set-interpreter $out/lib/${host.interpreter} --force-rpath --set-rpath $out/lib $out/bin/patchelf
+      rm $out/bin/.patchelf-unpatched
       $out/bin/patchelf --version >/dev/null
     '';
   };
