@@ -42,6 +42,12 @@ let
   storeName = f: if builtins.match "[a-zA-Z0-9+_?=-][a-zA-Z0-9+._?=-]*" f != null then f else "host-file";
   importFiles = dir: files:
     map (f: "${f}=${builtins.path { name = storeName f; path = /. + "${dir}/${f}"; }}") files;
+  # Host text files by their contents: `builtins.readFile` follows symlinks,
+  # where `builtins.path` stores a symlink itself (Nix 2.8) or its target
+  # (2.26). In the agent's container /etc/services is the image's symlink
+  # with the host's file mounted over its target, so only the contents give
+  # the same store path, and the same image digests, there and on the host.
+  importText = name: path: builtins.toFile name (builtins.readFile path);
   # Shell: copies a derivation's `files` into a directory, under their names.
   copyFiles = to: ''for f in $files; do cp "''${f#*=}" "${to}/''${f%%=*}"; done'';
 
@@ -179,7 +185,7 @@ let
 
     cacert = mkDerivation {
       name = "cacert-host";
-      bundle = builtins.path { name = "ca-certificates.crt"; path = /etc/ssl/certs/ca-certificates.crt; };
+      bundle = importText "ca-certificates.crt" /etc/ssl/certs/ca-certificates.crt;
       script = ''
         mkdir -p $out/etc/ssl/certs
         cp $bundle $out/etc/ssl/certs/ca-bundle.crt
@@ -188,7 +194,7 @@ let
 
     iana-etc = mkDerivation {
       name = "iana-etc-host";
-      files = importFiles "/etc" [ "services" "protocols" ];
+      files = map (f: "${f}=${importText f (/etc + "/${f}")}") [ "services" "protocols" ];
       script = ''
         mkdir -p $out/etc
         ${copyFiles "$out/etc"}
