@@ -1,5 +1,5 @@
 //! The agent's container image, made without nixpkgs (scripts/agent-image.sh),
-//! run the way deploy/daemonset.yaml runs it, by a real Docker engine: the
+//! run the way deploy/base/daemonset.yaml runs it, by a real Docker engine: the
 //! init container's command copies the agent into an empty node store, then
 //! the agent's command runs with that store mounted over the image's /nix, a
 //! read-only root and a tmpfs /tmp, builds with the image's own Nix into the
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// What deploy/daemonset.yaml says about one container.
+/// What deploy/base/daemonset.yaml says about one container.
 struct PodContainer {
     command: Vec<String>,
     args: Vec<String>,
@@ -29,7 +29,7 @@ struct PodContainer {
 }
 
 fn daemonset_containers() -> (PodContainer, PodContainer) {
-    let text = std::fs::read_to_string(repo_root().join("deploy/daemonset.yaml")).unwrap();
+    let text = std::fs::read_to_string(repo_root().join("deploy/base/daemonset.yaml")).unwrap();
     let ds: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
     let spec = &ds["spec"]["template"]["spec"];
     let volumes: Vec<(String, String)> = spec["volumes"]

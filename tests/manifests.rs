@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::repo_root;
+use common::{have_tool, repo_root};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
@@ -116,9 +116,9 @@ fn checked_in_crd_equals_nixery_crd() {
 
 #[test]
 fn deploy_manifests_parse_and_agree() {
-    let dir = repo_root().join("deploy");
+    let dir = repo_root().join("deploy/base");
     let docs = load(&dir);
-    // The kustomization lists every file, and the CRD through ../crds.
+    // The kustomization lists every file, and the CRD through ../../crds.
     let mut listed = kustomization_resources(&dir);
     listed.sort();
     let mut present: Vec<String> = std::fs::read_dir(&dir)
@@ -127,7 +127,7 @@ fn deploy_manifests_parse_and_agree() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|f| f.ends_with(".yaml") && f != "kustomization.yaml")
         .collect();
-    present.push("../crds".into());
+    present.push("../../crds".into());
     present.sort();
     assert_eq!(listed, present);
 
@@ -342,7 +342,7 @@ fn deploy_manifests_parse_and_agree() {
 #[test]
 fn examples_parse_and_refer_to_real_images() {
     let docs = load(&repo_root().join("examples"));
-    let deploy = load(&repo_root().join("deploy"));
+    let deploy = load(&repo_root().join("deploy/base"));
     let c = &deploy.daemonsets[0]
         .spec
         .template
@@ -450,8 +450,8 @@ fn examples_parse_and_refer_to_real_images() {
 #[test]
 fn the_shared_storage_overlay_patches_the_agent_into_s3_settings_it_accepts() {
     let dir = repo_root().join("deploy/shared-storage");
-    assert_eq!(kustomization_resources(&dir), vec![".."]);
-    let base = load(&repo_root().join("deploy"));
+    assert_eq!(kustomization_resources(&dir), vec!["../base"]);
+    let base = load(&repo_root().join("deploy/base"));
     let ds = &base.daemonsets[0];
     // A partial DaemonSet (no selector): read as YAML, its container typed.
     let patch: serde_yaml::Value =
@@ -523,4 +523,143 @@ fn the_shared_storage_overlay_patches_the_agent_into_s3_settings_it_accepts() {
         s3.endpoint.as_deref(),
         Some(env["NIXERY_S3_ENDPOINT"].as_str())
     );
+}
+
+/// `kubectl kustomize DIR` (the kustomize that `kubectl apply -k` runs):
+/// the DaemonSet it renders, or None (said) where kubectl is missing.
+fn rendered_daemonset(dir: &str) -> Option<DaemonSet> {
+    if !have_tool("kubectl", "the kustomize overlays") {
+        return None;
+    }
+    let out = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(repo_root().join(dir))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {dir}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut daemonsets = Vec::new();
+    let mut kinds = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let value = serde_yaml::Value::deserialize(doc).unwrap();
+        kinds.push(value["kind"].as_str().unwrap().to_string());
+        if value["kind"] == "DaemonSet" {
+            daemonsets.push(serde_yaml::from_value::<DaemonSet>(value).unwrap());
+        }
+    }
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "CustomResourceDefinition",
+            "DaemonSet",
+            "Namespace",
+            "Role",
+            "RoleBinding",
+            "ServiceAccount"
+        ],
+        "{dir} renders the whole install"
+    );
+    daemonsets.pop()
+}
+
+fn agent_env(ds: &DaemonSet) -> BTreeMap<String, Option<String>> {
+    let c = &ds.spec.template.spec.as_ref().unwrap().containers[0];
+    c.env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.value.clone()))
+        .collect()
+}
+
+#[test]
+fn every_kustomization_renders_with_real_kustomize() {
+    let Some(base) = rendered_daemonset("deploy") else {
+        return;
+    };
+    assert_eq!(
+        agent_env(&base)["NIXERY_CHANNEL"].as_deref(),
+        Some("nixos-unstable")
+    );
+    let caps = |ds: &DaemonSet| {
+        let c = &ds.spec.template.spec.as_ref().unwrap().containers[0];
+        let caps = c
+            .security_context
+            .as_ref()
+            .unwrap()
+            .capabilities
+            .as_ref()
+            .unwrap();
+        (
+            caps.add.clone().unwrap_or_default(),
+            caps.drop.clone().unwrap_or_default(),
+        )
+    };
+    assert!(caps(&base).0.contains(&"SETUID".to_string()));
+
+    // On one bucket: the S3 settings, the rest as in the base.
+    let s3 = rendered_daemonset("deploy/shared-storage").unwrap();
+    let env = agent_env(&s3);
+    assert_eq!(env["NIXERY_STORAGE_BACKEND"].as_deref(), Some("s3"));
+    assert!(env.contains_key("AWS_ACCESS_KEY_ID"));
+    assert!(env.contains_key("NODE_NAME"));
+
+    // Through a nix-daemon: NIX_REMOTE=daemon and no capability at all.
+    let daemon = rendered_daemonset("deploy/nix-daemon").unwrap();
+    assert_eq!(agent_env(&daemon)["NIX_REMOTE"].as_deref(), Some("daemon"));
+    assert_eq!(caps(&daemon), (vec![], vec!["ALL".to_string()]));
+
+    // The offline set: no channel (one source only), the set and what it
+    // wraps mounted read-only from the host.
+    let offline = rendered_daemonset("deploy/offline").unwrap();
+    let env = agent_env(&offline);
+    assert!(!env.contains_key("NIXERY_CHANNEL"));
+    assert_eq!(
+        env["NIXERY_PKGS_PATH"].as_deref(),
+        Some("/opt/nixery/offline-pkgs")
+    );
+    assert_eq!(env["NIXERY_NIX_OPTIONS"].as_deref(), Some("substituters="));
+    let pod = offline.spec.template.spec.as_ref().unwrap();
+    let mounts: BTreeMap<String, (String, bool)> = pod.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| {
+            (
+                m.mount_path.clone(),
+                (m.name.clone(), m.read_only == Some(true)),
+            )
+        })
+        .collect();
+    for path in ["/opt/nixery/offline-pkgs", "/usr", "/etc/services"] {
+        assert!(mounts[path].1, "{path} is mounted read-only");
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mounts[path].0)
+            .unwrap();
+        assert_eq!(volume.host_path.as_ref().unwrap().path, path);
+    }
+    // The settings are ones `nixery agent` accepts together.
+    let args = <nixery::config::Cli as clap::Parser>::try_parse_from([
+        "nixery",
+        "agent",
+        "--node-name=n",
+        &format!(
+            "--pkgs-path={}",
+            env["NIXERY_PKGS_PATH"].as_deref().unwrap()
+        ),
+        &format!(
+            "--nix-option={}",
+            env["NIXERY_NIX_OPTIONS"].as_deref().unwrap()
+        ),
+    ]);
+    assert!(args.is_ok(), "{args:?}");
 }
