@@ -2,7 +2,8 @@
 //! and image config in `spec`, per-node and aggregate build state in `status`.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::CustomResource;
+use kube::core::{Reason, Rule};
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -13,7 +14,7 @@ pub const TAG_PATTERN: &str = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$";
 
 /// A container image built by Nix from a list of packages, served by the
 /// nixery agent on every node as `niximage/<namespace>/<name>:<tag>`.
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
     group = "k8s.nixos.org",
     version = "v1alpha1",
@@ -22,24 +23,26 @@ pub const TAG_PATTERN: &str = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$";
     shortname = "nimg",
     namespaced,
     status = "NixImageStatus",
+    doc = "A container image that Nix builds from a list of packages. The nixery agent on every node builds it into the node's /nix/store and serves it from the node's own registry, so Pods use `image: 127.0.0.1:5000/niximage/<namespace>/<name>:<tag>`; status.image is that reference with its digest.",
     printcolumn = r#"{"name":"Tag","type":"string","jsonPath":".spec.tag"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
-    printcolumn = r#"{"name":"Nodes","type":"string","jsonPath":".status.readyNodes"}"#,
+    printcolumn = r#"{"name":"Nodes","type":"string","description":"nodes that serve the current generation, of all nodes","jsonPath":".status.readyNodes"}"#,
     printcolumn = r#"{"name":"Image","type":"string","jsonPath":".status.image"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Size","type":"integer","description":"compressed bytes","priority":1,"jsonPath":".status.size"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct NixImageSpec {
     /// Package attribute paths (e.g. `curl`, `python3Packages.requests`);
     /// `shell` adds bash, coreutils and the usual interactive tools.
-    #[schemars(
-        length(min = 1, max = 64),
-        inner(length(max = 255), pattern(ATTR_PATTERN))
-    )]
+    #[schemars(length(max = 64), inner(length(max = 255)))]
+    #[x_kube(validation = contents_not_empty(), validation = contents_are_attribute_paths())]
     pub contents: Vec<String>,
     /// The image tag; with a git package source it also names the revision.
     #[serde(default = "default_tag")]
-    #[schemars(pattern(TAG_PATTERN))]
+    #[schemars(length(max = 128))]
+    #[x_kube(validation = tag_is_valid())]
     pub tag: String,
     /// Overrides the agent's package source for this image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -53,9 +56,37 @@ fn default_tag() -> String {
     "latest".into()
 }
 
+// Admission rules (CEL, `x-kubernetes-validations`): the API server refuses
+// what can never build, and `kubectl apply` shows why.
+
+fn contents_not_empty() -> Rule {
+    Rule::new("self.size() > 0")
+        .message("contents must name at least one package")
+        .reason(Reason::FieldValueRequired)
+}
+
+fn contents_are_attribute_paths() -> Rule {
+    let ok = format!(r#"p.matches(r"{ATTR_PATTERN}")"#);
+    Rule::new(format!("self.all(p, {ok})")).message(kube::core::Message::Expression(format!(
+        r#"'"' + self.filter(p, !({ok}))[0] + '" is not a package attribute path (such as curl or python3Packages.requests)'"#
+    )))
+}
+
+fn tag_is_valid() -> Rule {
+    Rule::new(format!(r#"self.matches(r"{TAG_PATTERN}")"#)).message(
+        "tag must be 1 to 128 letters, digits, '_', '.' or '-', and not start with '.' or '-'",
+    )
+}
+
+fn exactly_one_source() -> Rule {
+    Rule::new("[has(self.path), has(self.repo), has(self.channel)].filter(x, x).size() == 1")
+        .message("source names exactly one of path, repo or channel")
+}
+
 /// One of `path`, `repo` or `channel`.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = exactly_one_source())]
 pub struct PackageSource {
     /// A nixpkgs-shaped directory on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -247,9 +278,18 @@ mod tests {
         for c in ["Tag", "Phase", "Image", "Age"] {
             assert!(cols.contains(&c), "{cols:?}");
         }
-        // Validation the API server enforces.
-        assert!(yaml.contains("minItems: 1"), "{yaml}");
-        assert!(yaml.contains(TAG_PATTERN));
+        // Validation the API server enforces (tests/e2e_kube.rs tries it on a
+        // real one): the same patterns as the registry's parser, as CEL rules.
+        assert!(
+            yaml.contains(&format!(r#"self.matches(r"{TAG_PATTERN}")"#)),
+            "{yaml}"
+        );
+        assert!(
+            yaml.contains(&format!(r#"p.matches(r"{ATTR_PATTERN}")"#)),
+            "{yaml}"
+        );
+        assert!(yaml.contains("rule: self.size() > 0"), "{yaml}");
+        assert!(!yaml.contains("Auto-generated"), "{yaml}");
         let schema = serde_json::to_value(&v.schema).unwrap();
         let status = &schema["openAPIV3Schema"]["properties"]["status"]["properties"];
         assert_eq!(status["nodes"]["x-kubernetes-list-type"], "map");
