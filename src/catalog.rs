@@ -424,6 +424,13 @@ impl Catalog {
         Some(rec.img.clone())
     }
 
+    /// The catalogued image whose OCI manifest has this digest.
+    pub fn image_with_digest(&self, digest: &Digest) -> Option<Arc<BuiltImage>> {
+        let inner = self.inner.read().unwrap();
+        let key = inner.by_digest.get(digest)?;
+        inner.images.get(key).map(|rec| rec.img.clone())
+    }
+
     /// Records a built image under its image key.
     pub fn add_image(&self, image_key: &str, img: Arc<BuiltImage>) {
         {
@@ -471,6 +478,16 @@ impl Catalog {
         drop(inner);
         self.persist();
         unheld
+    }
+
+    /// Every NixImage object ("namespace/name") that names a catalogued image.
+    pub fn objects(&self) -> BTreeSet<String> {
+        let inner = self.inner.read().unwrap();
+        inner
+            .images
+            .values()
+            .flat_map(|rec| rec.objects.iter().cloned())
+            .collect()
     }
 
     /// Every image, least recently used first, for the garbage collector.

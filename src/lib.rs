@@ -17,7 +17,6 @@ pub mod shared;
 pub mod store;
 pub mod telemetry;
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use crate::build::{Builder, BuilderConfig};
@@ -134,7 +133,7 @@ pub async fn app_state_with(
         builder,
         catalog,
         metrics,
-        ready: Arc::new(AtomicBool::new(true)),
+        ready: Default::default(),
         limits: settings.limits,
         redirect,
     })

@@ -79,9 +79,11 @@ async fn serve(args: CommonArgs) -> anyhow::Result<()> {
 async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let settings = args.common.resolve(env)?;
     let state = nixery::app_state(&settings).await?;
-    state
-        .ready
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+    // Not ready before the controller says so (it waits for its watch and Lease).
+    state.ready.wait_for(
+        nixery::k8s::controller::READINESS_PART,
+        "waiting for the controller to start",
+    );
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("listening on {}", settings.listen))?;

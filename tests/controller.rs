@@ -81,20 +81,16 @@ async fn build_status_events_no_rewrites_spec_change_and_deletion() {
         .contains(&new_digest));
     assert_eq!(status.conditions[0].status, "True");
 
-    // Deletion: the finalizer drops the image and the node's GC roots.
+    // Deletion: no finalizer holds it up (the API server removes it at
+    // once); the watch's Delete event makes the agent drop the image and the
+    // node's GC roots, with no call to the API server.
+    assert_eq!(server.object().metadata.finalizers, Some(vec![]));
     let gcroots = std::fs::read_dir(dir.path().join("state/gcroots"))
         .unwrap()
         .count();
     assert!(gcroots >= 2);
-    server.edit(|o| o["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z"));
-    let (result, calls) = reconcile(&server, &mut a, 2).await;
-    assert!(result.is_ok(), "{result:?}");
-    assert_event(&calls[0], "Deleted", "Normal");
-    assert_finalizer_patch(&calls[1], "k8s.nixos.org/nixery-node-a");
-    assert_eq!(
-        server.object().metadata.finalizers.unwrap_or_default(),
-        Vec::<String>::new()
-    );
+    controller::forget_object(&a.ctx, "default", "curl-and-jq", Some("uid-curl-and-jq")).await;
+    expect_silence(&mut a.handle, Duration::from_millis(100)).await;
     assert_eq!(
         get(&state, "/v2/niximage/default/curl-and-jq/manifests/v1")
             .await
@@ -265,26 +261,14 @@ async fn two_agents_on_different_hosts_agree_and_then_write_nothing() {
     // A rollout that changes the port: the nodes serve on different hosts.
     let mut a = agent("node-a", "127.0.0.1:5000", &sa, |_| {});
     let mut b = agent("node-b", "127.0.0.1:6000", &sb, |_| {});
-    let server = Server::new(niximage(
-        "curl-and-jq",
-        1,
-        &["hello"],
-        &["k8s.nixos.org/nixery-node-a"],
-    ));
+    let server = Server::new(niximage("curl-and-jq", 1, &["hello"], &[]));
 
     build_to_ready(&server, &mut a, ("0/1", "1/1")).await;
 
-    // Agent B adds its own finalizer first, leaving A's in place.
-    let (result, calls) = reconcile(&server, &mut b, 1).await;
-    assert!(result.is_ok());
-    assert_eq!(calls[0].content_type, "application/json-patch+json");
-    assert_eq!(
-        server.object().metadata.finalizers.unwrap(),
-        vec!["k8s.nixos.org/nixery-node-a", "k8s.nixos.org/nixery-node-b"]
-    );
-
-    // Then builds on its node; the aggregate goes 1/2 and then 2/2.
+    // Agent B builds on its node (no finalizer: nothing may hold up a
+    // deletion); the aggregate goes 1/2 and then 2/2.
     build_to_ready(&server, &mut b, ("1/2", "2/2")).await;
+    assert_eq!(server.object().metadata.finalizers, Some(vec![]));
     let status = server.object().status.unwrap();
     assert_eq!(status.nodes.len(), 2);
     // Reproducible builds: both nodes agree on the digest.
@@ -359,8 +343,9 @@ async fn departed_nodes_hold_up_nothing() {
     });
 
     // The live agent removes node-b's entry and finalizer (JSON patches that
-    // test what they remove), then builds; readyNodes counts live nodes only.
-    let (result, calls) = reconcile(&server, &mut a, 5).await;
+    // test what they remove), and its own finalizer, which its older version
+    // wrote; then builds; readyNodes counts live nodes only.
+    let (result, calls) = reconcile(&server, &mut a, 6).await;
     assert!(result.is_ok(), "{result:?}");
     assert_eq!(
         (calls[0].path.as_str(), calls[0].content_type.as_str()),
@@ -371,12 +356,13 @@ async fn departed_nodes_hold_up_nothing() {
         json!({ "op": "test", "path": "/status/nodes/0/node", "value": "node-b" })
     );
     assert_finalizer_patch(&calls[1], "k8s.nixos.org/nixery-node-b");
-    assert_node_patch(&calls[2], "node-a", "Building");
-    assert_aggregate_patch(&calls[3], "Building", "0/2");
+    assert_finalizer_patch(&calls[2], "k8s.nixos.org/nixery-node-a");
+    assert_node_patch(&calls[3], "node-a", "Building");
+    assert_aggregate_patch(&calls[4], "Building", "0/2");
     let obj = server.object();
     assert_eq!(
         obj.metadata.finalizers.clone().unwrap(),
-        vec!["k8s.nixos.org/nixery-node-a", "k8s.nixos.org/nixery-node-c"]
+        vec!["k8s.nixos.org/nixery-node-c"]
     );
     let nodes: Vec<&str> = obj
         .status
@@ -405,9 +391,10 @@ async fn departed_nodes_hold_up_nothing() {
     );
     assert_eq!(calls[0].answered, 409);
 
-    // Deleting the object completes although node-b never comes back: its
-    // finalizer goes, then node-a's own; node-c (alive) keeps its finalizer
-    // until its own agent lets go, so node-a looks again soon.
+    // An object being deleted, held by older agents' finalizers: node-b's
+    // goes (it never comes back), node-a's own goes, node-a drops the image
+    // and builds nothing more; node-c (alive) keeps its finalizer until its
+    // own agent, once upgraded, lets go.
     server.edit(|o| {
         o["metadata"]["finalizers"] = json!([
             "k8s.nixos.org/nixery-node-a",
@@ -416,17 +403,19 @@ async fn departed_nodes_hold_up_nothing() {
         ]);
         o["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
     });
-    let (result, calls) = reconcile(&server, &mut a, 3).await;
-    assert_eq!(
-        result.unwrap(),
-        Action::requeue(nixery::k8s::lease::RENEW_EVERY)
-    );
+    let (result, calls) = reconcile(&server, &mut a, 2).await;
+    assert_eq!(result.unwrap(), Action::await_change());
     assert_finalizer_patch(&calls[0], "k8s.nixos.org/nixery-node-b");
-    assert_event(&calls[1], "Deleted", "Normal");
-    assert_finalizer_patch(&calls[2], "k8s.nixos.org/nixery-node-a");
+    assert_finalizer_patch(&calls[1], "k8s.nixos.org/nixery-node-a");
     assert_eq!(
         server.object().metadata.finalizers.unwrap(),
         vec!["k8s.nixos.org/nixery-node-c"]
+    );
+    assert_eq!(
+        get(&state, "/v2/niximage/default/curl-and-jq/manifests/v1")
+            .await
+            .error_code(),
+        "NAME_UNKNOWN"
     );
 }
 
@@ -438,12 +427,7 @@ async fn only_allowed_package_sources_are_built() {
     let mut a = agent("node-a", "127.0.0.1:5000", &state, |c| {
         c.allowed_sources = vec![nixery::nix::Source::Channel(allowed.into())]
     });
-    let server = Server::new(niximage(
-        "curl-and-jq",
-        1,
-        &["hello"],
-        &["k8s.nixos.org/nixery-node-a"],
-    ));
+    let server = Server::new(niximage("curl-and-jq", 1, &["hello"], &[]));
     server.edit(|o| o["spec"]["source"] = json!({ "repo": "https://example.invalid/evil.git" }));
     let (result, calls) = reconcile(&server, &mut a, 3).await;
     assert_eq!(result.unwrap(), Action::await_change());
@@ -483,12 +467,7 @@ async fn a_running_build_shows_how_far_it_got() {
     let mut a = agent("node-a", "127.0.0.1:5000", &state, |c| {
         c.progress_interval = Duration::ZERO
     });
-    let server = Server::new(niximage(
-        "curl-and-jq",
-        1,
-        &["curl", "jq", "shell"],
-        &["k8s.nixos.org/nixery-node-a"],
-    ));
+    let server = Server::new(niximage("curl-and-jq", 1, &["curl", "jq", "shell"], &[]));
     // The reconcile that starts the build returns before it finishes.
     let obj = Arc::new(server.object());
     let ctx = a.ctx.clone();
@@ -581,7 +560,6 @@ async fn invalid_spec_is_reported_and_not_retried() {
 async fn readiness_comes_from_the_watch_and_recovers_after_an_outage() {
     let dir = tempfile::tempdir().unwrap();
     let state = fake_state(dir.path()).await.0;
-    state.ready.store(false, Ordering::SeqCst);
     let Agent {
         ctx,
         mut handle,
@@ -637,10 +615,10 @@ async fn readiness_comes_from_the_watch_and_recovers_after_an_outage() {
             }
             (NIXIMAGES, Phase::Syncing) if query.contains("watch=true") => {
                 assert!(initial_list_seen);
-                assert!(
-                    ready.load(Ordering::SeqCst),
-                    "ready once the initial list is in"
-                );
+                // The watch's part is done once the initial list is in (the
+                // Lease may still be on its way).
+                let why = ready.why_not().unwrap_or_default();
+                assert!(!why.contains("watch"), "{why}");
                 // The API server goes away for 1.5 s: the open watch ends with
                 // an error, and every call fails meanwhile.
                 send.send_response(reply(500, status_body(500, "connection reset")));
@@ -657,9 +635,10 @@ async fn readiness_comes_from_the_watch_and_recovers_after_an_outage() {
             }
             (NIXIMAGES, Phase::Syncing) => {
                 if query.contains("limit=500") {
+                    let why = ready.why_not().unwrap_or_default();
                     assert!(
-                        !ready.load(Ordering::SeqCst),
-                        "not ready before the initial list"
+                        why.contains("waiting for the controller's watch to sync"),
+                        "not ready before the initial list: {why:?}"
                     );
                     initial_list_seen = true;
                 }
@@ -686,11 +665,126 @@ async fn readiness_comes_from_the_watch_and_recovers_after_an_outage() {
     );
     assert!(lease_renewed, "the agent's Lease was renewed");
     assert!(
-        ready.load(Ordering::SeqCst),
-        "an outage does not make a synced agent unready"
+        ready.is_ready(),
+        "an outage does not make a synced agent unready: {:?}",
+        ready.why_not()
     );
     agent_task.abort();
     drop(watches);
+}
+
+/// Polls `f` until it holds (30 s at most).
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !f() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `controller::run` against a fake API server that refuses the agent's
+/// Lease (its namespace does not exist, as kube-apiserver 1.34 answers) and
+/// lists no NixImages, while this node's catalog still holds the image of an
+/// object deleted while the agent was down: the agent is not ready, and
+/// /readyz says why in one line; the deleted object's image and GC roots go at
+/// the watch's first sync; once the namespace exists the agent is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_its_lease_is_not_ready_and_a_missed_deletion_is_caught_up() {
+    let (dir, state, mut a, server) = one_agent(&["curl", "jq"]).await;
+    build_to_ready(&server, &mut a, ("0/1", "1/1")).await;
+    let gcroots = || {
+        std::fs::read_dir(dir.path().join("state/gcroots"))
+            .unwrap()
+            .count()
+    };
+    assert!(gcroots() > 0);
+    drop(a);
+
+    // The agent starts again (same state); the object was deleted meanwhile.
+    let Agent {
+        ctx,
+        mut handle,
+        wiring,
+    } = agent("node-a", "127.0.0.1:5000", &state, |_| {});
+    let ctx = Arc::try_unwrap(ctx).ok().unwrap();
+    let ready = state.ready.clone();
+    let agent_task = tokio::spawn(controller::run(
+        ctx,
+        wiring,
+        controller::Scope {
+            lease_namespace: "nixery-system".into(),
+            watch_namespace: None,
+        },
+        ready.clone(),
+    ));
+    const NIXIMAGES: &str = "/apis/k8s.nixos.org/v1alpha1/niximages";
+    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/nixery-system/leases";
+    let namespace_exists = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let exists = namespace_exists.clone();
+    let api = tokio::spawn(async move {
+        let reply = |code: u16, body: Value| {
+            Response::builder()
+                .status(code)
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                .unwrap()
+        };
+        let list = |kind: &str| json!({ "apiVersion": "v1", "kind": kind, "metadata": { "resourceVersion": "7" }, "items": [] });
+        let mut watches = Vec::new();
+        while let Some((req, send)) = handle.next_request().await {
+            let path = req.uri().path().to_string();
+            let watch = req.uri().query().unwrap_or("").contains("watch=true");
+            match path.as_str() {
+                NIXIMAGES | LEASES if watch => watches.push(send),
+                NIXIMAGES => send.send_response(reply(200, list("NixImageList"))),
+                LEASES => send.send_response(reply(200, list("LeaseList"))),
+                p if p.starts_with(LEASES) && req.method() == "PATCH" => {
+                    if exists.load(Ordering::SeqCst) {
+                        let body = req.into_body().collect_bytes().await.unwrap();
+                        let v: Value = serde_json::from_slice(&body).unwrap();
+                        send.send_response(reply(200, v));
+                    } else {
+                        send.send_response(reply(
+                            404,
+                            status_body(404, "namespaces \"nixery-system\" not found"),
+                        ));
+                    }
+                }
+                p => panic!("unexpected call {} {p}", req.method()),
+            }
+        }
+    });
+
+    // The deletion it missed is caught up at the watch's first sync.
+    until("the missed deletion to be caught up", || gcroots() == 0).await;
+    assert_eq!(
+        get(&state, "/v2/niximage/default/curl-and-jq/manifests/v1")
+            .await
+            .error_code(),
+        "NAME_UNKNOWN"
+    );
+    assert!(state.catalog.objects().is_empty());
+    // Not ready, saying why in one line, on /readyz too.
+    until("the Lease failure to be reported", || {
+        ready.why_not().is_some_and(|w| w.contains("cannot hold"))
+    })
+    .await;
+    let resp = get(&state, "/readyz").await;
+    assert_eq!(resp.status, StatusCode::SERVICE_UNAVAILABLE);
+    let body = String::from_utf8_lossy(&resp.body).into_owned();
+    assert_eq!(
+        body,
+        "not ready: cannot hold this node's Lease nixery-system/nixery-node-node-a: namespaces \"nixery-system\" not found (create the namespace, or point --lease-namespace at one that exists)\n"
+    );
+    // The namespace appears: the next renewal (10 s later) makes it ready.
+    namespace_exists.store(true, Ordering::SeqCst);
+    until("ready", || ready.is_ready()).await;
+    assert_eq!(get(&state, "/readyz").await.status, StatusCode::OK);
+    agent_task.abort();
+    api.abort();
 }
 
 /// A git repository with one commit on `main`; returns its URL and a way to
@@ -741,12 +835,7 @@ async fn moving_source(
     let a = agent("node-a", "127.0.0.1:5000", &state, |c| {
         c.allowed_sources = vec![allowed]
     });
-    let server = Server::new(niximage(
-        "curl-and-jq",
-        1,
-        &["hello"],
-        &["k8s.nixos.org/nixery-node-a"],
-    ));
+    let server = Server::new(niximage("curl-and-jq", 1, &["hello"], &[]));
     server.edit(|o| {
         o["spec"]["source"] = source;
         o["spec"]["tag"] = json!(tag);

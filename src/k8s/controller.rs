@@ -6,9 +6,14 @@
 //! entry under a field manager of its own; the aggregate fields are computed
 //! from the node entries alone (never from an agent's own settings) by
 //! whichever agent sees a change, under one shared field manager, and written
-//! only when they differ, so agents that agree write nothing. Each node has its
-//! own finalizer, since each has GC roots to drop; a node whose Lease expired
-//! (see `lease`) has left, and the live agents remove its entry and finalizer.
+//! only when they differ, so agents that agree write nothing. A node whose
+//! Lease expired (see `lease`) has left, and the live agents remove its entry.
+//!
+//! No finalizers: nothing may hold up a deletion or an uninstall. Each agent
+//! drops a deleted object's image and GC roots when its watch reports the
+//! deletion, and, for deletions it missed (it was down, or its watch was
+//! re-listed), at every sync of the watch by comparing the catalog with the
+//! objects that exist. Finalizers written by older agents are removed.
 //!
 //! A reconcile starts or joins a build and returns; the build's completion
 //! triggers the object again, so a spec change or a delete never waits behind
@@ -17,7 +22,6 @@
 //! by our own status write) neither rebuilds nor flips a Ready image back.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,7 +32,6 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
-use kube::runtime::finalizer::{finalizer, Event as Finalizer};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
@@ -47,7 +50,7 @@ use crate::oci::RunConfig;
 /// Field manager of the aggregate status fields, shared by all agents.
 pub const FIELD_MANAGER: &str = "nixery.k8s.nixos.org";
 pub const API_VERSION: &str = "k8s.nixos.org/v1alpha1";
-/// Every agent's finalizer starts with this; the rest names the node.
+/// Older agents' finalizers started with this; the rest names the node.
 pub const FINALIZER_PREFIX: &str = "k8s.nixos.org/nixery-";
 
 pub const PHASE_BUILDING: &str = "Building";
@@ -77,10 +80,10 @@ pub enum Error {
     PatchStatus(#[source] kube::Error),
     #[error("removing a departed node's entry or finalizer: {0}")]
     Departed(#[source] kube::Error),
+    #[error("removing this node's finalizer, written by an older agent: {0}")]
+    LegacyFinalizer(#[source] kube::Error),
     #[error("building the image: {0}")]
     Build(String),
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("the object has no namespace")]
     NoNamespace,
     #[error("listing NixImages: {0} (is the CRD installed? kubectl apply -f crds/niximage.yaml)")]
@@ -88,17 +91,8 @@ pub enum Error {
 }
 
 impl Error {
-    /// A failed build, possibly as kube's finalizer helper wraps it.
     pub fn is_build_failure(&self) -> bool {
-        use kube::runtime::finalizer::Error as F;
-        match self {
-            Error::Build(_) => true,
-            Error::Finalizer(f) => matches!(
-                f.as_ref(),
-                F::ApplyFailed(Error::Build(_)) | F::CleanupFailed(Error::Build(_))
-            ),
-            _ => false,
-        }
+        matches!(self, Error::Build(_))
     }
 }
 
@@ -210,8 +204,9 @@ impl Context {
         format!("{FIELD_MANAGER}/{}", short(&self.node, 90))
     }
 
-    /// `k8s.nixos.org/nixery-<node>`: a finalizer name's part after the slash
-    /// is at most 63 characters, so long node names are shortened.
+    /// `k8s.nixos.org/nixery-<node>`, as older agents wrote it: a finalizer
+    /// name's part after the slash is at most 63 characters, so long node
+    /// names are shortened.
     pub fn finalizer(&self) -> String {
         finalizer_of(&self.node)
     }
@@ -342,26 +337,14 @@ pub async fn reconcile(obj: Arc<NixImage>, ctx: Arc<Context>) -> Result<Action, 
     let result = async {
         // Nodes that left never hold anything up, deletions least of all.
         let obj = sweep_departed(&api, obj, &ctx).await?;
-        let deleting = obj.metadata.deletion_timestamp.is_some();
-        let action = finalizer(&api, &ctx.finalizer(), obj.clone(), |event| async {
-            match event {
-                Finalizer::Apply(o) => apply(o, &ctx, &api).await,
-                Finalizer::Cleanup(o) => cleanup(o, &ctx).await,
-            }
-        })
-        .await
-        .map_err(|e| Error::Finalizer(Box::new(e)))?;
-        // While other nodes' finalizers remain on a deleted object, look again
-        // once their Leases could have expired.
-        let others = obj
-            .finalizers()
-            .iter()
-            .any(|f| f.starts_with(FINALIZER_PREFIX) && *f != ctx.finalizer());
-        Ok(if deleting && others {
-            Action::requeue(lease::RENEW_EVERY)
-        } else {
-            action
-        })
+        let obj = drop_legacy_finalizer(&api, obj, &ctx).await?;
+        if obj.metadata.deletion_timestamp.is_some() {
+            // Going (another finalizer holds it, or a foreground deletion):
+            // nothing more to build for it here.
+            forget_object(&ctx, &ns, &obj.name_any(), obj.uid().as_deref()).await;
+            return Ok(Action::await_change());
+        }
+        apply(obj, &ctx, &api).await
     }
     .instrument(span)
     .await;
@@ -461,6 +444,30 @@ fn test_and_remove(list: &str, field: &str, items: &[(usize, String)]) -> json_p
         ops.push(json!({ "op": "remove", "path": format!("{list}/{i}") }));
     }
     serde_json::from_value(json!(ops)).expect("valid JSON patch ops")
+}
+
+/// Removes this node's finalizer where an older agent wrote it (they held up
+/// deletions and uninstalls), with a `test` so a concurrent change is not undone.
+async fn drop_legacy_finalizer(
+    api: &Api<NixImage>,
+    obj: Arc<NixImage>,
+    ctx: &Context,
+) -> Result<Arc<NixImage>, Error> {
+    let own = ctx.finalizer();
+    let Some(i) = obj.finalizers().iter().position(|f| *f == own) else {
+        return Ok(obj);
+    };
+    let patch = test_and_remove("/metadata/finalizers", "", &[(i, own)]);
+    let updated = api
+        .patch(
+            &obj.name_any(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(patch),
+        )
+        .await
+        .map_err(Error::LegacyFinalizer)?;
+    info!("removed this node's finalizer, written by an older agent");
+    Ok(Arc::new(updated))
 }
 
 /// Whether a finalizer belongs to a node with an expired Lease that has no
@@ -1254,34 +1261,92 @@ async fn ensure_aggregate(api: &Api<NixImage>, obj: &NixImage, ctx: &Context) ->
     Ok(())
 }
 
-/// On delete: stop any build, forget the image and drop the GC roots that
-/// kept its closure.
-async fn cleanup(obj: Arc<NixImage>, ctx: &Context) -> Result<Action, Error> {
-    let ns = obj.namespace().ok_or(Error::NoNamespace)?;
-    let uid = obj.uid().unwrap_or_default();
-    if let Some(NodeBuild::Running { task, .. }) = ctx.builds.lock().unwrap().remove(&uid) {
+/// A NixImage is gone (or going): stop its build, forget it, and drop the
+/// images of every generation with their blobs and GC roots, unless another
+/// object or an ad-hoc request still wants them (those stay until evicted as
+/// least recently used). Without the UID (a deletion this agent missed),
+/// nothing of the object is in memory but the registry's entry.
+pub async fn forget_object(ctx: &Context, namespace: &str, name: &str, uid: Option<&str>) {
+    if let Some(uid) = uid {
+        forget_uid(ctx, uid);
+    }
+    ctx.catalog.named.remove(namespace, name);
+    match ctx.builder.gc().drop_object(namespace, name).await {
+        Ok(_) => info!(namespace, name, "dropped the image of a deleted NixImage"),
+        Err(e) => warn!(namespace, name, error = %e, "dropping a deleted NixImage's images"),
+    }
+}
+
+/// Registers, for each object whose current generation this node's status
+/// entry calls Ready, the catalogued image of that digest, unless something
+/// is registered for it already. Returns how many were.
+fn restore_named(ctx: &Context, objects: &[Arc<NixImage>]) -> usize {
+    let mut restored = 0;
+    for obj in objects {
+        let (Some(ns), name) = (obj.namespace(), obj.name_any()) else {
+            continue;
+        };
+        let mine = obj
+            .status
+            .iter()
+            .flat_map(|s| s.nodes.iter())
+            .find(|n| n.node == ctx.node);
+        let Some(digest) = mine
+            .filter(|n| {
+                n.phase == PHASE_READY && Some(n.observed_generation) == obj.metadata.generation
+            })
+            .and_then(|n| n.digest.as_deref()?.parse().ok())
+        else {
+            continue;
+        };
+        if ctx.catalog.named.get(&ns, &name).is_some() {
+            continue;
+        }
+        if let Some(image) = ctx.catalog.image_with_digest(&digest) {
+            ctx.catalog.named.set(
+                &ns,
+                &name,
+                NamedEntry::Ready {
+                    tag: obj.spec.tag.clone(),
+                    image,
+                },
+            );
+            restored += 1;
+        }
+    }
+    restored
+}
+
+/// Stops the object's build and forgets what this agent kept of it in memory.
+fn forget_uid(ctx: &Context, uid: &str) {
+    if let Some(NodeBuild::Running { task, .. }) = ctx.builds.lock().unwrap().remove(uid) {
         task.abort();
     }
-    ctx.written.lock().unwrap().remove(&uid);
-    ctx.failed.lock().unwrap().remove(&uid);
-    ctx.failures.lock().unwrap().remove(&uid);
-    // Unpinned, the images of every generation of this object go, with
-    // their blobs and GC roots, unless another object or an ad-hoc request
-    // still wants them (those stay until evicted as least recently used).
-    ctx.catalog.named.remove(&ns, &obj.name_any());
-    if let Err(e) = ctx.builder.gc().drop_object(&ns, &obj.name_any()).await {
-        warn!(error = %e, "dropping the object's images");
+    ctx.written.lock().unwrap().remove(uid);
+    ctx.failed.lock().unwrap().remove(uid);
+    ctx.failures.lock().unwrap().remove(uid);
+    ctx.resolved.lock().unwrap().remove(uid);
+    ctx.events.forget(uid);
+}
+
+/// Deletions this agent did not see (it was down, or its watch had to list
+/// again): every object the catalog holds images for, in the watched scope,
+/// that no longer exists, is forgotten as `forget_object` does.
+pub async fn forget_missing(
+    ctx: &Context,
+    scope: Option<&str>,
+    existing: &BTreeSet<(String, String)>,
+) {
+    for object in ctx.catalog.objects() {
+        let Some((ns, name)) = object.split_once('/') else {
+            continue;
+        };
+        if scope.is_some_and(|s| s != ns) || existing.contains(&(ns.to_string(), name.to_string()))
+        {
+            continue;
+        }
+        forget_object(ctx, ns, name, None).await;
     }
-    ctx.events
-        .publish(
-            &obj,
-            EventType::Normal,
-            "Deleted",
-            &format!("image dropped from {}", ctx.node),
-        )
-        .await;
-    ctx.events.forget(&uid);
-    Ok(Action::await_change())
 }
 
 /// Watch retries: quick, and capped at 5 s, so that the agent is back within
@@ -1318,14 +1383,19 @@ pub struct Scope {
     pub watch_namespace: Option<String>,
 }
 
+/// The readiness part of the NixImage watch.
+pub const READINESS_PART: &str = "watch";
+
 /// Runs the controller until shutdown: renews this node's Lease, watches the
-/// other agents' Leases and every NixImage. `ready` turns true once the
-/// NixImage watch has delivered its initial list (`/readyz` reports it).
+/// other agents' Leases and every NixImage. Ready once the NixImage watch has
+/// delivered its initial list and this node holds its Lease (`/readyz` says
+/// which is missing). Every sync of the watch forgets the objects deleted
+/// while it was not looking; a deletion it sees is forgotten at once.
 pub async fn run(
     ctx: Context,
     wiring: Wiring,
     scope: Scope,
-    ready: Arc<AtomicBool>,
+    ready: Arc<crate::registry::Readiness>,
 ) -> Result<(), Error> {
     let mut ctx = ctx;
     let api = match &scope.watch_namespace {
@@ -1337,11 +1407,14 @@ pub async fn run(
         .map_err(Error::List)?;
 
     // Leases: ours renewed, everyone's watched.
+    ready.wait_for(READINESS_PART, "waiting for the controller's watch to sync");
+    ready.wait_for(lease::READINESS_PART, "waiting to hold this node's Lease");
     let lease_api: Api<Lease> = Api::namespaced(ctx.client.clone(), &scope.lease_namespace);
     tokio::spawn(lease::keep_renewing(
         lease_api.clone(),
         ctx.node.clone(),
         ctx.node_field_manager(),
+        ready.clone(),
     ));
     let (lease_store, lease_writer) = reflector::store::<Lease>();
     let lease_watch = watcher(
@@ -1367,13 +1440,46 @@ pub async fn run(
     // wakes only its last waiter, and the controller's runner waits on it too.)
     let (reader, writer) = reflector::store::<NixImage>();
     let synced = ready.clone();
+    let (janitor_ctx, janitor_store) = (ctx.clone(), reader.clone());
+    let watch_namespace = scope.watch_namespace.clone();
     let objects = watcher(api, watcher::Config::default().any_semantic())
-        .inspect(move |e| {
-            if matches!(e, Ok(watcher::Event::InitDone)) && !synced.swap(true, Ordering::SeqCst) {
-                info!("NixImage watch synced");
-            }
-        })
         .reflect(writer)
+        .inspect(move |e| match e {
+            Ok(watcher::Event::InitDone) => {
+                let objects = janitor_store.state();
+                // Before this agent says it is ready, what its status calls
+                // ready here is served again (after a restart or an upgrade,
+                // pods may pull at once); reconciles confirm it afterwards.
+                let restored = restore_named(&janitor_ctx, &objects);
+                if synced.clear(READINESS_PART) {
+                    info!(restored, "NixImage watch synced");
+                }
+                let existing: BTreeSet<(String, String)> = objects
+                    .iter()
+                    .filter_map(|o| Some((o.namespace()?, o.name_any())))
+                    .collect();
+                let (ctx, scope) = (janitor_ctx.clone(), watch_namespace.clone());
+                tokio::spawn(
+                    async move { forget_missing(&ctx, scope.as_deref(), &existing).await },
+                );
+            }
+            Ok(watcher::Event::Delete(o)) => {
+                let (ctx, store) = (janitor_ctx.clone(), janitor_store.clone());
+                let (ns, name, uid) = (o.namespace().unwrap_or_default(), o.name_any(), o.uid());
+                tokio::spawn(async move {
+                    // Created again under the same name meanwhile: the new
+                    // object keeps the name's images (they go with it).
+                    let again = store
+                        .get(&ObjectRef::new(&name).within(&ns))
+                        .is_some_and(|n| n.uid() != uid);
+                    match uid {
+                        Some(uid) if again => forget_uid(&ctx, &uid),
+                        uid => forget_object(&ctx, &ns, &name, uid.as_deref()).await,
+                    }
+                });
+            }
+            _ => {}
+        })
         .applied_objects();
     // A finished build triggers its object again.
     let store = reader.clone();
@@ -1382,6 +1488,7 @@ pub async fn run(
         async move { obj }
     });
     let triggers = futures::stream::select(objects, completions);
+    tokio::spawn(reconcile_on_departures(ctx.clone(), reader.clone()));
 
     let metrics = ctx.metrics.clone();
     let node = ctx.node.clone();
@@ -1420,6 +1527,38 @@ pub async fn run(
         })
         .await;
     Ok(())
+}
+
+/// When another node's Lease expires, reconciles every object with a status
+/// entry of that node, so its entry goes and `readyNodes` counts live nodes
+/// only (nothing else would trigger those objects).
+async fn reconcile_on_departures(ctx: Arc<Context>, objects: reflector::Store<NixImage>) {
+    let mut known: BTreeSet<String> = BTreeSet::new();
+    loop {
+        tokio::time::sleep(lease::RENEW_EVERY).await;
+        let now = Timestamp::now();
+        let departed: BTreeSet<String> = ctx
+            .liveness
+            .holders()
+            .into_iter()
+            .filter(|n| *n != ctx.node && ctx.liveness.departed(n, now))
+            .collect();
+        let new: Vec<&String> = departed.difference(&known).collect();
+        if !new.is_empty() {
+            info!(nodes = ?new, "nodes departed (their Leases expired)");
+            for o in objects.state() {
+                let theirs = o
+                    .status
+                    .iter()
+                    .flat_map(|s| s.nodes.iter())
+                    .any(|n| new.contains(&&n.node));
+                if theirs {
+                    let _ = ctx.completions.send(ObjectRef::from_obj(&*o));
+                }
+            }
+        }
+        known = departed;
+    }
 }
 
 /// An mpsc receiver as a stream.

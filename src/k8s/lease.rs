@@ -2,7 +2,8 @@
 //! Lease that it renews, as the kubelet does; a node whose Lease expired has
 //! left, and the live agents stop waiting for it.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
@@ -10,6 +11,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::Store;
 use serde_json::json;
+
+use crate::registry::Readiness;
 
 /// How long a Lease holds without renewal, and how often it is renewed
 /// (the kubelet's node lease uses the same 40 s and 10 s).
@@ -49,13 +52,61 @@ pub async fn renew(api: &Api<Lease>, node: &str, manager: &str) -> Result<(), ku
     .map(|_| ())
 }
 
-/// Renews this node's Lease forever; failures are logged and retried.
-pub async fn keep_renewing(api: Api<Lease>, node: String, manager: String) {
+/// The readiness part this module owns.
+pub const READINESS_PART: &str = "lease";
+
+/// Renews this node's Lease forever. The agent is not ready while it cannot
+/// hold it: at once when the API server refuses (the namespace does not
+/// exist, RBAC denies it), and when renewals have failed for longer than the
+/// Lease lasts (the other agents count this node as gone by then). Each new
+/// reason is logged once, in one line, as /readyz says it.
+pub async fn keep_renewing(
+    api: Api<Lease>,
+    node: String,
+    manager: String,
+    readiness: Arc<Readiness>,
+) {
+    let namespace = api.namespace().unwrap_or("default").to_string();
+    let mut held_at: Option<Instant> = None;
     loop {
-        if let Err(e) = renew(&api, &node, &manager).await {
-            tracing::warn!(error = %e, "renewing this node's lease");
+        match renew(&api, &node, &manager).await {
+            Ok(()) => {
+                held_at = Some(Instant::now());
+                if readiness.clear(READINESS_PART) {
+                    tracing::info!(lease = %lease_name(&node), namespace, "holding this node's Lease");
+                }
+            }
+            Err(e) => {
+                let why = cannot_hold(&namespace, &node, &e);
+                let refused = matches!(&e, kube::Error::Api(s) if (400..500).contains(&s.code));
+                let lapsed = held_at.is_none_or(|t| t.elapsed() >= LEASE_DURATION);
+                if refused || lapsed {
+                    if readiness.wait_for(READINESS_PART, why.clone()) {
+                        tracing::error!("not ready: {why}");
+                    }
+                } else {
+                    tracing::warn!("{why} (retrying; the Lease still holds)");
+                }
+            }
         }
         tokio::time::sleep(RENEW_EVERY).await;
+    }
+}
+
+/// One line on why this node's Lease cannot be held, with what to change.
+pub fn cannot_hold(namespace: &str, node: &str, e: &kube::Error) -> String {
+    let lease = format!("{namespace}/{}", lease_name(node));
+    match e {
+        kube::Error::Api(s) if s.code == 404 => format!(
+            "cannot hold this node's Lease {lease}: {} (create the namespace, or point --lease-namespace at one that exists)",
+            s.message
+        ),
+        kube::Error::Api(s) if s.code == 403 => format!(
+            "cannot hold this node's Lease {lease}: {} (the agent's RBAC must allow get, list, watch, create and patch on leases in {namespace})",
+            s.message
+        ),
+        kube::Error::Api(s) => format!("cannot hold this node's Lease {lease}: {}", s.message),
+        other => format!("cannot hold this node's Lease {lease}: {other}"),
     }
 }
 

@@ -7,8 +7,8 @@ mod error;
 mod handlers;
 pub mod page;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::extract::{Request, State};
@@ -33,8 +33,9 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// What one client connection may hold (see `serve_on`).
     pub limits: crate::config::ConnectionLimits,
-    /// False until the controller's watch has synced (always true for `serve`).
-    pub ready: Arc<AtomicBool>,
+    /// What the server still waits for (nothing for `serve`; the agent waits
+    /// for its watch and its Lease).
+    pub ready: Arc<Readiness>,
     /// With `--s3-redirect`: the bucket whose presigned URLs blob GETs are
     /// redirected to.
     pub redirect: Option<Arc<crate::store::ObjectBlobStore>>,
@@ -137,15 +138,50 @@ async fn metrics(State(app): State<AppState>) -> Response {
         .into_response()
 }
 
+/// Whether the server is ready and, when it is not, why: one reason per part
+/// that is not (the controller's watch, this node's Lease), for `/readyz`.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    waiting: Mutex<BTreeMap<&'static str, String>>,
+}
+
+impl Readiness {
+    /// Not ready until `part` is cleared, saying `why`. Returns whether the
+    /// reason changed (so callers log a state once, not on every retry).
+    pub fn wait_for(&self, part: &'static str, why: impl Into<String>) -> bool {
+        let why = why.into();
+        self.waiting
+            .lock()
+            .unwrap()
+            .insert(part, why.clone())
+            .as_ref()
+            != Some(&why)
+    }
+
+    /// `part` is ready; returns whether it was not.
+    pub fn clear(&self, part: &'static str) -> bool {
+        self.waiting.lock().unwrap().remove(part).is_some()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.waiting.lock().unwrap().is_empty()
+    }
+
+    /// Every reason, on one line; None when ready.
+    pub fn why_not(&self) -> Option<String> {
+        let waiting = self.waiting.lock().unwrap();
+        (!waiting.is_empty()).then(|| waiting.values().cloned().collect::<Vec<_>>().join("; "))
+    }
+}
+
 async fn readyz(State(app): State<AppState>) -> Response {
-    if app.ready.load(Ordering::SeqCst) {
-        "ready\n".into_response()
-    } else {
-        (
+    match app.ready.why_not() {
+        None => "ready\n".into_response(),
+        Some(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: waiting for the controller's watch to sync\n",
+            format!("not ready: {why}\n"),
         )
-            .into_response()
+            .into_response(),
     }
 }
 

@@ -356,8 +356,8 @@ pub fn agent(
     }
 }
 
-/// One agent (node-a) and the API server's copy of a fresh `curl-and-jq`
-/// holding the agent's finalizer, with the given contents.
+/// One agent (node-a) and the API server's copy of a fresh `curl-and-jq`,
+/// with the given contents.
 pub async fn one_agent(contents: &[&str]) -> (tempfile::TempDir, AppState, Agent, Server) {
     let dir = tempfile::tempdir().unwrap();
     let state = fake_state(dir.path()).await.0;
@@ -377,12 +377,7 @@ pub fn one_agent_on(
     contents: &[&str],
 ) -> (tempfile::TempDir, AppState, Agent, Server) {
     let a = agent("node-a", "127.0.0.1:5000", &state, |_| {});
-    let server = Server::new(niximage(
-        "curl-and-jq",
-        1,
-        contents,
-        &["k8s.nixos.org/nixery-node-a"],
-    ));
+    let server = Server::new(niximage("curl-and-jq", 1, contents, &[]));
     (dir, state, a, server)
 }
 
