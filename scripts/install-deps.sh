@@ -13,6 +13,7 @@ packages=(
   skopeo umoci git containerd podman       # real clients used by the tests (ctr)
   docker-registry wrk pigz hyperfine       # benchmarks (benches/registry.sh)
   chromium fonts-dejavu-core               # the page in a real browser (tests/browser.rs)
+  runc openssl xz-utils iptables           # ../shared/kube-lab's node (with containerd, curl)
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -23,6 +24,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get update -q >/dev/null
   apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# kubectl comes with this kind of machine (Debian has no package of it); the
+# real-cluster tests and the README's install need it.
+command -v kubectl >/dev/null || echo "warning: kubectl is not installed; the real-cluster tests need it" >&2
 if ! command -v docker >/dev/null || ! docker info >/dev/null 2>&1; then
   echo "warning: no Docker engine is reachable; the docker tests need one" >&2
 fi
