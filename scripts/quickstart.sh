@@ -6,14 +6,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
-echo "quickstart: building nixery (release; the first build takes 4 to 6 minutes on two idle cores)"
-cargo build --release
+# NIXERY_BIN: a nixery built elsewhere (say, on the host of a chroot), else
+# this checkout's release build.
+bin="${NIXERY_BIN:-$PWD/target/release/nixery}"
+if [ -z "${NIXERY_BIN:-}" ]; then
+  echo "quickstart: building nixery (release; the first build takes 4 to 6 minutes on two idle cores)"
+  cargo build --release
+fi
 # The README's examples call `nixery`: put it on the PATH.
-ln -sf "$PWD/target/release/nixery" /usr/local/bin/nixery
+ln -sf "$bin" /usr/local/bin/nixery
 echo "quickstart: nixery is $(command -v nixery)"
 listen="${NIXERY_LISTEN:-127.0.0.1:5000}"
 state="${NIXERY_STATE_DIR:-$PWD/state}"
-./target/release/nixery serve --listen "$listen" --state-dir "$state" \
+"$bin" serve --listen "$listen" --state-dir "$state" \
   --pkgs-path nix/offline-pkgs --nix-option substituters= &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
