@@ -13,6 +13,7 @@ if [ -z "${NIXERY_BIN:-}" ]; then
   echo "quickstart: building nixery (release; the first build takes 4 to 6 minutes on two idle cores)"
   cargo build --release
 fi
+[ -x "$bin" ] || { echo "quickstart: no nixery at $bin" >&2; exit 1; }
 # The README's examples call `nixery`: put it on the PATH.
 ln -sf "$bin" /usr/local/bin/nixery
 echo "quickstart: nixery is $(command -v nixery)"
@@ -23,6 +24,7 @@ state="${NIXERY_STATE_DIR:-$PWD/state}"
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 for _ in $(seq 50); do curl -sf "http://$listen/v2/" >/dev/null && break; sleep 0.2; done
+curl -sf "http://$listen/v2/" >/dev/null || { echo "quickstart: nixery did not start on $listen (its log is above)" >&2; exit 1; }
 set -x
 docker pull "$listen/shell/hello"
 docker run --rm "$listen/shell/hello" hello
