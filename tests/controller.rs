@@ -553,21 +553,23 @@ async fn invalid_spec_is_reported_and_not_retried() {
     assert_eq!(metric(&m, "nixery_builds_total"), 0.0, "nothing was built");
 }
 
-/// The agent's whole loop (`controller::run`) against a fake API server that
-/// answers lists and watches: `/readyz` turns ready from the watch's initial
-/// list, and after an API-server outage the watch is back within seconds.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readiness_comes_from_the_watch_and_recovers_after_an_outage() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = fake_state(dir.path()).await.0;
+/// `controller::run` for node-a (all namespaces, Leases in nixery-system),
+/// with the mocked API server's handle and the agent's readiness.
+fn run_agent(
+    state: &nixery::registry::AppState,
+) -> (
+    tokio::task::JoinHandle<Result<(), controller::Error>>,
+    Handle,
+    Arc<nixery::registry::Readiness>,
+) {
     let Agent {
         ctx,
-        mut handle,
+        handle,
         wiring,
-    } = agent("node-a", "127.0.0.1:5000", &state, |_| {});
+    } = agent("node-a", "127.0.0.1:5000", state, |_| {});
     let ctx = Arc::try_unwrap(ctx).ok().unwrap();
     let ready = state.ready.clone();
-    let agent_task = tokio::spawn(controller::run(
+    let task = tokio::spawn(controller::run(
         ctx,
         wiring,
         controller::Scope {
@@ -576,6 +578,17 @@ async fn readiness_comes_from_the_watch_and_recovers_after_an_outage() {
         },
         ready.clone(),
     ));
+    (task, handle, ready)
+}
+
+/// The agent's whole loop (`controller::run`) against a fake API server that
+/// answers lists and watches: `/readyz` turns ready from the watch's initial
+/// list, and after an API-server outage the watch is back within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_comes_from_the_watch_and_recovers_after_an_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = fake_state(dir.path()).await.0;
+    let (agent_task, mut handle, ready) = run_agent(&state);
 
     const NIXIMAGES: &str = "/apis/k8s.nixos.org/v1alpha1/niximages";
     const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/nixery-system/leases";
@@ -704,22 +717,7 @@ async fn an_agent_without_its_lease_is_not_ready_and_a_missed_deletion_is_caught
     drop(a);
 
     // The agent starts again (same state); the object was deleted meanwhile.
-    let Agent {
-        ctx,
-        mut handle,
-        wiring,
-    } = agent("node-a", "127.0.0.1:5000", &state, |_| {});
-    let ctx = Arc::try_unwrap(ctx).ok().unwrap();
-    let ready = state.ready.clone();
-    let agent_task = tokio::spawn(controller::run(
-        ctx,
-        wiring,
-        controller::Scope {
-            lease_namespace: "nixery-system".into(),
-            watch_namespace: None,
-        },
-        ready.clone(),
-    ));
+    let (agent_task, mut handle, ready) = run_agent(&state);
     const NIXIMAGES: &str = "/apis/k8s.nixos.org/v1alpha1/niximages";
     const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/nixery-system/leases";
     let namespace_exists = Arc::new(std::sync::atomic::AtomicBool::new(false));

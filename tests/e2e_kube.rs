@@ -17,7 +17,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -55,25 +55,7 @@ fn kubectl(args: &[&str]) -> (bool, String, String) {
 }
 
 fn kubectl_in(args: &[&str], input: &str) -> (bool, String, String) {
-    let mut child = Command::new("kubectl")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    run_in(Command::new("kubectl").args(args), input.as_bytes())
 }
 
 /// `kubectl ARGS`, which must succeed; its stdout.
@@ -299,6 +281,13 @@ fn overlay(dir: &Path, resources: &[&str], components: &[&str], tag: &str) -> Pa
     dir
 }
 
+/// `kubectl rollout status`, which must complete within `seconds`.
+fn rollout(namespace: &str, what: &str, seconds: u32, failure: &str) {
+    let timeout = format!("--timeout={seconds}s");
+    let (rolled, out, err) = kubectl(&["-n", namespace, "rollout", "status", what, &timeout]);
+    assert!(rolled, "{failure}: {out}{err}\n{}", agent_state());
+}
+
 fn metric_of(url: &str, name: &str) -> f64 {
     metric(&http(url).1, name)
 }
@@ -395,18 +384,11 @@ fn install_use_restart_upgrade_and_uninstall_on_a_real_cluster() {
     left.kustomizations.push(offline.clone());
     let started = Instant::now();
     ok(&["apply", "-k", offline.to_str().unwrap()]);
-    let (rolled, out, err) = kubectl(&[
-        "-n",
+    rollout(
         NS,
-        "rollout",
-        "status",
         "daemonset/nixery-agent",
-        "--timeout=180s",
-    ]);
-    assert!(
-        rolled,
-        "the DaemonSet did not roll out: {out}{err}\n{}",
-        agent_state()
+        180,
+        "the DaemonSet did not roll out",
     );
     figures.push(format!(
         "install: DaemonSet Ready {:.1} s after kubectl apply -k",
@@ -489,15 +471,12 @@ fn install_use_restart_upgrade_and_uninstall_on_a_real_cluster() {
         &agent_state,
         || (http("http://127.0.0.1:8080/").0 != 0).then_some(()),
     );
-    let (rolled, out, err) = kubectl(&[
-        "-n",
+    rollout(
         "default",
-        "rollout",
-        "status",
         "deployment/jq-loop",
-        "--timeout=120s",
-    ]);
-    assert!(rolled, "{out}{err}\n{}", agent_state());
+        120,
+        "the Deployment did not roll out",
+    );
     wait_for(
         "jq-loop to print",
         Duration::from_secs(60),
@@ -770,18 +749,11 @@ fn install_use_restart_upgrade_and_uninstall_on_a_real_cluster() {
     );
     let started = Instant::now();
     ok(&["apply", "-k", upgrade.to_str().unwrap()]);
-    let (rolled, out, err) = kubectl(&[
-        "-n",
+    rollout(
         NS,
-        "rollout",
-        "status",
         "daemonset/nixery-agent",
-        "--timeout=180s",
-    ]);
-    assert!(
-        rolled,
-        "the upgrade did not roll out: {out}{err}\n{}",
-        agent_state()
+        180,
+        "the upgrade did not roll out",
     );
     figures.push(format!(
         "upgrade: rolled out in {:.1} s",
@@ -921,18 +893,11 @@ fn install_use_restart_upgrade_and_uninstall_on_a_real_cluster() {
         "-p",
         r#"[{"op":"remove","path":"/spec/template/spec/nodeSelector"}]"#,
     ]);
-    let (rolled, out, err) = kubectl(&[
-        "-n",
+    rollout(
         NS,
-        "rollout",
-        "status",
         "daemonset/nixery-agent",
-        "--timeout=180s",
-    ]);
-    assert!(
-        rolled,
-        "the agent did not come back: {out}{err}\n{}",
-        agent_state()
+        180,
+        "the agent did not come back",
     );
     wait_for(
         "the deleted object's image to be dropped",
@@ -1022,15 +987,12 @@ fn install_use_restart_upgrade_and_uninstall_on_a_real_cluster() {
     );
     left.kustomizations.push(with_daemon.clone());
     ok(&["apply", "-k", with_daemon.to_str().unwrap()]);
-    let (rolled, out, err) = kubectl(&[
-        "-n",
+    rollout(
         NS,
-        "rollout",
-        "status",
         "daemonset/nixery-agent",
-        "--timeout=180s",
-    ]);
-    assert!(rolled, "{out}{err}\n{}", agent_state());
+        180,
+        "the nix-daemon install did not roll out",
+    );
     let caps = jsonpath(
         &["-n", NS, "daemonset", "nixery-agent"],
         "{.spec.template.spec.containers[0].securityContext.capabilities.add}",

@@ -227,6 +227,24 @@ pub fn run(cmd: &mut Command) -> (bool, String, String) {
     )
 }
 
+/// `run` with `input` on the command's standard input.
+pub fn run_in(cmd: &mut Command, input: &[u8]) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Says that (and why) a test skips, past cargo's capture of test output, so
 /// a skip shows in every run, not only in failing ones.
 pub fn skip(why: &str) {
