@@ -124,12 +124,12 @@ done
 
 m_ours=$(median "${ours[@]}"); m_ref=$(median "${ref[@]}")
 m_new=$(median "${new[@]}"); m_again=$(median "${again[@]}")
-layers=$(curl -s -H "Accept: application/vnd.oci.image.manifest.v1+json" "http://127.0.0.1:5000/v2/niximage/$NS/first/manifests/v1" | python3 -c "import json,sys; m=json.load(sys.stdin); print(len(m['layers']), sum(l['size'] for l in m['layers']))")
+layers=$(curl -s -H "Accept: application/vnd.oci.image.manifest.v1+json" "http://127.0.0.1:5000/v2/niximage/$NS/first/manifests/v1" | python3 -c "import json,sys; m=json.load(sys.stdin); print(len(m['layers']), 'layers,', sum(l['size'] for l in m['layers']), 'bytes')")
 {
   echo
   echo "## On a real Kubernetes node (benches/kube.sh)"
   echo
-  echo "Run $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores; kube-lab (Kubernetes $(kubectl version -o json 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])'), containerd $(containerd --version | awk '{print $3}')), the agent from deploy/offline; $ROUNDS alternating rounds, medians, s. Image: curl, jq, shell ($layers: layers, bytes)."
+  echo "Run $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores; kube-lab (Kubernetes $(kubectl version -o json 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])'), containerd $(containerd --version | awk '{print $3}')), the agent from deploy/offline; $ROUNDS alternating rounds, medians, s. Image: curl, jq, shell ($layers)."
   echo
   echo "| measure | nixery | reference | ratio (ours/ref) |"
   echo "|---|---|---|---|"
