@@ -115,9 +115,9 @@ fn offline_set_mounts() -> Vec<String> {
         ("/usr", "/usr"),
         ("/lib", "/lib"),
         ("/lib64", "/lib64"),
-        ("/etc/ssl/certs", "/etc/ssl/certs"),
-        ("/etc/services", "/etc/services"),
-        ("/etc/protocols", "/etc/protocols"),
+        ("/etc/ssl/certs", "/host/etc/ssl/certs"),
+        ("/etc/services", "/host/etc/services"),
+        ("/etc/protocols", "/host/etc/protocols"),
     ] {
         if Path::new(host).exists() {
             v.push("-v".into());
@@ -126,6 +126,10 @@ fn offline_set_mounts() -> Vec<String> {
     }
     v.push("-v".into());
     v.push(format!("{}:/src:ro", repo_root().display()));
+    // As deploy/components/offline: the image's /etc/services links into the
+    // store path the set builds, so the host's are mounted apart.
+    v.push("-e".into());
+    v.push("NIXERY_OFFLINE_HOST_ETC=/host/etc".into());
     v
 }
 

@@ -343,6 +343,9 @@ fn install_use_restart_upgrade_and_uninstall_on_a_real_cluster() {
         skip(&format!("{test}: nixery is installed on this cluster already (the CRD or namespace {NS} exists); this test installs and uninstalls it, so it runs only on a cluster without"));
         return;
     }
+    // Made before `left`, so dropped after it: a failed run's cleanup still
+    // has the overlays it deletes.
+    let tmp = tempfile::tempdir().unwrap();
     let mut left = Leftovers::default();
     left.images_before = Some(
         ctr(&["images", "ls", "-q"])
@@ -351,7 +354,6 @@ fn install_use_restart_upgrade_and_uninstall_on_a_real_cluster() {
             .map(String::from)
             .collect(),
     );
-    let tmp = tempfile::tempdir().unwrap();
     let t0 = Instant::now();
     let mut figures: Vec<String> = Vec::new();
 

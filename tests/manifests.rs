@@ -637,7 +637,16 @@ fn every_kustomization_renders_with_real_kustomize() {
             )
         })
         .collect();
-    for path in ["/opt/nixery/offline-pkgs", "/usr", "/etc/services"] {
+    for (host, path) in [
+        ("/opt/nixery/offline-pkgs", "/opt/nixery/offline-pkgs"),
+        ("/usr", "/usr"),
+        ("/etc/services", "/host/etc/services"),
+        ("/etc/protocols", "/host/etc/protocols"),
+        (
+            "/etc/ssl/certs/ca-certificates.crt",
+            "/host/etc/ssl/certs/ca-certificates.crt",
+        ),
+    ] {
         assert!(mounts[path].1, "{path} is mounted read-only");
         let volume = pod
             .volumes
@@ -645,8 +654,9 @@ fn every_kustomization_renders_with_real_kustomize() {
             .flatten()
             .find(|v| v.name == mounts[path].0)
             .unwrap();
-        assert_eq!(volume.host_path.as_ref().unwrap().path, path);
+        assert_eq!(volume.host_path.as_ref().unwrap().path, host);
     }
+    assert_eq!(env["NIXERY_OFFLINE_HOST_ETC"].as_deref(), Some("/host/etc"));
     // The settings are ones `nixery agent` accepts together.
     let args = <nixery::config::Cli as clap::Parser>::try_parse_from([
         "nixery",

@@ -44,10 +44,13 @@ let
     map (f: "${f}=${builtins.path { name = storeName f; path = /. + "${dir}/${f}"; }}") files;
   # Host text files by their contents: `builtins.readFile` follows symlinks,
   # where `builtins.path` stores a symlink itself (Nix 2.8) or its target
-  # (2.26). In the agent's container /etc/services is the image's symlink
-  # with the host's file mounted over its target, so only the contents give
-  # the same store path, and the same image digests, there and on the host.
+  # (2.26), so a file reached through a link, or mounted elsewhere in a
+  # container, gives the same store path, and the same image digests.
   importText = name: path: builtins.toFile name (builtins.readFile path);
+  # Where the host's /etc is. In the agent's container it is mounted apart
+  # (deploy/components/offline: /host/etc), since the image's own
+  # /etc/services is a link into the store, to the very path this set builds.
+  hostEtc = let e = builtins.getEnv "NIXERY_OFFLINE_HOST_ETC"; in if e == "" then "/etc" else e;
   # Shell: copies a derivation's `files` into a directory, under their names.
   copyFiles = to: ''for f in $files; do cp "''${f#*=}" "${to}/''${f%%=*}"; done'';
 
@@ -185,7 +188,7 @@ let
 
     cacert = mkDerivation {
       name = "cacert-host";
-      bundle = importText "ca-certificates.crt" /etc/ssl/certs/ca-certificates.crt;
+      bundle = importText "ca-certificates.crt" (/. + "${hostEtc}/ssl/certs/ca-certificates.crt");
       script = ''
         mkdir -p $out/etc/ssl/certs
         cp $bundle $out/etc/ssl/certs/ca-bundle.crt
@@ -194,7 +197,7 @@ let
 
     iana-etc = mkDerivation {
       name = "iana-etc-host";
-      files = map (f: "${f}=${importText f (/etc + "/${f}")}") [ "services" "protocols" ];
+      files = map (f: "${f}=${importText f (/. + "${hostEtc}/${f}")}") [ "services" "protocols" ];
       script = ''
         mkdir -p $out/etc
         ${copyFiles "$out/etc"}
