@@ -281,6 +281,29 @@ fn overlay(dir: &Path, resources: &[&str], components: &[&str], tag: &str) -> Pa
     dir
 }
 
+/// Applies a NixImage in `default` (remembered for cleanup) and waits until
+/// it is Ready.
+fn niximage_ready(left: &mut Leftovers, name: &str, contents: &[&str], timeout: u64) {
+    let obj = json!({
+        "apiVersion": "k8s.nixos.org/v1alpha1", "kind": "NixImage",
+        "metadata": { "name": name, "namespace": "default" },
+        "spec": { "contents": contents, "tag": "v1" }
+    });
+    left.manifests
+        .insert(0, serde_yaml::to_string(&obj).unwrap());
+    ok_in(&["apply", "-f", "-"], &obj.to_string());
+    wait_for(
+        &format!("{name} to be Ready"),
+        Duration::from_secs(timeout),
+        &agent_state,
+        || match jsonpath(&["-n", "default", "nimg", name], "{.status.phase}").as_str() {
+            "Ready" => Some(()),
+            "Failed" => panic!("{name} failed\n{}", agent_state()),
+            _ => None,
+        },
+    );
+}
+
 /// `kubectl rollout status`, which must complete within `seconds`.
 fn rollout(namespace: &str, what: &str, seconds: u32, failure: &str) {
     let timeout = format!("--timeout={seconds}s");
@@ -713,26 +736,7 @@ fn install_use_restart_upgrade_and_uninstall_on_a_real_cluster() {
         assert!(up, "kube-lab up.sh after the restart: {err}");
         left.restart_api = None;
         let back = Instant::now();
-        let restarted = json!({
-            "apiVersion": "k8s.nixos.org/v1alpha1", "kind": "NixImage",
-            "metadata": { "name": "after-restart", "namespace": "default" },
-            "spec": { "contents": ["hello"], "tag": "v1" }
-        });
-        left.manifests
-            .insert(0, serde_yaml::to_string(&restarted).unwrap());
-        ok_in(&["apply", "-f", "-"], &restarted.to_string());
-        wait_for(
-            "after-restart to be Ready",
-            Duration::from_secs(120),
-            &agent_state,
-            || {
-                (jsonpath(
-                    &["-n", "default", "nimg", "after-restart"],
-                    "{.status.phase}",
-                ) == "Ready")
-                    .then_some(())
-            },
-        );
+        niximage_ready(&mut left, "after-restart", &["hello"], 120);
         figures.push(format!(
             "kube-apiserver restart: a NixImage created when it answered again was Ready {:.1} s later",
             back.elapsed().as_secs_f64()
@@ -829,26 +833,7 @@ fn install_use_restart_upgrade_and_uninstall_on_a_real_cluster() {
 
     // An agent that is away while its object is deleted drops that object's
     // image when it comes back (it compares its catalog with what exists).
-    let doomed = json!({
-        "apiVersion": "k8s.nixos.org/v1alpha1", "kind": "NixImage",
-        "metadata": { "name": "deleted-while-away", "namespace": "default" },
-        "spec": { "contents": ["hello", "less"], "tag": "v1" }
-    });
-    left.manifests
-        .insert(0, serde_yaml::to_string(&doomed).unwrap());
-    ok_in(&["apply", "-f", "-"], &doomed.to_string());
-    wait_for(
-        "deleted-while-away to be Ready",
-        Duration::from_secs(120),
-        &agent_state,
-        || {
-            (jsonpath(
-                &["-n", "default", "nimg", "deleted-while-away"],
-                "{.status.phase}",
-            ) == "Ready")
-                .then_some(())
-        },
-    );
+    niximage_ready(&mut left, "deleted-while-away", &["hello", "less"], 120);
     let roots_before = std::fs::read_dir("/var/lib/nixery/gcroots")
         .unwrap()
         .count();
@@ -1009,27 +994,8 @@ fn install_use_restart_upgrade_and_uninstall_on_a_real_cluster() {
     figures.push(format!(
         "reinstall: the images of {leftover} objects deleted while no agent ran were dropped at start"
     ));
-    let through_daemon = json!({
-        "apiVersion": "k8s.nixos.org/v1alpha1", "kind": "NixImage",
-        "metadata": { "name": "through-the-daemon", "namespace": "default" },
-        "spec": { "contents": ["freshHello"], "tag": "v1" }
-    });
-    ok_in(&["apply", "-f", "-"], &through_daemon.to_string());
-    wait_for(
-        "a build through the nix-daemon",
-        Duration::from_secs(180),
-        &agent_state,
-        || match jsonpath(
-            &["-n", "default", "nimg", "through-the-daemon"],
-            "{.status.phase}",
-        )
-        .as_str()
-        {
-            "Ready" => Some(()),
-            "Failed" => panic!("the build through the daemon failed\n{}", agent_state()),
-            _ => None,
-        },
-    );
+    // A new derivation on every evaluation: a real build, through the daemon.
+    niximage_ready(&mut left, "through-the-daemon", &["freshHello"], 180);
     let log = std::fs::read_to_string(&daemon_log).unwrap_or_default();
     assert!(
         log.contains("accepted connection"),
@@ -1048,6 +1014,7 @@ fn install_use_restart_upgrade_and_uninstall_on_a_real_cluster() {
         started.elapsed().as_secs_f64()
     ));
     left.kustomizations.clear();
+    left.manifests.clear();
     figures.push(format!("whole test: {:.0} s", t0.elapsed().as_secs_f64()));
     eprintln!("FIGURES {test}:\n  {}", figures.join("\n  "));
 }
