@@ -15,9 +15,7 @@ use axum::http::StatusCode;
 use common::apiserver::Server;
 use common::apiserver::*;
 use common::*;
-use http::Response;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::runtime::{reflector, watcher};
 use nixery::k8s::controller;
@@ -590,16 +588,10 @@ async fn readiness_comes_from_the_watch_and_recovers_after_an_outage() {
     let state = fake_state(dir.path()).await.0;
     let (agent_task, mut handle, ready) = run_agent(&state);
 
-    const NIXIMAGES: &str = "/apis/k8s.nixos.org/v1alpha1/niximages";
-    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/nixery-system/leases";
-    let reply = |code: u16, body: Value| {
-        Response::builder()
-            .status(code)
-            .header("content-type", "application/json")
-            .body(Body::from(serde_json::to_vec(&body).unwrap()))
-            .unwrap()
-    };
-    let list = |kind: &str| json!({ "apiVersion": "v1", "kind": kind, "metadata": { "resourceVersion": "7" }, "items": [] });
+    const NIXIMAGES: &str = NIXIMAGES_PATH;
+    const LEASES: &str = LEASES_PATH;
+    let reply = |code: u16, body: Value| json_response(code, &body);
+    let list = empty_list;
     #[derive(PartialEq, Debug)]
     enum Phase {
         Syncing,
@@ -718,19 +710,13 @@ async fn an_agent_without_its_lease_is_not_ready_and_a_missed_deletion_is_caught
 
     // The agent starts again (same state); the object was deleted meanwhile.
     let (agent_task, mut handle, ready) = run_agent(&state);
-    const NIXIMAGES: &str = "/apis/k8s.nixos.org/v1alpha1/niximages";
-    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/nixery-system/leases";
+    const NIXIMAGES: &str = NIXIMAGES_PATH;
+    const LEASES: &str = LEASES_PATH;
     let namespace_exists = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let exists = namespace_exists.clone();
     let api = tokio::spawn(async move {
-        let reply = |code: u16, body: Value| {
-            Response::builder()
-                .status(code)
-                .header("content-type", "application/json")
-                .body(Body::from(serde_json::to_vec(&body).unwrap()))
-                .unwrap()
-        };
-        let list = |kind: &str| json!({ "apiVersion": "v1", "kind": kind, "metadata": { "resourceVersion": "7" }, "items": [] });
+        let reply = |code: u16, body: Value| json_response(code, &body);
+        let list = empty_list;
         let mut watches = Vec::new();
         while let Some((req, send)) = handle.next_request().await {
             let path = req.uri().path().to_string();

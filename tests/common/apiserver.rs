@@ -154,13 +154,7 @@ impl Server {
             None => self.apply(&call),
         };
         call.answered = code;
-        send.send_response(
-            Response::builder()
-                .status(code)
-                .header("content-type", "application/json")
-                .body(Body::from(serde_json::to_vec(&response).unwrap()))
-                .unwrap(),
-        );
+        send.send_response(json_response(code, &response));
         call
     }
 
@@ -301,6 +295,25 @@ impl ServerState {
         }
         self.obj["status"] = Value::Object(current);
     }
+}
+
+/// Where `controller::run` lists and watches NixImages (all namespaces) and
+/// the agents' Leases (nixery-system).
+pub const NIXIMAGES_PATH: &str = "/apis/k8s.nixos.org/v1alpha1/niximages";
+pub const LEASES_PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/nixery-system/leases";
+
+/// A JSON answer, as the API server sends it.
+pub fn json_response(code: u16, body: &Value) -> Response<Body> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(body).unwrap()))
+        .unwrap()
+}
+
+/// An empty list of `kind` at resourceVersion 7.
+pub fn empty_list(kind: &str) -> Value {
+    json!({ "apiVersion": "v1", "kind": kind, "metadata": { "resourceVersion": "7" }, "items": [] })
 }
 
 pub fn status_body(code: u16, message: &str) -> Value {
