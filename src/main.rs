@@ -94,7 +94,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in cluster, or KUBECONFIG)")?;
-    let (mut ctx, wiring) = nixery::k8s::controller::Context::new(
+    let (mut ctx, wiring) = nixery::k8s::context::Context::new(
         client,
         state.builder.clone(),
         state.catalog.clone(),

@@ -18,7 +18,7 @@ use common::*;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::controller::Action;
 use kube::runtime::{reflector, watcher};
-use nixery::k8s::controller;
+use nixery::k8s::{cleanup, context, controller, reconcile};
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,7 +87,7 @@ async fn build_status_events_no_rewrites_spec_change_and_deletion() {
         .unwrap()
         .count();
     assert!(gcroots >= 2);
-    controller::forget_object(&a.ctx, "default", "curl-and-jq", Some("uid-curl-and-jq")).await;
+    cleanup::forget_object(&a.ctx, "default", "curl-and-jq", Some("uid-curl-and-jq")).await;
     expect_silence(&mut a.handle, Duration::from_millis(100)).await;
     assert_eq!(
         get(&state, "/v2/niximage/default/curl-and-jq/manifests/v1")
@@ -213,11 +213,11 @@ async fn failed_build_backs_off_and_user_errors_wait_for_a_spec_change() {
     // The backoff is per object and grows with its failures.
     let obj = Arc::new(server.object());
     assert_eq!(
-        controller::error_policy(obj.clone(), &err, a.ctx.clone()),
+        reconcile::error_policy(obj.clone(), &err, a.ctx.clone()),
         Action::requeue(Duration::from_secs(5))
     );
     assert_eq!(
-        controller::error_policy(obj, &controller::Error::NoNamespace, a.ctx.clone()),
+        reconcile::error_policy(obj, &context::Error::NoNamespace, a.ctx.clone()),
         Action::requeue(Duration::from_secs(10))
     );
 
@@ -384,7 +384,7 @@ async fn departed_nodes_hold_up_nothing() {
     server.fail_next(409);
     let (result, calls) = reconcile(&server, &mut a, 1).await;
     assert!(
-        matches!(result, Err(controller::Error::Departed(_))),
+        matches!(result, Err(context::Error::Departed(_))),
         "{result:?}"
     );
     assert_eq!(calls[0].answered, 409);
@@ -469,7 +469,7 @@ async fn a_running_build_shows_how_far_it_got() {
     // The reconcile that starts the build returns before it finishes.
     let obj = Arc::new(server.object());
     let ctx = a.ctx.clone();
-    let task = tokio::spawn(async move { controller::reconcile(obj, ctx).await });
+    let task = tokio::spawn(async move { reconcile::reconcile(obj, ctx).await });
     let started = server.answer(&mut a.handle, 3, BUILD_TIMEOUT).await;
     assert_event(&started[2], "BuildStarted", "Normal");
     assert!(task.await.unwrap().is_ok());
@@ -556,7 +556,7 @@ async fn invalid_spec_is_reported_and_not_retried() {
 fn run_agent(
     state: &nixery::registry::AppState,
 ) -> (
-    tokio::task::JoinHandle<Result<(), controller::Error>>,
+    tokio::task::JoinHandle<Result<(), context::Error>>,
     Handle,
     Arc<nixery::registry::Readiness>,
 ) {

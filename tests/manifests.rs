@@ -371,7 +371,7 @@ fn examples_parse_and_refer_to_real_images() {
     let channel = nixery::nix::Source::Channel("x".into());
     for img in &docs.niximages {
         let name = img.metadata.name.clone().unwrap();
-        let spec = nixery::k8s::controller::image_spec(&img.spec, &git)
+        let spec = nixery::k8s::sources::image_spec(&img.spec, &git)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let mut want: Vec<String> = Vec::new();
         for c in &img.spec.contents {
@@ -386,7 +386,7 @@ fn examples_parse_and_refer_to_real_images() {
         assert_eq!(spec.packages, want, "{name}");
         assert_eq!(spec.tag, img.spec.tag, "{name}: a git source keeps the tag");
         assert_eq!(
-            nixery::k8s::controller::image_spec(&img.spec, &channel)
+            nixery::k8s::sources::image_spec(&img.spec, &channel)
                 .unwrap()
                 .tag,
             "latest",

@@ -24,7 +24,7 @@ pub const LEASE_LABEL_VALUE: &str = "nixery-node-lease";
 
 /// The Lease name of a node's agent.
 pub fn lease_name(node: &str) -> String {
-    format!("nixery-node-{}", crate::k8s::controller::short(node, 240))
+    format!("nixery-node-{}", crate::k8s::names::short(node, 240))
 }
 
 /// Creates or renews this node's Lease (server-side apply, one field manager

@@ -23,8 +23,9 @@ use http::{Request, Response};
 use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::Client;
-use nixery::k8s::controller::{self, Context, Wiring};
+use nixery::k8s::context::{self, Context, Wiring};
 use nixery::k8s::crd::NixImage;
+use nixery::k8s::reconcile;
 use nixery::registry::AppState;
 use serde_json::{json, Value};
 
@@ -461,7 +462,7 @@ pub async fn reconcile(
     server: &Server,
     a: &mut Agent,
     n: usize,
-) -> (Result<Action, controller::Error>, Vec<Call>) {
+) -> (Result<Action, context::Error>, Vec<Call>) {
     let obj = Arc::new(server.object());
     reconcile_object(server, a, obj, n).await
 }
@@ -471,9 +472,9 @@ pub async fn reconcile_object(
     a: &mut Agent,
     obj: Arc<NixImage>,
     n: usize,
-) -> (Result<Action, controller::Error>, Vec<Call>) {
+) -> (Result<Action, context::Error>, Vec<Call>) {
     let ctx = a.ctx.clone();
-    let task = tokio::spawn(async move { controller::reconcile(obj, ctx).await });
+    let task = tokio::spawn(async move { reconcile::reconcile(obj, ctx).await });
     let calls = server.answer(&mut a.handle, n, BUILD_TIMEOUT).await;
     let result = tokio::time::timeout(BUILD_TIMEOUT, task)
         .await

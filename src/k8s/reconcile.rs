@@ -1,0 +1,618 @@
+//! One NixImage on this node: build its image through the shared pipeline,
+//! register it with the registry, and write this node's status entry and the
+//! aggregate with server-side apply.
+//!
+//! Writes never fight: each agent applies only its own `status.nodes[node=X]`
+//! entry under a field manager of its own; the aggregate fields are computed
+//! from the node entries alone (never from an agent's own settings) by
+//! whichever agent sees a change, under one shared field manager, and written
+//! only when they differ, so agents that agree write nothing.
+//!
+//! A reconcile starts or joins a build and returns; the build's completion
+//! triggers the object again, so a spec change or a delete never waits behind
+//! a build. What this agent last wrote and how its last build ended are kept
+//! in memory, so a reconcile that reads a stale cached object (or one caused
+//! by our own status write) neither rebuilds nor flips a Ready image back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use kube::ResourceExt;
+use serde_json::json;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::build::{BuildError, BuiltImage, ImageSpec, Progress, ProgressFn};
+use crate::catalog::NamedEntry;
+use crate::k8s::cleanup::{drop_legacy_finalizer, forget_object, sweep_departed};
+use crate::k8s::context::{Context, Error, Failure, NodeBuild};
+use crate::k8s::crd::{NixImage, NodeStatus};
+use crate::k8s::names::{API_VERSION, FIELD_MANAGER};
+use crate::k8s::sources::{image_spec, pin_revision, Pin, CHANNEL_REVISION_PREFIX};
+use crate::k8s::status::{
+    aggregate, PHASE_BUILDING, PHASE_FAILED, PHASE_READY, REASON_BUILD_FAILED, REASON_INVALID_SPEC,
+    REASON_SOURCE_NOT_ALLOWED, REASON_UNKNOWN_PACKAGES, REASON_UNKNOWN_REVISION,
+    REASON_UNSUPPORTED_SYSTEM,
+};
+use crate::name;
+use crate::nix::Source;
+
+/// How long a Ready image waits before its next routine check.
+const RECHECK: Duration = Duration::from_secs(3600);
+
+pub async fn reconcile(obj: Arc<NixImage>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    ctx.metrics.reconciles.inc();
+    let ns = obj.namespace().ok_or(Error::NoNamespace)?;
+    let api: Api<NixImage> = Api::namespaced(ctx.client.clone(), &ns);
+    let span = info_span!("reconcile", namespace = %ns, name = %obj.name_any(), generation = obj.metadata.generation.unwrap_or(0), node = %ctx.node);
+    let result = async {
+        // Nodes that left never hold anything up, deletions least of all.
+        let obj = sweep_departed(&api, obj, &ctx).await?;
+        let obj = drop_legacy_finalizer(&api, obj, &ctx).await?;
+        if obj.metadata.deletion_timestamp.is_some() {
+            // Going (another finalizer holds it, or a foreground deletion):
+            // nothing more to build for it here.
+            forget_object(&ctx, &ns, &obj.name_any(), obj.uid().as_deref()).await;
+            return Ok(Action::await_change());
+        }
+        apply(obj, &ctx, &api).await
+    }
+    .instrument(span)
+    .await;
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+/// Backs off exponentially per object (5s, 10s, ... up to 5 minutes).
+pub fn error_policy(obj: Arc<NixImage>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_errors.inc();
+    let uid = obj.uid().unwrap_or_default();
+    let n = match err {
+        // A failed build has counted itself already (see `finish`).
+        e if e.is_build_failure() => *ctx.failures.lock().unwrap().get(&uid).unwrap_or(&1),
+        _ => {
+            let mut failures = ctx.failures.lock().unwrap();
+            let n = failures.entry(uid).or_insert(0);
+            *n += 1;
+            *n
+        }
+    };
+    let delay = backoff(n);
+    warn!(name = %obj.name_any(), error = %err, failures = n, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+pub fn backoff(failures: u32) -> Duration {
+    Duration::from_secs(
+        5u64.saturating_mul(1 << failures.saturating_sub(1).min(6))
+            .min(300),
+    )
+}
+
+async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result<Action, Error> {
+    let ns = obj.namespace().ok_or(Error::NoNamespace)?;
+    let name = obj.name_any();
+    let uid = obj.uid().unwrap_or_default();
+    let generation = obj.metadata.generation.unwrap_or(0);
+
+    let spec = match image_spec(&obj.spec, ctx.builder.source()) {
+        Ok(s) => s,
+        Err(message) => return user_error(api, &obj, ctx, REASON_INVALID_SPEC, &message).await,
+    };
+    let source = spec
+        .source
+        .clone()
+        .unwrap_or_else(|| ctx.builder.source().clone());
+    if !ctx.source_allowed(&source) {
+        let message = format!(
+            "the package source {} is not allowed on this cluster (an operator can allow it with --allowed-source)",
+            source.describe_public()
+        );
+        return user_error(api, &obj, ctx, REASON_SOURCE_NOT_ALLOWED, &message).await;
+    }
+
+    // A moving source builds what it names now, the same on every node: a
+    // git branch or tag its commit, a channel its tarball's contents.
+    let mut spec = spec;
+    let revision = match pin_revision(api, &obj, ctx, &source, &spec.tag).await? {
+        Pin::Fixed(r) => r,
+        Pin::Unknown(message) => {
+            return user_error(api, &obj, ctx, REASON_UNKNOWN_REVISION, &message).await
+        }
+        Pin::Failed(message) => {
+            let current = obj.status.as_ref().and_then(|s| s.revision.clone());
+            return retry_later(api, &obj, ctx, current, false, true, &message).await;
+        }
+        Pin::Wait(d) => return Ok(Action::requeue(d)),
+    };
+    if let Some(r) = &revision {
+        match (
+            source.channel_url(),
+            r.strip_prefix(CHANNEL_REVISION_PREFIX),
+        ) {
+            (Some(url), Some(sha256)) => {
+                spec.source = Some(Source::PinnedChannel {
+                    url,
+                    sha256: sha256.to_string(),
+                })
+            }
+            _ => spec.tag = r.clone(),
+        }
+    }
+
+    // This node's entry: what we last wrote, else (after a restart) what the object says.
+    let mine = ctx.written.lock().unwrap().get(&uid).cloned().or_else(|| {
+        obj.status
+            .iter()
+            .flat_map(|s| s.nodes.iter())
+            .find(|n| n.node == ctx.node)
+            .cloned()
+    });
+    let ready_here = mine.as_ref().is_some_and(|m| {
+        m.phase == PHASE_READY && m.observed_generation == generation && m.revision == revision
+    });
+    let registered = match ctx.catalog.named.get(&ns, &name) {
+        Some(NamedEntry::Ready { tag, image }) if tag == obj.spec.tag => {
+            Some(image.oci_digest.to_string())
+        }
+        _ => None,
+    };
+    if ready_here
+        && registered.is_some()
+        && mine.as_ref().and_then(|m| m.digest.clone()) == registered
+    {
+        // Nothing to build; write the aggregate only if it is out of date.
+        ensure_aggregate(api, &obj, ctx).await?;
+        return Ok(Action::requeue(RECHECK));
+    }
+
+    // A build of this generation that ended: report it.
+    let done = {
+        let mut builds = ctx.builds.lock().unwrap();
+        match builds.get(&uid) {
+            Some(NodeBuild::Done {
+                generation: g,
+                revision: r,
+                ..
+            }) if *g == generation && *r == revision => builds.remove(&uid),
+            Some(NodeBuild::Running {
+                generation: g,
+                revision: r,
+                ..
+            }) if *g == generation && *r == revision => {
+                // Its completion triggers this object again.
+                return Ok(Action::requeue(RECHECK));
+            }
+            _ => None,
+        }
+    };
+    if let Some(NodeBuild::Done {
+        result, announced, ..
+    }) = done
+    {
+        return finish(api, &obj, ctx, result, revision, announced || !ready_here).await;
+    }
+
+    // A failed build waits for its backoff (or, for the user's errors, for a
+    // spec change), whatever triggered this reconcile (our own status write does).
+    if let Some(f) = ctx.failed.lock().unwrap().get(&uid) {
+        // A user's error waits for a spec change; a failed build, for its
+        // backoff, unless the source has moved to another revision since.
+        if f.generation == generation && (f.retry_at.is_none() || f.revision == revision) {
+            match f.retry_at {
+                None => return Ok(Action::await_change()),
+                Some(t) if t > Instant::now() => return Ok(Action::requeue(t - Instant::now())),
+                Some(_) => {}
+            }
+        }
+    }
+
+    // A restarted agent rebuilds (from cache) what status already calls ready:
+    // it re-registers the image without announcing a new build.
+    let announce = !ready_here;
+    if announce {
+        let node = NodeStatus {
+            node: ctx.node.clone(),
+            phase: PHASE_BUILDING.into(),
+            observed_generation: generation,
+            message: Some("queued".into()),
+            ..Default::default()
+        };
+        let updated = patch_node(api, &name, &uid, ctx, &node).await?;
+        ensure_aggregate(api, &updated, ctx).await?;
+        ctx.events
+            .publish(
+                &obj,
+                EventType::Normal,
+                "BuildStarted",
+                &format!(
+                    "building {} (generation {generation}) on {}",
+                    obj.spec.contents.join(", "),
+                    ctx.node
+                ),
+            )
+            .await;
+        ctx.catalog.named.set(
+            &ns,
+            &name,
+            NamedEntry::Pending {
+                tag: obj.spec.tag.clone(),
+                message: "building".into(),
+            },
+        );
+    }
+    start_build(api, &obj, ctx, spec, generation, revision, announce);
+    Ok(Action::requeue(RECHECK))
+}
+
+/// Starts this generation's build in the background (replacing a build of an
+/// older generation); its end is kept in `builds` and triggers the object.
+fn start_build(
+    api: &Api<NixImage>,
+    obj: &NixImage,
+    ctx: &Context,
+    spec: ImageSpec,
+    generation: i64,
+    revision: Option<String>,
+    announced: bool,
+) {
+    let uid = obj.uid().unwrap_or_default();
+    let (progress, reporter) = progress_reporter(api.clone(), obj.name_any(), ctx, generation);
+    let builder = ctx.builder.clone();
+    let completions = ctx.completions.clone();
+    let obj_ref = ObjectRef::from_obj(obj);
+    let builds = ctx.builds.clone();
+    let key = uid.clone();
+    let rev = revision.clone();
+    // The map is locked until the Running entry is in, so the task's Done
+    // entry always comes after it.
+    let mut map = ctx.builds.lock().unwrap();
+    let task = tokio::spawn(async move {
+        let result = builder.get_or_build(spec, Some(progress)).await;
+        reporter.abort();
+        let _ = reporter.await;
+        let mut builds = builds.lock().unwrap();
+        // Only this generation's own entry is replaced: a newer spec's build
+        // is never overwritten by an older one that finished late.
+        if matches!(builds.get(&key), Some(NodeBuild::Running { generation: g, revision: r, .. }) if g == &generation && *r == rev)
+        {
+            builds.insert(
+                key,
+                NodeBuild::Done {
+                    generation,
+                    revision: rev,
+                    result,
+                    announced,
+                },
+            );
+            drop(builds);
+            let _ = completions.send(obj_ref);
+        }
+    });
+    if let Some(NodeBuild::Running { task: old, .. }) = map.insert(
+        uid,
+        NodeBuild::Running {
+            generation,
+            revision,
+            task,
+        },
+    ) {
+        old.abort();
+    }
+}
+
+/// Reports how a build ended: Ready, a user's error (waits for a spec
+/// change), or a failure (retried with backoff).
+async fn finish(
+    api: &Api<NixImage>,
+    obj: &NixImage,
+    ctx: &Context,
+    result: Result<Arc<BuiltImage>, Arc<BuildError>>,
+    revision: Option<String>,
+    announce: bool,
+) -> Result<Action, Error> {
+    let ns = obj.namespace().ok_or(Error::NoNamespace)?;
+    let name = obj.name_any();
+    let uid = obj.uid().unwrap_or_default();
+    let generation = obj.metadata.generation.unwrap_or(0);
+    let image = match result {
+        Ok(image) => image,
+        Err(e) => {
+            ctx.catalog.named.set(
+                &ns,
+                &name,
+                NamedEntry::Pending {
+                    tag: obj.spec.tag.clone(),
+                    message: e.to_string(),
+                },
+            );
+            let reason = match e.as_ref() {
+                BuildError::UnknownPackages(_) => Some(REASON_UNKNOWN_PACKAGES),
+                BuildError::UnsupportedSystem { .. } => Some(REASON_UNSUPPORTED_SYSTEM),
+                _ => None,
+            };
+            if let Some(reason) = reason {
+                return user_error(api, obj, ctx, reason, &e.to_string()).await;
+            }
+            let repin = revision.is_some() && crate::nix::is_hash_mismatch(&e.to_string());
+            return retry_later(api, obj, ctx, revision, repin, false, &e.to_string()).await;
+        }
+    };
+    let digest = image.oci_digest.to_string();
+    ctx.catalog
+        .claim(&image.oci_digest, &format!("{ns}/{name}"));
+    ctx.catalog.named.set(
+        &ns,
+        &name,
+        NamedEntry::Ready {
+            tag: obj.spec.tag.clone(),
+            image: image.clone(),
+        },
+    );
+    let previous = ctx.written.lock().unwrap().get(&uid).cloned().or_else(|| {
+        obj.status
+            .iter()
+            .flat_map(|s| s.nodes.iter())
+            .find(|n| n.node == ctx.node)
+            .cloned()
+    });
+    let node = NodeStatus {
+        node: ctx.node.clone(),
+        phase: PHASE_READY.into(),
+        observed_generation: generation,
+        digest: Some(digest.clone()),
+        revision,
+        image: Some(format!(
+            "{}/{}:{}@{digest}",
+            ctx.public_host,
+            name::Repository::Named {
+                namespace: ns.clone(),
+                name: name.clone()
+            }
+            .name(),
+            obj.spec.tag
+        )),
+        layers: Some(image.layers as i64),
+        size: Some(image.size as i64),
+        message: Some(format!(
+            "built {} layers, {} bytes",
+            image.layers, image.size
+        )),
+        reason: None,
+    };
+    // After a restart the entry often says just this already: no write.
+    if previous.as_ref() == Some(&node) {
+        ctx.written.lock().unwrap().insert(uid.clone(), node);
+        ensure_aggregate(api, obj, ctx).await?;
+    } else {
+        let updated = patch_node(api, &name, &uid, ctx, &node).await?;
+        ensure_aggregate(api, &updated, ctx).await?;
+    }
+    if announce || previous.and_then(|m| m.digest) != Some(digest.clone()) {
+        ctx.events
+            .publish(
+                obj,
+                EventType::Normal,
+                "BuildSucceeded",
+                &format!("{digest} (generation {generation}) on {}", ctx.node),
+            )
+            .await;
+    }
+    ctx.failures.lock().unwrap().remove(&uid);
+    ctx.failed.lock().unwrap().remove(&uid);
+    info!(%digest, "image ready");
+    Ok(Action::requeue(RECHECK))
+}
+
+/// A failure that may pass (a build, a source's server): this node's entry
+/// and the aggregate say `BuildFailed` with the message, and the object is
+/// tried again after its backoff, which grows with its failures.
+async fn retry_later(
+    api: &Api<NixImage>,
+    obj: &NixImage,
+    ctx: &Context,
+    revision: Option<String>,
+    repin: bool,
+    unresolved: bool,
+    message: &str,
+) -> Result<Action, Error> {
+    let uid = obj.uid().unwrap_or_default();
+    let n = {
+        let mut failures = ctx.failures.lock().unwrap();
+        let n = failures.entry(uid.clone()).or_insert(0);
+        *n += 1;
+        *n
+    };
+    ctx.failed.lock().unwrap().insert(
+        uid,
+        Failure {
+            generation: obj.metadata.generation.unwrap_or(0),
+            revision,
+            retry_at: Some(Instant::now() + backoff(n)),
+            repin,
+            unresolved,
+        },
+    );
+    report_failure(api, obj, ctx, REASON_BUILD_FAILED, message).await?;
+    Err(Error::Build(message.to_string()))
+}
+
+/// The user's error: this node's entry says why, the aggregate's `Ready`
+/// condition carries the reason, and nothing is retried until the spec changes.
+async fn user_error(
+    api: &Api<NixImage>,
+    obj: &NixImage,
+    ctx: &Context,
+    reason: &str,
+    message: &str,
+) -> Result<Action, Error> {
+    ctx.failed.lock().unwrap().insert(
+        obj.uid().unwrap_or_default(),
+        Failure {
+            generation: obj.metadata.generation.unwrap_or(0),
+            revision: None,
+            retry_at: None,
+            repin: false,
+            unresolved: false,
+        },
+    );
+    report_failure(api, obj, ctx, reason, message).await?;
+    Ok(Action::await_change())
+}
+
+/// Marks this node's entry Failed with a reason, updates the aggregate and
+/// records a warning, unless the entry already says exactly that.
+async fn report_failure(
+    api: &Api<NixImage>,
+    obj: &NixImage,
+    ctx: &Context,
+    reason: &str,
+    message: &str,
+) -> Result<(), Error> {
+    let uid = obj.uid().unwrap_or_default();
+    let node = NodeStatus {
+        node: ctx.node.clone(),
+        phase: PHASE_FAILED.into(),
+        observed_generation: obj.metadata.generation.unwrap_or(0),
+        message: Some(message.to_string()),
+        reason: Some(reason.to_string()),
+        ..Default::default()
+    };
+    let same = ctx.written.lock().unwrap().get(&uid) == Some(&node)
+        || obj
+            .status
+            .iter()
+            .flat_map(|s| s.nodes.iter())
+            .any(|n| *n == node);
+    if same {
+        ensure_aggregate(api, obj, ctx).await?;
+        return Ok(());
+    }
+    let updated = patch_node(api, &obj.name_any(), &uid, ctx, &node).await?;
+    ensure_aggregate(api, &updated, ctx).await?;
+    ctx.events
+        .publish(
+            obj,
+            EventType::Warning,
+            reason,
+            &format!("on {}: {message}", ctx.node),
+        )
+        .await;
+    Ok(())
+}
+
+/// Forwards build progress into this node's status entry, at most once per
+/// `progress_interval`, so a long build shows how far it got.
+fn progress_reporter(
+    api: Api<NixImage>,
+    name: String,
+    ctx: &Context,
+    generation: i64,
+) -> (ProgressFn, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let progress: ProgressFn = Arc::new(move |p: Progress| {
+        let msg = match p {
+            Progress::Queued => "queued".to_string(),
+            Progress::Stage(s) => s.to_string(),
+            Progress::Layers { done, total } => format!("packing layers {done}/{total}"),
+            Progress::NixLog(_) | Progress::Done => return,
+        };
+        let _ = tx.send(msg);
+    });
+    let interval = ctx.progress_interval;
+    let node = ctx.node.clone();
+    let manager = ctx.node_field_manager();
+    let handle = tokio::spawn(async move {
+        let mut last = Instant::now();
+        let mut latest: Option<String> = None;
+        loop {
+            let wait = interval.saturating_sub(last.elapsed());
+            tokio::select! {
+                m = rx.recv() => match m { Some(m) => latest = Some(m), None => return },
+                _ = tokio::time::sleep(wait), if latest.is_some() => {
+                    let status = NodeStatus { node: node.clone(), phase: PHASE_BUILDING.into(), observed_generation: generation, message: latest.take(), ..Default::default() };
+                    let patch = json!({ "apiVersion": API_VERSION, "kind": "NixImage", "status": { "nodes": [status] } });
+                    if let Err(e) = api.patch_status(&name, &PatchParams::apply(&manager).force(), &Patch::Apply(&patch)).await {
+                        warn!(error = %e, "writing build progress");
+                    }
+                    last = Instant::now();
+                }
+            }
+        }
+    });
+    (progress, handle)
+}
+
+/// Applies this node's status entry (and nothing else) under its own manager.
+async fn patch_node(
+    api: &Api<NixImage>,
+    name: &str,
+    uid: &str,
+    ctx: &Context,
+    node: &NodeStatus,
+) -> Result<NixImage, Error> {
+    let patch =
+        json!({ "apiVersion": API_VERSION, "kind": "NixImage", "status": { "nodes": [node] } });
+    let updated = api
+        .patch_status(
+            name,
+            &PatchParams::apply(&ctx.node_field_manager()).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(Error::PatchStatus)?;
+    ctx.written
+        .lock()
+        .unwrap()
+        .insert(uid.to_string(), node.clone());
+    Ok(updated)
+}
+
+/// Writes the aggregate if it differs from what the object holds.
+async fn ensure_aggregate(api: &Api<NixImage>, obj: &NixImage, ctx: &Context) -> Result<(), Error> {
+    let now = Timestamp::now();
+    let departed = |node: &str| node != ctx.node && ctx.liveness.departed(node, now);
+    let want = aggregate(obj, &departed, Time(now));
+    let have = obj.status.clone().unwrap_or_default();
+    let same = have.observed_generation == want.observed_generation
+        && have.phase == want.phase
+        && have.image == want.image
+        && have.digest == want.digest
+        && have.layers == want.layers
+        && have.size == want.size
+        && have.ready_nodes == want.ready_nodes
+        && have.conditions == want.conditions;
+    if same {
+        return Ok(());
+    }
+    let patch = json!({ "apiVersion": API_VERSION, "kind": "NixImage", "status": want });
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::PatchStatus)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff(1), Duration::from_secs(5));
+        assert_eq!(backoff(2), Duration::from_secs(10));
+        assert_eq!(backoff(3), Duration::from_secs(20));
+        assert_eq!(backoff(30), Duration::from_secs(300));
+    }
+}

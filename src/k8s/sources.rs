@@ -1,0 +1,250 @@
+//! What a NixImage asks to build: its spec checked and turned into the
+//! pipeline's request, and a moving source (a git branch or tag, a channel)
+//! pinned to one revision that every node builds.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::ResourceExt;
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::build::ImageSpec;
+use crate::k8s::context::{Context, Error};
+use crate::k8s::crd::{NixImage, NixImageSpec};
+use crate::k8s::names::{API_VERSION, REVISION_MANAGER};
+use crate::name;
+use crate::nix::Source;
+use crate::oci::RunConfig;
+
+/// Turns a NixImage spec into the pipeline's request; errors are user errors.
+/// `spec.tag` names the image; it names the Nix revision only when the
+/// package source is a git repository (else the revision is `latest`).
+pub fn image_spec(spec: &NixImageSpec, default_source: &Source) -> Result<ImageSpec, String> {
+    name::validate_tag(&spec.tag).map_err(|e| e.to_string())?;
+    if spec.contents.is_empty() {
+        return Err("spec.contents is empty".into());
+    }
+    let img = name::parse_packages(&spec.contents)?;
+    let mut out = ImageSpec::ad_hoc(&img, &spec.tag);
+    // Not asked for under the ad-hoc name: the object names it (and drops it
+    // when deleted, unless someone asks for it ad hoc meanwhile).
+    out.repository = None;
+    if let Some(src) = &spec.source {
+        out.source = Some(match (&src.path, &src.repo, &src.channel) {
+            (Some(p), None, None) => Source::Path(p.into()),
+            (None, Some(r), None) => Source::Git { url: r.clone() },
+            (None, None, Some(c)) => Source::Channel(c.clone()),
+            _ => return Err("spec.source must set exactly one of path, repo, channel".into()),
+        });
+    }
+    if !out
+        .source
+        .as_ref()
+        .unwrap_or(default_source)
+        .tags_are_revisions()
+    {
+        out.tag = "latest".into();
+    }
+    if let Some(c) = &spec.config {
+        out.run = RunConfig {
+            entrypoint: c.entrypoint.clone(),
+            cmd: c.cmd.clone(),
+            env: c
+                .env
+                .iter()
+                .map(|e| format!("{}={}", e.name, e.value))
+                .collect(),
+            working_dir: c.working_dir.clone(),
+            user: c.user.clone(),
+            exposed_ports: c.exposed_ports.clone(),
+        };
+    }
+    Ok(out)
+}
+
+/// What a moving source names now.
+pub(super) enum Pin {
+    /// The commit to build (None: the source does not move, or is a commit).
+    Fixed(Option<String>),
+    /// The branch, tag or channel does not exist (the user's error).
+    Unknown(String),
+    /// Resolving failed (its server did not answer): retried after a backoff.
+    Failed(String),
+    /// Resolving failed a moment ago: not before this long.
+    Wait(Duration),
+}
+
+/// How a channel's pinned revision is written in `status.revision`: the
+/// sha256 of its unpacked tarball.
+pub(super) const CHANNEL_REVISION_PREFIX: &str = "sha256:";
+
+/// For a git source at a branch or tag: the commit it names; for a channel:
+/// the hash of its tarball's contents. Resolved once and shared by every node
+/// through `status.revision`, resolved again after the cache TTL (written only
+/// when it changed, so agents that agree write nothing), or at once when a
+/// node found the pinned tarball changed. For any other source, None (and an
+/// old revision is cleared).
+pub(super) async fn pin_revision(
+    api: &Api<NixImage>,
+    obj: &NixImage,
+    ctx: &Context,
+    source: &Source,
+    tag: &str,
+) -> Result<Pin, Error> {
+    let status = obj.status.clone().unwrap_or_default();
+    let apply = |fields: serde_json::Value| async move {
+        let patch = json!({ "apiVersion": API_VERSION, "kind": "NixImage", "status": fields });
+        api.patch_status(
+            &obj.name_any(),
+            &PatchParams::apply(REVISION_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(Error::PatchStatus)
+    };
+    let of = match source {
+        Source::Git { url } if !crate::nix::is_commit(tag) => {
+            format!("{}#{tag}", crate::nix::redact_url(url))
+        }
+        Source::Channel(_) => crate::nix::redact_url(&source.channel_url().unwrap_or_default()),
+        _ => {
+            if status.revision.is_some() {
+                apply(json!({})).await?;
+            }
+            return Ok(Pin::Fixed(None));
+        }
+    };
+    let uid = obj.uid().unwrap_or_default();
+    let generation = obj.metadata.generation.unwrap_or(0);
+    let wait = ctx.failed.lock().unwrap().get(&uid).and_then(|f| {
+        let t = f.retry_at?;
+        (f.unresolved && f.generation == generation && t > Instant::now())
+            .then(|| t - Instant::now())
+    });
+    if let Some(d) = wait {
+        return Ok(Pin::Wait(d));
+    }
+    let ttl = ctx.builder.mutable_ttl();
+    let resolved_at = status
+        .revision_resolved
+        .as_deref()
+        .and_then(|t| t.parse::<Timestamp>().ok());
+    let fresh =
+        resolved_at.is_some_and(|t| Timestamp::now().duration_since(t).unsigned_abs() < ttl);
+    let checked = ctx
+        .resolved
+        .lock()
+        .unwrap()
+        .get(&uid)
+        .is_some_and(|(o, at)| *o == of && at.elapsed() < ttl);
+    let repin = ctx.failed.lock().unwrap().get(&uid).is_some_and(|f| {
+        f.repin && f.revision == status.revision && f.retry_at.is_some_and(|t| t <= Instant::now())
+    });
+    if status.revision.is_some()
+        && status.revision_of.as_deref() == Some(&of)
+        && (fresh || checked)
+        && !repin
+    {
+        return Ok(Pin::Fixed(status.revision));
+    }
+    let resolved = match source {
+        Source::Git { url } => crate::nix::resolve_git_ref(url, tag).await.map(|c| {
+            c.ok_or_else(|| {
+                format!(
+                    "{} has no branch or tag '{tag}'",
+                    crate::nix::redact_url(url)
+                )
+            })
+        }),
+        _ => crate::nix::resolve_tarball(&source.channel_url().unwrap_or_default())
+            .await
+            .map(|h| {
+                h.map(|h| format!("{CHANNEL_REVISION_PREFIX}{h}"))
+                    .ok_or_else(|| format!("the channel {of} does not exist"))
+            }),
+    };
+    let revision = match resolved {
+        Ok(Ok(r)) => r,
+        Ok(Err(message)) => return Ok(Pin::Unknown(message)),
+        Err(e) => {
+            if status.revision.is_some() && status.revision_of.as_deref() == Some(&of) && !repin {
+                // The source's server is down: the image stays at its pin
+                // (a failure of re-resolving never fails a Ready image);
+                // looked at again after the TTL.
+                warn!(error = %e, source = %of, "could not resolve the source again; keeping its revision");
+                ctx.resolved
+                    .lock()
+                    .unwrap()
+                    .insert(uid, (of.clone(), Instant::now()));
+                return Ok(Pin::Fixed(status.revision));
+            }
+            return Ok(Pin::Failed(e.to_string()));
+        }
+    };
+    if repin {
+        if let Some(f) = ctx.failed.lock().unwrap().get_mut(&uid) {
+            f.repin = false;
+        }
+    }
+    ctx.resolved
+        .lock()
+        .unwrap()
+        .insert(uid, (of.clone(), Instant::now()));
+    // A git branch is written only when it moved (agents that agree write
+    // nothing); a channel's check time is written every time, so that the
+    // other nodes do not each download the tarball again (one write per TTL).
+    if status.revision.as_deref() != Some(&revision)
+        || status.revision_of.as_deref() != Some(&of)
+        || matches!(source, Source::Channel(_))
+    {
+        apply(json!({
+            "revision": revision,
+            "revisionOf": of,
+            "revisionResolved": Timestamp::now().to_string(),
+        }))
+        .await?;
+        info!(%revision, source = %of, "resolved the source's revision");
+    }
+    Ok(Pin::Fixed(Some(revision)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_validation() {
+        let spec = |contents: &[&str]| NixImageSpec {
+            contents: contents.iter().map(|s| s.to_string()).collect(),
+            tag: "v1".into(),
+            source: None,
+            config: None,
+        };
+        let path = Source::Path("/pkgs".into());
+        let git = Source::Git {
+            url: "file:///r".into(),
+        };
+        assert_eq!(
+            image_spec(&spec(&["curl", "shell"]), &path).unwrap().tag,
+            "latest"
+        );
+        assert_eq!(image_spec(&spec(&["curl"]), &git).unwrap().tag, "v1");
+        assert!(image_spec(&spec(&[]), &path).is_err());
+        assert!(image_spec(&spec(&["$(x)"]), &path).is_err());
+        assert!(image_spec(&spec(&["niximage"]), &path).is_err());
+        let mut s = spec(&["curl"]);
+        s.source = Some(crate::k8s::crd::PackageSource {
+            path: Some("/a".into()),
+            repo: Some("b".into()),
+            channel: None,
+        });
+        assert!(image_spec(&s, &path).is_err());
+        s.source = Some(crate::k8s::crd::PackageSource {
+            repo: Some("b".into()),
+            ..Default::default()
+        });
+        assert_eq!(image_spec(&s, &path).unwrap().tag, "v1");
+    }
+}
