@@ -33,14 +33,13 @@ use crate::k8s::cleanup::{drop_legacy_finalizer, forget_object, sweep_departed};
 use crate::k8s::context::{Context, Error, Failure, NodeBuild};
 use crate::k8s::crd::{NixImage, NodeStatus};
 use crate::k8s::names::{API_VERSION, FIELD_MANAGER};
-use crate::k8s::sources::{image_spec, pin_revision, Pin, CHANNEL_REVISION_PREFIX};
+use crate::k8s::sources::{image_spec, pin_revision, pin_spec, Pin};
 use crate::k8s::status::{
     aggregate, PHASE_BUILDING, PHASE_FAILED, PHASE_READY, REASON_BUILD_FAILED, REASON_INVALID_SPEC,
     REASON_SOURCE_NOT_ALLOWED, REASON_UNKNOWN_PACKAGES, REASON_UNKNOWN_REVISION,
     REASON_UNSUPPORTED_SYSTEM,
 };
 use crate::name;
-use crate::nix::Source;
 
 /// How long a Ready image waits before its next routine check.
 const RECHECK: Duration = Duration::from_secs(3600);
@@ -134,18 +133,7 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
         Pin::Wait(d) => return Ok(Action::requeue(d)),
     };
     if let Some(r) = &revision {
-        match (
-            source.channel_url(),
-            r.strip_prefix(CHANNEL_REVISION_PREFIX),
-        ) {
-            (Some(url), Some(sha256)) => {
-                spec.source = Some(Source::PinnedChannel {
-                    url,
-                    sha256: sha256.to_string(),
-                })
-            }
-            _ => spec.tag = r.clone(),
-        }
+        pin_spec(&mut spec, &source, r);
     }
 
     // This node's entry: what we last wrote, else (after a restart) what the object says.

@@ -78,7 +78,24 @@ pub(super) enum Pin {
 
 /// How a channel's pinned revision is written in `status.revision`: the
 /// sha256 of its unpacked tarball.
-pub(super) const CHANNEL_REVISION_PREFIX: &str = "sha256:";
+const CHANNEL_REVISION_PREFIX: &str = "sha256:";
+
+/// Makes the pipeline's request build the pinned revision: a channel's
+/// tarball with its pinned contents, else the git commit as the tag.
+pub fn pin_spec(spec: &mut ImageSpec, source: &Source, revision: &str) {
+    match (
+        source.channel_url(),
+        revision.strip_prefix(CHANNEL_REVISION_PREFIX),
+    ) {
+        (Some(url), Some(sha256)) => {
+            spec.source = Some(Source::PinnedChannel {
+                url,
+                sha256: sha256.to_string(),
+            })
+        }
+        _ => spec.tag = revision.to_string(),
+    }
+}
 
 /// For a git source at a branch or tag: the commit it names; for a channel:
 /// the hash of its tarball's contents. Resolved once and shared by every node
@@ -246,5 +263,29 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(image_spec(&s, &path).unwrap().tag, "v1");
+    }
+
+    #[test]
+    fn a_pinned_revision_is_what_gets_built() {
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        let git = Source::Git {
+            url: "file:///r".into(),
+        };
+        let mut spec = ImageSpec::ad_hoc(&name::parse_packages(&["curl".to_string()]).unwrap(), "main");
+        pin_spec(&mut spec, &git, commit);
+        assert_eq!((spec.tag.as_str(), spec.source.as_ref()), (commit, None));
+
+        let channel = Source::Channel("nixos-24.05".into());
+        let mut spec =
+            ImageSpec::ad_hoc(&name::parse_packages(&["curl".to_string()]).unwrap(), "latest");
+        pin_spec(&mut spec, &channel, "sha256:abc");
+        assert_eq!(spec.tag, "latest");
+        assert_eq!(
+            spec.source,
+            Some(Source::PinnedChannel {
+                url: channel.channel_url().unwrap(),
+                sha256: "abc".into()
+            })
+        );
     }
 }
