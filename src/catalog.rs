@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::build::BuiltImage;
+use crate::builder::BuiltImage;
 use crate::name::{self, Digest};
 use crate::oci;
 use crate::store::BlobStore;

@@ -2,7 +2,7 @@
 //! registry, and declared in Kubernetes as NixImage objects.
 
 pub mod archive;
-pub mod build;
+pub mod builder;
 pub mod catalog;
 pub mod config;
 pub mod gc;
@@ -19,7 +19,7 @@ pub mod telemetry;
 
 use std::sync::Arc;
 
-use crate::build::{Builder, BuilderConfig};
+use crate::builder::{Builder, BuilderConfig};
 use crate::catalog::Catalog;
 use crate::config::Settings;
 use crate::metrics::Metrics;

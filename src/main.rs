@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use nixery::build::{ImageSpec, Progress};
+use nixery::builder::{ImageSpec, Progress};
 use nixery::config::{AgentArgs, BuildArgs, Cli, Command, CommonArgs};
 use nixery::name::{self, Repository};
 

@@ -376,7 +376,7 @@ fn examples_parse_and_refer_to_real_images() {
         let mut want: Vec<String> = Vec::new();
         for c in &img.spec.contents {
             if c == "shell" {
-                want.extend(nixery::build::SHELL.iter().map(|s| s.to_string()));
+                want.extend(nixery::builder::SHELL.iter().map(|s| s.to_string()));
             } else {
                 want.push(c.clone());
             }

@@ -431,7 +431,7 @@ async fn a_restart_serves_stored_images_without_evaluating() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_caller_of_a_build_reads_one_state_stream() {
-    use nixery::build::{ImageSpec, Progress};
+    use nixery::builder::{ImageSpec, Progress};
     use std::sync::{Arc, Mutex};
     let dir = tempfile::tempdir().unwrap();
     let app = state(dir.path()).await;
@@ -440,7 +440,7 @@ async fn every_caller_of_a_build_reads_one_state_stream() {
     let recorder = || {
         let events: Arc<Mutex<Vec<Progress>>> = Default::default();
         let sink = events.clone();
-        let f: nixery::build::ProgressFn = Arc::new(move |p| sink.lock().unwrap().push(p));
+        let f: nixery::builder::ProgressFn = Arc::new(move |p| sink.lock().unwrap().push(p));
         (events, f)
     };
     let (first_events, first) = recorder();

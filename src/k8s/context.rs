@@ -10,7 +10,7 @@ use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::Client;
 
-use crate::build::{BuildError, Builder, BuiltImage};
+use crate::builder::{BuildError, Builder, BuiltImage};
 use crate::catalog::Catalog;
 use crate::k8s::crd::{NixImage, NodeStatus};
 use crate::k8s::events::Events;

@@ -27,7 +27,7 @@ use kube::ResourceExt;
 use serde_json::json;
 use tracing::{info, info_span, warn, Instrument};
 
-use crate::build::{BuildError, BuiltImage, ImageSpec, Progress, ProgressFn};
+use crate::builder::{BuildError, BuiltImage, ImageSpec, Progress, ProgressFn};
 use crate::catalog::NamedEntry;
 use crate::k8s::cleanup::{drop_legacy_finalizer, forget_object, sweep_departed};
 use crate::k8s::context::{Context, Error, Failure, NodeBuild};

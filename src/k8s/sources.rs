@@ -10,7 +10,7 @@ use kube::ResourceExt;
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::build::ImageSpec;
+use crate::builder::ImageSpec;
 use crate::k8s::context::{Context, Error};
 use crate::k8s::crd::{NixImage, NixImageSpec};
 use crate::k8s::names::{API_VERSION, REVISION_MANAGER};

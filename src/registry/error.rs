@@ -4,7 +4,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use crate::build::BuildError;
+use crate::builder::BuildError;
 use crate::name::NameError;
 
 /// The registry's errors, one-to-one with the distribution spec's codes.

@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 
 use super::{AppState, RegistryError};
-use crate::build::{BuiltImage, ImageSpec};
+use crate::builder::{BuiltImage, ImageSpec};
 use crate::catalog::NamedEntry;
 use crate::name::{self, Digest, Reference, Repository, Route};
 use crate::oci;

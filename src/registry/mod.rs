@@ -22,7 +22,7 @@ use tracing::{info_span, Instrument};
 pub use error::RegistryError;
 use handlers::{v2, v2_base};
 
-use crate::build::Builder;
+use crate::builder::Builder;
 use crate::catalog::Catalog;
 use crate::metrics::{Metrics, StatusLabel};
 

@@ -21,9 +21,9 @@ pub struct Status {
     /// The host clients pull from (as this request named it).
     pub host: String,
     pub images: Vec<crate::catalog::ImageSummary>,
-    pub building: Vec<crate::build::BuildState>,
+    pub building: Vec<crate::builder::BuildState>,
     /// Newest first.
-    pub failures: Vec<crate::build::Failure>,
+    pub failures: Vec<crate::builder::Failure>,
     pub named: Vec<NamedStatus>,
 }
 
@@ -50,7 +50,7 @@ impl PartialEq for crate::catalog::ImageSummary {
     }
 }
 
-impl PartialEq for crate::build::Failure {
+impl PartialEq for crate::builder::Failure {
     fn eq(&self, o: &Self) -> bool {
         (&self.image, &self.tag, &self.error, &self.log, self.at)
             == (&o.image, &o.tag, &o.error, &o.log, o.at)
