@@ -37,9 +37,8 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Agent")]
 pub struct AgentArgs {
-    #[command(flatten)]
-    pub common: CommonArgs,
     /// This node's name (from the downward API in the DaemonSet).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
@@ -62,6 +61,9 @@ pub struct AgentArgs {
     /// Prometheus to scrape from outside the node's loopback.
     #[arg(long, env = "NIXERY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// The flags every command shares (after this command's own in `--help`).
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 fn parse_source(s: &str) -> Result<crate::nix::Source, String> {
@@ -70,9 +72,8 @@ fn parse_source(s: &str) -> Result<crate::nix::Source, String> {
 }
 
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Build")]
 pub struct BuildArgs {
-    #[command(flatten)]
-    pub common: CommonArgs,
     /// Image path, e.g. `shell/curl` or `shell/curl:latest`.
     pub image: String,
     /// Also write the image to FILE as a tar that `docker load`, `ctr images
@@ -95,6 +96,9 @@ pub struct BuildArgs {
     /// A port the image exposes, e.g. 5000/tcp (repeatable).
     #[arg(long = "expose", value_name = "PORT/PROTO")]
     pub expose: Vec<String>,
+    /// The flags every command shares (after this command's own in `--help`).
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 fn parse_env(s: &str) -> Result<String, String> {
@@ -104,14 +108,41 @@ fn parse_env(s: &str) -> Result<String, String> {
     }
 }
 
+/// The flags every command shares, in groups that `--help` shows under
+/// their headings.
 #[derive(Debug, Args, Clone, Default)]
 pub struct CommonArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub nix: NixArgs,
+    #[command(flatten)]
+    pub images: ImageArgs,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+}
+
+/// Where and how the registry listens.
+#[derive(Debug, Args, Clone, Default)]
+#[command(next_help_heading = "Server")]
+pub struct ServerArgs {
     /// Address to listen on [default: 127.0.0.1:5000; Nixery's PORT=n means 0.0.0.0:n].
     #[arg(long, env = "NIXERY_LISTEN")]
     pub listen: Option<String>,
-    /// Directory for blobs, layer cache and GC roots [default: /var/lib/nixery; Nixery's STORAGE_PATH].
-    #[arg(long, env = "NIXERY_STATE_DIR")]
-    pub state_dir: Option<PathBuf>,
+    /// Most client connections at once; past it a connection is refused with
+    /// 503 [default: half the open-file limit, at most 8192].
+    #[arg(long, env = "NIXERY_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Seconds a client may take to send a request's headers (and to start
+    /// its next request on a kept-alive connection) before it is closed.
+    #[arg(long, env = "NIXERY_HEADER_TIMEOUT", default_value_t = 10)]
+    pub header_timeout: u64,
+}
+
+/// The package set and how Nix is called.
+#[derive(Debug, Args, Clone, Default)]
+#[command(next_help_heading = "Nix")]
+pub struct NixArgs {
     /// A local nixpkgs-shaped package set (`import PATH {}`).
     #[arg(long, env = "NIXERY_PKGS_PATH", group = "source")]
     pub pkgs_path: Option<PathBuf>,
@@ -121,44 +152,56 @@ pub struct CommonArgs {
     /// A nixpkgs channel (e.g. nixos-unstable) or tarball URL [default: nixos-unstable].
     #[arg(long, env = "NIXERY_CHANNEL", group = "source")]
     pub pkgs_channel: Option<String>,
-    /// Most layers in an image, the customisation layer included. Every
-    /// layer costs a client about 0.1 s to fetch and unpack, so few is fast;
-    /// the planner keeps shared packages in shared layers within it.
-    #[arg(long, env = "NIXERY_MAX_LAYERS", default_value_t = 12, value_parser = clap::value_parser!(u64).range(2..=125))]
-    pub max_layers: u64,
+    /// A Nix setting for every Nix call, as NAME=VALUE (repeatable); e.g.
+    /// `substituters=` for the offline package set, where no cache is reachable.
+    #[arg(long = "nix-option", env = "NIXERY_NIX_OPTIONS", value_delimiter = ',')]
+    pub nix_options: Vec<String>,
     /// Seconds a build may take [default: 600; Nixery's NIX_TIMEOUT].
     #[arg(long, env = "NIXERY_BUILD_TIMEOUT")]
     pub build_timeout: Option<u64>,
-    /// Seconds an image from a reference that can move (branch, channel,
-    /// path) is served before it is rebuilt; Nix's own tarball-ttl is 3600.
-    #[arg(long, env = "NIXERY_CACHE_TTL", default_value_t = 3600)]
-    pub cache_ttl: u64,
-    /// Layer compression: gzip (every client), zstd (OCI manifests only;
-    /// containerd 1.5+, Docker 23+, podman) or none (plain tar: no CPU on
-    /// either end, bigger transfers; for pulls over a node's loopback).
-    #[arg(long, env = "NIXERY_LAYER_COMPRESSION", value_enum, default_value_t = crate::oci::Compression::Gzip)]
-    pub layer_compression: crate::oci::Compression,
     /// Builds that run at once; more queue.
     #[arg(long, env = "NIXERY_MAX_BUILDS", default_value_t = 2)]
     pub max_builds: usize,
     /// Builds that may wait for a slot; past it, requests get 429.
     #[arg(long, env = "NIXERY_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
+}
+
+/// How images are laid out, packed and cached.
+#[derive(Debug, Args, Clone, Default)]
+#[command(next_help_heading = "Images")]
+pub struct ImageArgs {
+    /// Most layers in an image, the customisation layer included. Every
+    /// layer costs a client about 0.1 s to fetch and unpack, so few is fast;
+    /// the planner keeps shared packages in shared layers within it.
+    #[arg(long, env = "NIXERY_MAX_LAYERS", default_value_t = 12, value_parser = clap::value_parser!(u64).range(2..=125))]
+    pub max_layers: u64,
+    /// Layer compression: gzip (every client), zstd (OCI manifests only;
+    /// containerd 1.5+, Docker 23+, podman) or none (plain tar: no CPU on
+    /// either end, bigger transfers; for pulls over a node's loopback).
+    #[arg(long, env = "NIXERY_LAYER_COMPRESSION", value_enum, default_value_t = crate::oci::Compression::Gzip)]
+    pub layer_compression: crate::oci::Compression,
+    /// Seconds an image from a reference that can move (branch, channel,
+    /// path) is served before it is rebuilt; Nix's own tarball-ttl is 3600.
+    #[arg(long, env = "NIXERY_CACHE_TTL", default_value_t = 3600)]
+    pub cache_ttl: u64,
     /// A popularity table (JSON of name -> count) as a local file path.
     #[arg(long, env = "NIX_POPULARITY_URL")]
     pub popularity: Option<String>,
-    /// A Nix setting for every Nix call, as NAME=VALUE (repeatable); e.g.
-    /// `substituters=` for the offline package set, where no cache is reachable.
-    #[arg(long = "nix-option", env = "NIXERY_NIX_OPTIONS", value_delimiter = ',')]
-    pub nix_options: Vec<String>,
-    /// Most client connections at once; past it a connection is refused with
-    /// 503 [default: half the open-file limit, at most 8192].
-    #[arg(long, env = "NIXERY_MAX_CONNECTIONS")]
-    pub max_connections: Option<usize>,
-    /// Seconds a client may take to send a request's headers (and to start
-    /// its next request on a kept-alive connection) before it is closed.
-    #[arg(long, env = "NIXERY_HEADER_TIMEOUT", default_value_t = 10)]
-    pub header_timeout: u64,
+}
+
+/// Where blobs, manifests and the image index live, and how much.
+#[derive(Debug, Args, Clone, Default)]
+#[command(next_help_heading = "Storage")]
+pub struct StorageArgs {
+    /// Directory for blobs, layer cache and GC roots [default: /var/lib/nixery; Nixery's STORAGE_PATH].
+    #[arg(long, env = "NIXERY_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Most blob bytes to keep (e.g. 500MiB, 20GiB); past it, the least
+    /// recently used images that no NixImage pins are evicted [default: a
+    /// quarter of the state directory's disk].
+    #[arg(long, env = "NIXERY_STORAGE_LIMIT", value_parser = parse_size)]
+    pub storage_limit: Option<u64>,
     /// Blob storage backend: `filesystem` (the state directory), or `s3` (a
     /// bucket that several instances share, with the state directory as a
     /// local cache within --storage-limit). Nixery's `gcs` means `s3` at
@@ -187,11 +230,6 @@ pub struct CommonArgs {
     /// builder's image is waited for before another instance builds it.
     #[arg(long, env = "NIXERY_BUILD_LEASE_TTL", default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..))]
     pub build_lease_ttl: u64,
-    /// Most blob bytes to keep (e.g. 500MiB, 20GiB); past it, the least
-    /// recently used images that no NixImage pins are evicted [default: a
-    /// quarter of the state directory's disk].
-    #[arg(long, env = "NIXERY_STORAGE_LIMIT", value_parser = parse_size)]
-    pub storage_limit: Option<u64>,
 }
 
 /// A size such as `500MiB`, `20GiB`, `1.5 GB` or `1048576` (bytes).
@@ -282,7 +320,7 @@ pub fn default_max_connections() -> usize {
 impl CommonArgs {
     /// Applies defaults and Nixery's variable names (`env` looks them up).
     pub fn resolve(&self, env: impl Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
-        let listen = match (&self.listen, env("PORT")) {
+        let listen = match (&self.server.listen, env("PORT")) {
             (Some(l), _) => l.clone(),
             (None, Some(port)) => format!("0.0.0.0:{port}"),
             (None, None) => "127.0.0.1:5000".into(),
@@ -291,24 +329,26 @@ impl CommonArgs {
             ConfigError::Listen(listen.clone(), e.to_string())
         })?;
         let state_dir = self
+            .storage
             .state_dir
             .clone()
             .or_else(|| env("STORAGE_PATH").map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from("/var/lib/nixery"));
-        let source = if let Some(p) = &self.pkgs_path {
+        let source = if let Some(p) = &self.nix.pkgs_path {
             let abs = std::path::absolute(p)
                 .map_err(|e| ConfigError::Invalid("--pkgs-path", e.to_string()))?;
             Source::Path(abs)
-        } else if let Some(r) = &self.pkgs_repo {
+        } else if let Some(r) = &self.nix.pkgs_repo {
             Source::Git { url: r.clone() }
         } else {
             Source::Channel(
-                self.pkgs_channel
+                self.nix
+                    .pkgs_channel
                     .clone()
                     .unwrap_or_else(|| "nixos-unstable".into()),
             )
         };
-        let timeout = match self.build_timeout {
+        let timeout = match self.nix.build_timeout {
             Some(t) => t,
             None => match env("NIX_TIMEOUT") {
                 Some(t) => t
@@ -323,11 +363,12 @@ impl CommonArgs {
                 "must be at least one second".into(),
             ));
         }
-        let storage = match self.storage_backend.as_str() {
+        let storage = match self.storage.storage_backend.as_str() {
             "filesystem" => Storage::Filesystem,
             backend @ ("s3" | "gcs") => {
                 let gcs = backend == "gcs";
                 let bucket = self
+                    .storage
                     .s3_bucket
                     .clone()
                     .or_else(|| env("GCS_BUCKET").filter(|_| gcs))
@@ -336,6 +377,7 @@ impl CommonArgs {
                         "it needs --s3-bucket (NIXERY_S3_BUCKET)".into(),
                     ))?;
                 let endpoint = self
+                    .storage
                     .s3_endpoint
                     .clone()
                     .or_else(|| env("AWS_ENDPOINT_URL"))
@@ -349,6 +391,7 @@ impl CommonArgs {
                     }
                 }
                 let region = self
+                    .storage
                     .s3_region
                     .clone()
                     .or_else(|| env("AWS_REGION"))
@@ -365,16 +408,16 @@ impl CommonArgs {
                         endpoint,
                         bucket,
                         region,
-                        prefix: self.s3_prefix.trim_matches('/').to_string(),
+                        prefix: self.storage.s3_prefix.trim_matches('/').to_string(),
                         credentials: None,
                     },
-                    redirect: self.s3_redirect,
-                    lease_ttl: Duration::from_secs(self.build_lease_ttl),
+                    redirect: self.storage.s3_redirect,
+                    lease_ttl: Duration::from_secs(self.storage.build_lease_ttl),
                 }
             }
             other => return Err(ConfigError::Backend(other.to_string())),
         };
-        let popularity = match &self.popularity {
+        let popularity = match &self.images.popularity {
             None => None,
             Some(p) => {
                 let path = p.strip_prefix("file://").unwrap_or(p);
@@ -387,6 +430,7 @@ impl CommonArgs {
             }
         };
         let nix_options = self
+            .nix
             .nix_options
             .iter()
             .map(|o| match o.split_once('=') {
@@ -399,24 +443,25 @@ impl CommonArgs {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Settings {
             storage,
-            storage_limit: self.storage_limit,
+            storage_limit: self.storage.storage_limit,
             nix_options,
             listen,
             state_dir,
             source,
-            max_layers: self.max_layers as usize,
+            max_layers: self.images.max_layers as usize,
             build_timeout: Duration::from_secs(timeout),
-            max_builds: self.max_builds.max(1),
-            max_queue: self.max_queue,
-            cache_ttl: Duration::from_secs(self.cache_ttl),
-            compression: self.layer_compression,
+            max_builds: self.nix.max_builds.max(1),
+            max_queue: self.nix.max_queue,
+            cache_ttl: Duration::from_secs(self.images.cache_ttl),
+            compression: self.images.layer_compression,
             popularity,
             limits: ConnectionLimits {
                 max_connections: self
+                    .server
                     .max_connections
                     .unwrap_or_else(default_max_connections)
                     .max(1),
-                header_timeout: Duration::from_secs(self.header_timeout.max(1)),
+                header_timeout: Duration::from_secs(self.server.header_timeout.max(1)),
             },
         })
     }
@@ -428,7 +473,7 @@ mod tests {
 
     #[test]
     fn storage_limits_read_as_people_write_them() {
-        let limit = |v: &str| parse(&["--storage-limit", v]).storage_limit;
+        let limit = |v: &str| parse(&["--storage-limit", v]).storage.storage_limit;
         assert_eq!(limit("500MiB"), Some(500 << 20));
         assert_eq!(limit("20GiB"), Some(20 << 30));
         assert_eq!(limit("1 GB"), Some(1_000_000_000));
@@ -440,7 +485,7 @@ mod tests {
         };
         assert!(err("lots").unwrap().contains("--storage-limit"));
         assert!(err("12 parsecs").is_some());
-        assert_eq!(parse(&[]).storage_limit, None);
+        assert_eq!(parse(&[]).storage.storage_limit, None);
     }
 
     /// `nixery build`'s image-config flags: repeatable, hyphenated values
@@ -483,6 +528,57 @@ mod tests {
             err(&["--reference", "n:t"]).contains("--output"),
             "a name with nothing to name"
         );
+    }
+
+    /// `--help` shows every flag under the heading of what it configures,
+    /// the command's own first.
+    #[test]
+    fn help_groups_flags_by_what_they_configure() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let heading = |command: &str, flag: &str| {
+            let sub = cli.find_subcommand(command).unwrap();
+            let arg = sub
+                .get_arguments()
+                .find(|a| a.get_long() == Some(flag))
+                .unwrap_or_else(|| panic!("{command} has no --{flag}"));
+            arg.get_help_heading().map(str::to_string)
+        };
+        for (flag, group) in [
+            ("listen", "Server"),
+            ("header-timeout", "Server"),
+            ("pkgs-channel", "Nix"),
+            ("nix-option", "Nix"),
+            ("max-builds", "Nix"),
+            ("max-layers", "Images"),
+            ("layer-compression", "Images"),
+            ("state-dir", "Storage"),
+            ("s3-bucket", "Storage"),
+            ("storage-limit", "Storage"),
+        ] {
+            for command in ["serve", "agent", "build"] {
+                assert_eq!(
+                    heading(command, flag).as_deref(),
+                    Some(group),
+                    "{command} --{flag}"
+                );
+            }
+        }
+        assert_eq!(heading("agent", "node-name").as_deref(), Some("Agent"));
+        assert_eq!(heading("agent", "metrics-listen").as_deref(), Some("Agent"));
+        assert_eq!(heading("build", "output").as_deref(), Some("Build"));
+        // No flag of a command is left without a group.
+        for command in ["serve", "agent", "build"] {
+            let sub = cli.find_subcommand(command).unwrap();
+            for arg in sub.get_arguments() {
+                let global = matches!(arg.get_id().as_str(), "help" | "log_format");
+                assert!(
+                    global || arg.get_help_heading().is_some(),
+                    "{command}: {} has no heading",
+                    arg.get_id()
+                );
+            }
+        }
     }
 
     fn parse(args: &[&str]) -> CommonArgs {

@@ -271,13 +271,18 @@ mod tests {
         let git = Source::Git {
             url: "file:///r".into(),
         };
-        let mut spec = ImageSpec::ad_hoc(&name::parse_packages(&["curl".to_string()]).unwrap(), "main");
+        let mut spec = ImageSpec::ad_hoc(
+            &name::parse_packages(&["curl".to_string()]).unwrap(),
+            "main",
+        );
         pin_spec(&mut spec, &git, commit);
         assert_eq!((spec.tag.as_str(), spec.source.as_ref()), (commit, None));
 
         let channel = Source::Channel("nixos-24.05".into());
-        let mut spec =
-            ImageSpec::ad_hoc(&name::parse_packages(&["curl".to_string()]).unwrap(), "latest");
+        let mut spec = ImageSpec::ad_hoc(
+            &name::parse_packages(&["curl".to_string()]).unwrap(),
+            "latest",
+        );
         pin_spec(&mut spec, &channel, "sha256:abc");
         assert_eq!(spec.tag, "latest");
         assert_eq!(
