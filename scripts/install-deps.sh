@@ -12,7 +12,7 @@ packages=(
   debootstrap                              # the Debian 13 root of the Nix version matrix
   skopeo umoci git containerd podman       # real clients used by the tests (ctr)
   docker-registry wrk pigz hyperfine       # benchmarks (benches/registry.sh)
-  chromium fonts-dejavu-core               # the page in a real browser (tests/browser.rs)
+  chromium chromium-driver fonts-dejavu-core  # the page in a real browser, over WebDriver (tests/browser.rs)
   runc openssl xz-utils iptables           # ../shared/kube-lab's node (with containerd, curl)
 )
 missing=()

@@ -296,12 +296,8 @@ docker run --rm {host}/shell/curl/jq curl --version</pre>
   if (!window.EventSource) return;
   var live = document.getElementById("live");
   var es = new EventSource("/events");
-  // ?stop-when=building: stop listening once a build in progress has been
-  // shown (lets a headless browser finish the page; the browser test uses it).
-  var stop = new URLSearchParams(location.search).get("stop-when");
   es.addEventListener("status", function (e) {{
     var s = JSON.parse(e.data); render(s); live.textContent = "live updates: on";
-    if (stop === "building" && s.building.length) {{ es.close(); live.textContent = "live updates: stopped"; }}
   }});
   es.onerror = function () {{ live.textContent = "live updates: reconnecting"; }};
 }})();
