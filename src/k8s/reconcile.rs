@@ -136,14 +136,7 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
         pin_spec(&mut spec, &source, r);
     }
 
-    // This node's entry: what we last wrote, else (after a restart) what the object says.
-    let mine = ctx.written.lock().unwrap().get(&uid).cloned().or_else(|| {
-        obj.status
-            .iter()
-            .flat_map(|s| s.nodes.iter())
-            .find(|n| n.node == ctx.node)
-            .cloned()
-    });
+    let mine = own_entry(ctx, &obj, &uid);
     let ready_here = mine.as_ref().is_some_and(|m| {
         m.phase == PHASE_READY && m.observed_generation == generation && m.revision == revision
     });
@@ -345,13 +338,7 @@ async fn finish(
             image: image.clone(),
         },
     );
-    let previous = ctx.written.lock().unwrap().get(&uid).cloned().or_else(|| {
-        obj.status
-            .iter()
-            .flat_map(|s| s.nodes.iter())
-            .find(|n| n.node == ctx.node)
-            .cloned()
-    });
+    let previous = own_entry(ctx, obj, &uid);
     let node = NodeStatus {
         node: ctx.node.clone(),
         phase: PHASE_READY.into(),
@@ -537,6 +524,18 @@ fn progress_reporter(
         }
     });
     (progress, handle)
+}
+
+/// This node's entry: what this agent last wrote, else (after a restart)
+/// what the object says.
+fn own_entry(ctx: &Context, obj: &NixImage, uid: &str) -> Option<NodeStatus> {
+    ctx.written.lock().unwrap().get(uid).cloned().or_else(|| {
+        obj.status
+            .iter()
+            .flat_map(|s| s.nodes.iter())
+            .find(|n| n.node == ctx.node)
+            .cloned()
+    })
 }
 
 /// Applies this node's status entry (and nothing else) under its own manager.
