@@ -9,7 +9,7 @@
 # writes the derivations that nix-store --realise then builds.
 # and answers
 #   { unknown = [names]; drvs = [drv paths]; outs = [output paths];
-#     resolved = [{ name; attr; out; program; }]; }
+#     resolved = [{ name; attr; out; program; version; licenses; }]; }
 # Package names are looked up as attribute paths; none is ever evaluated as Nix
 # code, and a name that does not exist is reported, not thrown.
 #
@@ -58,6 +58,21 @@ let
 
   isDerivation = v: builtins.isAttrs v && (v.type or null) == "derivation";
 
+  # The value fully evaluated, or the fallback if that throws.
+  strictOr = fallback: v:
+    let t = builtins.tryEval (builtins.deepSeq v v); in
+    if t.success && (builtins.isString t.value || builtins.isList t.value) then t.value else fallback;
+
+  # meta.license is a license, a list of them, or a string: SPDX ids where
+  # nixpkgs has them, else short names.
+  licenseNames = l:
+    let
+      one = x: if builtins.isString x then x
+        else if builtins.isAttrs x then (x.spdxId or x.shortName or null)
+        else null;
+      all = if builtins.isList l then l else [ l ];
+    in builtins.filter builtins.isString (map one all);
+
   resolve = name:
     let
       parts = splitAttrPath name;
@@ -73,6 +88,10 @@ let
       out = if ok then value.outPath else null;
       # The program a single-package image runs by default, as nixpkgs names it.
       program = if ok then (value.meta.mainProgram or value.pname or null) else null;
+      # For the image's SBOM: what nixpkgs says of the package, where it says
+      # it and it evaluates (a broken meta never fails an image).
+      version = if ok then strictOr null (value.version or null) else null;
+      licenses = if ok then strictOr [ ] (licenseNames (value.meta.license or [ ])) else [ ];
     };
 
   results = map resolve (builtins.fromJSON packages);
@@ -83,5 +102,5 @@ in
   inherit unknown;
   drvs = if unknown == [ ] then map (r: r.drv) found else [ ];
   outs = if unknown == [ ] then map (r: r.out) found else [ ];
-  resolved = if unknown == [ ] then map (r: { inherit (r) name attr out program; }) found else [ ];
+  resolved = if unknown == [ ] then map (r: { inherit (r) name attr out program version licenses; }) found else [ ];
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes (once) a Debian 13 (trixie) root with its own Nix (2.26) and the host
 # programs the offline package set wraps, for the Nix version matrix in .ci/run
-# (scripts/nix-matrix.sh). Reused while its package list is unchanged.
+# (scripts/nix-matrix.sh), and Debian 13's cosign and oras for tests/attest.rs.
+# Reused while its package list is unchanged.
 # Usage: scripts/debian13-root.sh [DIR]   (default /var/cache/nixery-ci/trixie)
 set -euo pipefail
 root="${1:-${NIXERY_TRIXIE_ROOT:-/var/cache/nixery-ci/trixie}}"
@@ -11,6 +12,7 @@ packages=(
   hello curl jq less moreutils nano ca-certificates netbase # what the offline set wraps
   python3 binutils dpkg                                # generate-host.py (readelf, dpkg -L)
   skopeo umoci git containerd docker-cli podman        # the clients the tests drive
+  cosign oras                                           # signatures and referrers (tests/attest.rs)
 )
 generator="$(dirname "$0")/../nix/offline-pkgs/generate-host.py"
 stamp="$root/.nixery-root-$(printf '%s\n' "${packages[@]}" | sha256sum | cut -c1-12)"

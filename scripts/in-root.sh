@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs a command inside another Debian root (scripts/debian13-root.sh) in a
 # private mount namespace: /proc, /sys, /dev, this repository at the same path,
-# /tmp, and the Docker and containerd sockets are visible; the root keeps its
-# own /nix. Everything is unmounted when the command exits.
+# the directories in IN_ROOT_BINDS, and the Docker and containerd sockets are
+# visible; the root keeps its own /nix. Everything is unmounted when the command exits.
 # Usage: scripts/in-root.sh ROOT COMMAND [ARGS...]
 set -euo pipefail
 root="$1"; shift
@@ -21,6 +21,11 @@ mount --bind "$repo" "$root/$repo"
 if [ -f "$root/etc/nixery/host.json" ]; then
   mount --bind "$root/etc/nixery/host.json" "$root/$repo/nix/offline-pkgs/host.json"
 fi
+# Directories a caller names in IN_ROOT_BINDS (colon-separated; the test
+# temporary directories), at the same path.
+for d in $(printf %s "${IN_ROOT_BINDS:-}" | tr ":" " "); do
+  if [ -d "$d" ]; then mkdir -p "$root/$d"; mount --bind "$d" "$root/$d"; fi
+done
 # Cargo target dirs outside the repo (CARGO_TARGET_DIR) at the same path too.
 if [ -n "${CARGO_TARGET_DIR:-}" ] && [ -d "$CARGO_TARGET_DIR" ]; then
   mkdir -p "$root/$CARGO_TARGET_DIR"; mount --bind "$CARGO_TARGET_DIR" "$root/$CARGO_TARGET_DIR"

@@ -113,6 +113,9 @@ struct ImageEntry {
     /// asked for ad hoc.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     objects: BTreeSet<String>,
+    /// Manifests attached to it (SBOMs, provenance, signatures).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    attached: Vec<Digest>,
 }
 
 #[derive(Default, serde::Serialize, serde::Deserialize)]
@@ -206,6 +209,9 @@ impl Inner {
             self.manifests.remove(d);
             self.pulls.remove(d);
         }
+        for (d, _) in &rec.img.attached {
+            self.manifests.remove(d);
+        }
         Some(rec)
     }
 
@@ -220,10 +226,16 @@ impl Inner {
     }
 }
 
-/// Every digest an image is made of: its manifests, config and layers.
+/// Every digest an image is made of: its manifests, config and layers, and
+/// the manifests attached to it with theirs.
 pub fn digests_of(img: &BuiltImage) -> HashSet<Digest> {
     let mut out: HashSet<Digest> = [img.oci_digest.clone(), img.docker_digest.clone()].into();
-    for m in [&img.oci_manifest, &img.docker_manifest] {
+    out.extend(img.attached.iter().map(|(d, _)| d.clone()));
+    let attached = img.attached.iter().map(|(_, m)| m);
+    for m in [&img.oci_manifest, &img.docker_manifest]
+        .into_iter()
+        .chain(attached)
+    {
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(m) else {
             continue;
         };
@@ -316,6 +328,15 @@ impl Catalog {
                 tracing::warn!(image = %e.oci_digest, "a catalogued image's manifest is gone; it will be rebuilt");
                 continue;
             };
+            let mut attached = Vec::with_capacity(e.attached.len());
+            for d in &e.attached {
+                match read(d.clone()).await {
+                    Some(m) => attached.push((d.clone(), m.into())),
+                    None => {
+                        tracing::warn!(image = %e.oci_digest, manifest = %d, "an attached manifest is gone; the image is served without it")
+                    }
+                }
+            }
             let img = BuiltImage {
                 oci_digest: e.oci_digest,
                 oci_manifest: oci_manifest.into(),
@@ -325,6 +346,7 @@ impl Catalog {
                 size: e.size,
                 roots: e.roots,
                 gcroot_dir: e.gcroot_dir,
+                attached,
             };
             let used = e.used_ms.unwrap_or(e.built * 1000);
             loaded.push((key, img, e.built, used, e.objects));
@@ -675,6 +697,7 @@ impl Catalog {
                                 built: rec.built,
                                 used_ms: Some(rec.used.load(Ordering::Relaxed)),
                                 objects: rec.objects.clone(),
+                                attached: img.attached.iter().map(|(d, _)| d.clone()).collect(),
                             },
                         )
                     })
@@ -704,6 +727,9 @@ fn index_manifests(index: &mut HashMap<Digest, (&'static str, bytes::Bytes)>, im
             (oci::DOCKER_MANIFEST, img.docker_manifest.clone()),
         );
     }
+    for (d, m) in &img.attached {
+        index.insert(d.clone(), (oci::OCI_MANIFEST, m.clone()));
+    }
 }
 
 #[cfg(test)]
@@ -729,6 +755,7 @@ mod tests {
             size: 1000,
             roots: vec!["/nix/store/x-hello".into()],
             gcroot_dir: "/state/gcroots/k".into(),
+            attached: vec![],
         }
     }
 

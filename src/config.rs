@@ -188,6 +188,11 @@ pub struct ImageArgs {
     /// A popularity table (JSON of name -> count) as a local file path.
     #[arg(long, env = "NIX_POPULARITY_URL")]
     pub popularity: Option<String>,
+    /// Sign every image and its SBOM and provenance attestations, as cosign
+    /// verifies them, with this ECDSA P-256 private key (unencrypted PEM,
+    /// PKCS#8 or SEC1); its public key is served at /cosign.pub.
+    #[arg(long, env = "NIXERY_SIGNING_KEY", value_name = "FILE")]
+    pub signing_key: Option<PathBuf>,
 }
 
 /// Where blobs, manifests and the image index live, and how much.
@@ -248,6 +253,8 @@ pub enum ConfigError {
     Invalid(&'static str, String),
     #[error("reading the popularity table {0}: {1}")]
     Popularity(String, String),
+    #[error(transparent)]
+    SigningKey(#[from] crate::attest::cosign::KeyError),
 }
 
 /// Resolved settings.
@@ -263,6 +270,8 @@ pub struct Settings {
     pub cache_ttl: Duration,
     pub compression: crate::oci::Compression,
     pub popularity: Option<crate::layers::Popularity>,
+    /// Signs each image and its attestations (`--signing-key`).
+    pub signer: Option<std::sync::Arc<crate::attest::Signer>>,
     pub nix_options: Vec<(String, String)>,
     pub limits: ConnectionLimits,
     /// None: the default, a quarter of the state directory's disk.
@@ -455,6 +464,10 @@ impl CommonArgs {
             cache_ttl: Duration::from_secs(self.images.cache_ttl),
             compression: self.images.layer_compression,
             popularity,
+            signer: match &self.images.signing_key {
+                Some(path) => Some(std::sync::Arc::new(crate::attest::Signer::from_file(path)?)),
+                None => None,
+            },
             limits: ConnectionLimits {
                 max_connections: self
                     .server

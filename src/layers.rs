@@ -20,13 +20,19 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// One store path of a closure, as `nix path-info --json` reports it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PathInfo {
     pub path: String,
     pub nar_size: u64,
     #[serde(default)]
     pub references: Vec<String>,
+    /// The NAR hash as Nix prints it (empty where unknown), for SBOMs.
+    #[serde(default)]
+    pub nar_hash: String,
+    /// The derivation that built it (empty where unknown).
+    #[serde(default)]
+    pub deriver: String,
 }
 
 /// A planned layer: store paths (sorted) and their total NAR size.
@@ -195,6 +201,7 @@ mod tests {
             path: format!("/nix/store/{path}"),
             nar_size: size,
             references: refs.iter().map(|r| format!("/nix/store/{r}")).collect(),
+            ..Default::default()
         }
     }
 

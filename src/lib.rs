@@ -2,6 +2,7 @@
 //! registry, and declared in Kubernetes as NixImage objects.
 
 pub mod archive;
+pub mod attest;
 pub mod builder;
 pub mod catalog;
 pub mod config;
@@ -98,6 +99,7 @@ pub async fn app_state_with(
             mutable_ttl: settings.cache_ttl,
             compression: settings.compression,
             popularity: settings.popularity.clone(),
+            signer: settings.signer.clone(),
             storage_limit: settings
                 .storage_limit
                 .unwrap_or_else(|| gc::default_limit(&settings.state_dir)),

@@ -49,6 +49,9 @@ pub struct Record {
     pub expires: Option<u64>,
     /// The instance that built it.
     pub builder: String,
+    /// Manifests attached to it (SBOMs, provenance, signatures).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attached: Vec<Digest>,
 }
 
 pub struct Shared {

@@ -97,6 +97,9 @@ pub struct BuiltImage {
     /// Store paths of the packages (roots of the closure).
     pub roots: Vec<String>,
     pub gcroot_dir: PathBuf,
+    /// Manifests attached to the image (SBOMs, provenance, signatures; see
+    /// `attest`), by digest: all small, kept in memory as the image's are.
+    pub attached: Vec<(Digest, bytes::Bytes)>,
 }
 
 impl BuiltImage {

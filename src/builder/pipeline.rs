@@ -25,6 +25,8 @@ pub struct PipelineConfig {
     pub max_layers: usize,
     pub compression: oci::Compression,
     pub popularity: Option<Popularity>,
+    /// Signs each image and its attestations (`--signing-key`).
+    pub signer: Option<Arc<crate::attest::Signer>>,
 }
 
 pub struct Pipeline {
@@ -132,14 +134,18 @@ impl Pipeline {
             }
         };
         info!(seconds = t.elapsed().as_secs_f64(), "realised");
-        self.assemble(&prepared, spec, program, closure, gcroot_dir, report)
-            .await
+        self.assemble(
+            &prepared, source, spec, program, closure, gcroot_dir, report,
+        )
+        .await
     }
 
     /// Plans and packs the layers of a closure and stores config and manifests.
+    #[allow(clippy::too_many_arguments)]
     async fn assemble(
         &self,
         prepared: &Prepared,
+        source: &Source,
         spec: &ImageSpec,
         program: Option<String>,
         closure: Vec<PathInfo>,
@@ -302,6 +308,16 @@ impl Pipeline {
         );
         config_stored?;
         let (oci_digest, docker_digest) = (oci_digest?, docker_digest?);
+        let attached = self
+            .attach(
+                prepared,
+                source,
+                spec,
+                &closure,
+                &oci_digest,
+                oci_manifest.len(),
+            )
+            .await?;
         let image = BuiltImage {
             oci_digest,
             oci_manifest: oci_manifest.into(),
@@ -311,8 +327,71 @@ impl Pipeline {
             size: config.len() as u64 + blobs.iter().map(|b| b.size).sum::<u64>(),
             roots: prepared.outs.clone(),
             gcroot_dir,
+            attached,
         };
         Ok((image, guard))
+    }
+
+    /// Computes and stores the image's SBOMs, provenance and (with a key)
+    /// signatures; returns the manifests that attach them to the image.
+    async fn attach(
+        &self,
+        prepared: &Prepared,
+        source: &Source,
+        spec: &ImageSpec,
+        closure: &[PathInfo],
+        oci_digest: &crate::name::Digest,
+        oci_size: usize,
+    ) -> Result<Vec<(crate::name::Digest, bytes::Bytes)>, BuildError> {
+        // The image's name from what its packages resolved to (not how a
+        // request spelled them), so every node names it alike.
+        let mut attrs: Vec<&str> = prepared
+            .resolved
+            .iter()
+            .filter(|r| spec.packages.contains(&r.name))
+            .map(|r| r.attr.as_str())
+            .collect();
+        attrs.sort();
+        attrs.dedup();
+        let facts = crate::attest::Facts {
+            subject: crate::attest::Subject {
+                digest: oci_digest.clone(),
+                size: oci_size as u64,
+            },
+            repository: attrs.join("/"),
+            closure,
+            resolved: &prepared.resolved,
+            outs: &prepared.outs,
+            derivations: &prepared.drvs,
+            source,
+            revision: &spec.tag,
+            settings: serde_json::json!({
+                "system": spec.arch.nix_system(),
+                "maxLayers": self.cfg.max_layers,
+                "layerCompression": self.cfg.compression.cache_tag(),
+                "popularity": self.cfg.popularity.is_some(),
+                "config": {
+                    "entrypoint": spec.run.entrypoint,
+                    "cmd": spec.run.cmd,
+                    "env": spec.run.env,
+                    "workingDir": spec.run.working_dir,
+                    "user": spec.run.user,
+                    "exposedPorts": spec.run.exposed_ports,
+                },
+            }),
+            builder_version: env!("CARGO_PKG_VERSION"),
+        };
+        let out = crate::attest::attach(&facts, self.cfg.signer.as_deref());
+        let store = &*self.store;
+        for blob in &out.blobs {
+            put_bytes(store, blob).await?;
+        }
+        let mut attached = Vec::with_capacity(out.manifests.len());
+        for m in out.manifests {
+            let digest = put_bytes(store, &m).await?;
+            attached.push((digest, bytes::Bytes::from(m)));
+        }
+        Ok(attached)
     }
 
     /// A layer of store paths: from the layer cache, or packed and stored.

@@ -37,6 +37,8 @@ pub struct BuilderConfig {
     pub max_queue: usize,
     pub compression: oci::Compression,
     pub popularity: Option<Popularity>,
+    /// Signs each image and its attestations (`--signing-key`).
+    pub signer: Option<Arc<crate::attest::Signer>>,
     /// Blob bytes kept before least recently used images are evicted.
     pub storage_limit: u64,
     /// The index and build leases of a bucket shared with other instances.
@@ -192,6 +194,7 @@ impl Builder {
                 max_layers: cfg.max_layers,
                 compression: cfg.compression,
                 popularity: cfg.popularity.clone(),
+                signer: cfg.signer.clone(),
             },
             nix: nix.clone(),
             store: store.clone(),
@@ -214,6 +217,11 @@ impl Builder {
             failures: Default::default(),
             verified: Default::default(),
         })
+    }
+
+    /// The key images are signed with, if any.
+    pub fn signer(&self) -> Option<&Arc<crate::attest::Signer>> {
+        self.pipeline.cfg.signer.as_ref()
     }
 
     pub fn source(&self) -> &Source {
@@ -539,6 +547,7 @@ impl Builder {
                 built: crate::shared::now_secs(),
                 expires: ttl.map(|t| crate::shared::now_secs() + t.as_secs()),
                 builder: shared.instance().to_string(),
+                attached: img.attached.iter().map(|(d, _)| d.clone()).collect(),
             };
             // This instance serves it either way; if the record is not
             // written, other instances build it themselves.
@@ -594,6 +603,14 @@ impl Builder {
             warn!(image = %r.oci_digest, "the shared index names an image whose manifests the bucket lacks; building it");
             return Ok(None);
         };
+        let mut attached = Vec::with_capacity(r.attached.len());
+        for d in &r.attached {
+            let Some(m) = read(d.clone()).await? else {
+                warn!(image = %r.oci_digest, manifest = %d, "the shared index names an image whose attached manifest the bucket lacks; building it");
+                return Ok(None);
+            };
+            attached.push((d.clone(), m.into()));
+        }
         let img = Arc::new(BuiltImage {
             oci_digest: r.oci_digest,
             oci_manifest: oci_manifest.into(),
@@ -603,6 +620,7 @@ impl Builder {
             size: r.size,
             roots: r.roots,
             gcroot_dir: self.cfg.state_dir.join("gcroots").join(&r.image_key),
+            attached,
         });
         // Every blob must be there (a bucket lifecycle rule, or a hand, may
         // have removed some): else it is built again, which stores them anew.

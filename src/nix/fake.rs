@@ -279,6 +279,8 @@ impl Nix for FakeNix {
                         name: name.clone(),
                         out: self.out_path(&attr),
                         program: self.packages[&attr].program.clone(),
+                        version: None,
+                        licenses: Vec::new(),
                         attr,
                     }),
                     None => unknown.push(name.clone()),
@@ -393,6 +395,7 @@ impl Nix for FakeNix {
                         path: self.out_path(&n),
                         nar_size: 128 + p.files.iter().map(|(_, c)| c.len() as u64).sum::<u64>(),
                         references: p.refs.iter().map(|r| self.out_path(r)).collect(),
+                        ..Default::default()
                     }
                 })
                 .collect())

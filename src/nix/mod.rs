@@ -326,6 +326,12 @@ pub struct Resolved {
     /// `meta.mainProgram`, else `pname`, when the package declares one.
     #[serde(default)]
     pub program: Option<String>,
+    /// Its `version`, when it has one.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Its `meta.license`: SPDX identifiers, else short names.
+    #[serde(default)]
+    pub licenses: Vec<String>,
 }
 
 /// Progress lines from Nix while it builds.
@@ -650,12 +656,12 @@ pub fn parse_registration(text: &str) -> Result<Vec<PathInfo>, String> {
         if !path.starts_with('/') {
             return Err(format!("expected a store path, found {path:?}"));
         }
-        let _hash = next("NAR hash")?;
+        let nar_hash = next("NAR hash")?.to_string();
         let size = next("NAR size")?;
         let nar_size = size
             .parse()
             .map_err(|_| format!("NAR size of {path} is not a number: {size:?}"))?;
-        let _deriver = next("deriver")?;
+        let deriver = next("deriver")?.to_string();
         let count = next("reference count")?;
         let count: usize = count
             .parse()
@@ -672,6 +678,8 @@ pub fn parse_registration(text: &str) -> Result<Vec<PathInfo>, String> {
             path: path.to_string(),
             nar_size,
             references,
+            nar_hash,
+            deriver,
         });
     }
     Ok(out)
@@ -742,11 +750,17 @@ mod tests {
                     path: "/nix/store/aaa-hello".into(),
                     nar_size: 1272,
                     references: vec!["/nix/store/bbb-glibc".into(), "/nix/store/aaa-hello".into()],
+                    nar_hash: "a521871f80b53bfbd45e07620235f79d8de9bef330a11dc10846fe02444de260"
+                        .into(),
+                    deriver: "/nix/store/ddd-hello.drv".into(),
                 },
                 PathInfo {
                     path: "/nix/store/bbb-glibc".into(),
                     nar_size: 3173248,
                     references: vec!["/nix/store/bbb-glibc".into()],
+                    nar_hash: "2a4ebb4b487c31adf5d164ed05627280bb278766881409fa679294cca7ddfed7"
+                        .into(),
+                    deriver: String::new(),
                 },
             ]
         );

@@ -124,7 +124,7 @@ async fn handle(
             let requested = path.strip_suffix("/tags/list").unwrap_or(path);
             Ok(paginated("tags", Some(requested.to_string()), tags, query))
         }
-        Route::Referrers { .. } => Ok(referrers(head)),
+        Route::Referrers { repo, digest } => Ok(referrers(app, head, &repo, &digest, query)),
         Route::Manifest { repo, reference } => manifest(app, headers, head, repo, reference).await,
         Route::Blob { repo, digest } => {
             in_repository(app, &repo, &digest, || {
@@ -237,15 +237,59 @@ fn in_repository(
     }
 }
 
-/// The referrers API: no image here has referrers (signatures, SBOMs), so the
-/// answer is always an empty index, as the spec asks (never a 404).
-fn referrers(head: bool) -> Response {
-    let body = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": oci::OCI_INDEX,
-        "manifests": [],
-    })
-    .to_string();
+/// The manifests attached to the image whose OCI manifest is `digest`,
+/// when that image is in `repo`.
+fn attached_to(
+    app: &AppState,
+    repo: &Repository,
+    digest: &Digest,
+) -> Option<std::sync::Arc<BuiltImage>> {
+    let img = app.catalog.image_with_digest(digest)?;
+    let in_repo =
+        in_repository(app, repo, digest, || RegistryError::Unknown(String::new())).is_ok();
+    (in_repo && img.oci_digest == *digest).then_some(img)
+}
+
+/// `artifactType=...` of a query string, percent-decoded.
+pub fn artifact_type_filter(query: &str) -> Option<String> {
+    let value = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("artifactType="))?;
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?, 16) {
+                    Ok(b) => out.push(b),
+                    Err(_) => return None,
+                }
+                i += 3;
+                continue;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok().filter(|s| !s.is_empty())
+}
+
+/// The referrers API: the SBOMs and provenance whose subject is `digest`
+/// (an empty index for anything else, as the spec asks: never a 404),
+/// filtered by `artifactType` when the query names one.
+fn referrers(
+    app: &AppState,
+    head: bool,
+    repo: &Repository,
+    digest: &Digest,
+    query: &str,
+) -> Response {
+    let filter = artifact_type_filter(query);
+    let body = match attached_to(app, repo, digest) {
+        Some(img) => crate::attest::referrers_index(&img.attached, digest, filter.as_deref()),
+        None => crate::attest::referrers_index(&[], digest, None),
+    };
     let len = body.len();
     let mut resp = if head {
         Response::new(Body::empty())
@@ -258,7 +302,76 @@ fn referrers(head: bool) -> Response {
         HeaderValue::from_static(oci::OCI_INDEX),
     );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if filter.is_some() {
+        h.insert(
+            "OCI-Filters-Applied",
+            HeaderValue::from_static("artifactType"),
+        );
+    }
     resp
+}
+
+/// The tags that name what is attached to an image: `sha256-<hex>` (the
+/// referrers tag schema's index), `.sig` and `.att` (cosign's).
+fn attached_tag(tag: &str) -> Option<(Digest, &str)> {
+    let rest = tag.strip_prefix("sha256-")?;
+    let (hex, suffix) = match rest.split_once('.') {
+        Some((h, s)) => (h, s),
+        None => (rest, ""),
+    };
+    if !matches!(suffix, "" | "sig" | "att") {
+        return None;
+    }
+    let digest = format!("sha256:{hex}").parse().ok()?;
+    Some((digest, suffix))
+}
+
+/// Serves an attached-manifest tag, or says that the image has none.
+fn serve_attached_tag(
+    app: &AppState,
+    headers: &HeaderMap,
+    head: bool,
+    repo: &Repository,
+    digest: &Digest,
+    suffix: &str,
+) -> Result<Response, RegistryError> {
+    let unknown = |what: &str| RegistryError::ManifestUnknown {
+        message: format!("{} has no {what} for {digest}", repo.name()),
+        detail: serde_json::Value::Null,
+    };
+    let img = attached_to(app, repo, digest).ok_or_else(|| unknown("image"))?;
+    let wanted = match suffix {
+        "sig" => crate::attest::Kind::Signature,
+        "att" => crate::attest::Kind::Attestations,
+        _ => {
+            let index: bytes::Bytes =
+                crate::attest::referrers_index(&img.attached, digest, None).into();
+            let d = Digest::of(&index);
+            return Ok(manifest_response(
+                app,
+                headers,
+                head,
+                oci::OCI_INDEX,
+                &d,
+                index,
+            ));
+        }
+    };
+    let (d, m) = crate::attest::find(&img.attached, &wanted).ok_or_else(|| {
+        unknown(if suffix == "sig" {
+            "signature (the registry has no --signing-key)"
+        } else {
+            "signed attestations (the registry has no --signing-key)"
+        })
+    })?;
+    Ok(manifest_response(
+        app,
+        headers,
+        head,
+        oci::OCI_MANIFEST,
+        &d,
+        m,
+    ))
 }
 
 /// Docker schema2 only for clients that accept it and not OCI.
@@ -365,6 +478,10 @@ async fn manifest(
                 &digest,
                 bytes.into(),
             ))
+        }
+        (repo, Reference::Tag(tag)) if attached_tag(&tag).is_some() => {
+            let (digest, suffix) = attached_tag(&tag).expect("checked");
+            serve_attached_tag(app, headers, head, &repo, &digest, suffix)
         }
         (Repository::AdHoc(img), Reference::Tag(tag)) => {
             let built = app

@@ -62,9 +62,26 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(page::index))
         .route("/api/status", get(page::api_status))
         .route("/events", get(page::events))
+        .route("/cosign.pub", get(cosign_pub))
         .fallback(|| async { RegistryError::NoSuchEndpoint("no such endpoint".into()) })
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
+}
+
+/// The public key of `--signing-key`, as `cosign verify --key` reads it.
+async fn cosign_pub(State(app): State<AppState>) -> Response {
+    match app.builder.signer() {
+        Some(s) => (
+            [(axum::http::header::CONTENT_TYPE, "application/x-pem-file")],
+            s.public_pem(),
+        )
+            .into_response(),
+        None => (
+            axum::http::StatusCode::NOT_FOUND,
+            "this registry signs nothing: it was started without --signing-key\n",
+        )
+            .into_response(),
+    }
 }
 
 /// One span per request, with the path; counts responses by status.

@@ -45,6 +45,7 @@ pub fn settings(state_dir: &Path) -> Settings {
         cache_ttl: Duration::from_secs(3600),
         compression: nixery::oci::Compression::Gzip,
         popularity: None,
+        signer: None,
         nix_options: offline_nix_options(),
         limits: Default::default(),
         storage_limit: None,

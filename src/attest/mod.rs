@@ -1,0 +1,269 @@
+//! Documents that explain and prove an image, computed from what its build
+//! already knows: SBOMs, provenance and (with a key) cosign signatures.
+//!
+//! Each SBOM and the provenance is an OCI 1.1 artifact manifest whose
+//! `subject` is the image's OCI manifest, listed by the referrers API (and
+//! its fallback tag `sha256-<hex>`). With a key, `sha256-<hex>.sig` holds a
+//! cosign signature of the image and `sha256-<hex>.att` the signed
+//! attestations (CycloneDX and SLSA provenance), as cosign writes them. All
+//! bytes are deterministic: no clock, sorted keys, RFC 6979 signatures.
+
+pub mod cosign;
+pub mod provenance;
+pub mod sbom;
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use crate::layers::PathInfo;
+use crate::name::Digest;
+use crate::nix::{Resolved, Source};
+use crate::oci::{OCI_CONFIG, OCI_MANIFEST};
+
+pub use cosign::Signer;
+
+pub const CYCLONEDX: &str = "application/vnd.cyclonedx+json";
+pub const SPDX: &str = "application/spdx+json";
+/// An (unsigned) in-toto statement: the provenance as a referrer.
+pub const IN_TOTO: &str = "application/vnd.in-toto+json";
+pub const EMPTY_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
+/// The empty JSON object every artifact manifest's config is.
+pub const EMPTY: &[u8] = b"{}";
+/// Predicate types, as `cosign verify-attestation --type` names them.
+pub const PREDICATE_CYCLONEDX: &str = "https://cyclonedx.org/bom";
+
+/// The image manifest the documents are about.
+#[derive(Debug, Clone)]
+pub struct Subject {
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// Everything the documents are computed from.
+pub struct Facts<'a> {
+    pub subject: Subject,
+    /// The image's canonical name (`shell/hello`, `niximage/ns/name`).
+    pub repository: String,
+    pub closure: &'a [PathInfo],
+    /// The requested names and what they resolved to.
+    pub resolved: &'a [Resolved],
+    /// Output paths and their derivations, in the same order.
+    pub outs: &'a [String],
+    pub derivations: &'a [String],
+    pub source: &'a Source,
+    /// The tag or pinned revision the source was evaluated at.
+    pub revision: &'a str,
+    /// The settings that shape the image (layers, compression, system).
+    pub settings: Value,
+    pub builder_version: &'a str,
+}
+
+impl Facts<'_> {
+    fn derivation_of(&self, out: &str) -> Option<&str> {
+        let i = self.outs.iter().position(|o| o == out)?;
+        self.derivations.get(i).map(String::as_str)
+    }
+}
+
+/// What to store for an image: blobs first, then the manifests naming them.
+#[derive(Debug, Default)]
+pub struct Attachments {
+    pub blobs: Vec<Vec<u8>>,
+    pub manifests: Vec<Vec<u8>>,
+}
+
+/// What an attached manifest is, read from its own bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// An OCI 1.1 referrer of `subject`, of this artifact type.
+    Referrer {
+        subject: Digest,
+        artifact_type: String,
+    },
+    /// cosign's `<digest>.sig`.
+    Signature,
+    /// cosign's `<digest>.att`.
+    Attestations,
+}
+
+/// Reads what an attached manifest is (None: not one of ours).
+pub fn kind(manifest: &[u8]) -> Option<Kind> {
+    let v: Value = serde_json::from_slice(manifest).ok()?;
+    if let (Some(t), Some(s)) = (v["artifactType"].as_str(), v["subject"]["digest"].as_str()) {
+        return Some(Kind::Referrer {
+            subject: s.parse().ok()?,
+            artifact_type: t.to_string(),
+        });
+    }
+    match v["layers"][0]["mediaType"].as_str()? {
+        cosign::SIMPLE_SIGNING => Some(Kind::Signature),
+        cosign::DSSE_ENVELOPE => Some(Kind::Attestations),
+        _ => None,
+    }
+}
+
+/// A descriptor of bytes.
+fn descriptor(media_type: &str, bytes: &[u8]) -> Value {
+    json!({
+        "mediaType": media_type,
+        "digest": Digest::of(bytes).to_string(),
+        "size": bytes.len(),
+    })
+}
+
+/// An OCI 1.1 artifact manifest: an empty config, one file, and the image as subject.
+fn artifact(artifact_type: &str, file: &[u8], title: &str, subject: &Subject) -> Vec<u8> {
+    let mut layer = descriptor(artifact_type, file);
+    layer["annotations"] = json!({ "org.opencontainers.image.title": title });
+    sbom::to_bytes(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": artifact_type,
+        "config": descriptor(EMPTY_MEDIA_TYPE, EMPTY),
+        "layers": [layer],
+        "subject": { "mediaType": OCI_MANIFEST, "digest": subject.digest.to_string(), "size": subject.size },
+    }))
+}
+
+/// A manifest in the shape cosign writes (ggcr's static layers): a config
+/// whose diff IDs are the layers' digests, and annotated layers.
+fn cosign_manifest(layers: &[(&str, &[u8], Value)]) -> (Vec<u8>, Vec<u8>) {
+    let config = sbom::to_bytes(&json!({
+        "architecture": "",
+        "os": "",
+        "config": {},
+        "created": "0001-01-01T00:00:00Z",
+        "history": layers.iter().map(|_| json!({ "created": "0001-01-01T00:00:00Z" })).collect::<Vec<_>>(),
+        "rootfs": {
+            "type": "layers",
+            "diff_ids": layers.iter().map(|(_, b, _)| Digest::of(b).to_string()).collect::<Vec<_>>(),
+        },
+    }));
+    let manifest = sbom::to_bytes(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": descriptor(OCI_CONFIG, &config),
+        "layers": layers.iter().map(|(t, b, a)| {
+            let mut d = descriptor(t, b);
+            d["annotations"] = a.clone();
+            d
+        }).collect::<Vec<_>>(),
+    }));
+    (config, manifest)
+}
+
+/// The documents of an image, and with a key its signature and signed
+/// attestations.
+pub fn attach(facts: &Facts, signer: Option<&Signer>) -> Attachments {
+    let mut out = Attachments::default();
+    let cdx = sbom::cyclonedx(facts);
+    let spdx = sbom::spdx(facts);
+    let predicate = provenance::predicate(facts);
+    let prov = sbom::to_bytes(&provenance::statement(
+        facts,
+        provenance::SLSA_PROVENANCE_V1,
+        predicate.clone(),
+    ));
+    out.manifests
+        .push(artifact(CYCLONEDX, &cdx, "sbom.cdx.json", &facts.subject));
+    out.manifests
+        .push(artifact(SPDX, &spdx, "sbom.spdx.json", &facts.subject));
+    out.manifests.push(artifact(
+        IN_TOTO,
+        &prov,
+        "provenance.intoto.json",
+        &facts.subject,
+    ));
+    out.blobs.push(EMPTY.to_vec());
+    if let Some(signer) = signer {
+        let payload = cosign::simple_signing_payload(&facts.repository, &facts.subject.digest);
+        let sig = cosign::base64(&signer.sign(&payload));
+        let (config, manifest) = cosign_manifest(&[(
+            cosign::SIMPLE_SIGNING,
+            &payload,
+            json!({ cosign::SIGNATURE_ANNOTATION: sig }),
+        )]);
+        out.blobs.push(payload.clone());
+        out.blobs.push(config);
+        out.manifests.push(manifest);
+
+        let cdx_value: Value = serde_json::from_slice(&cdx).expect("our own JSON");
+        let statements = [
+            (PREDICATE_CYCLONEDX, cdx_value),
+            (provenance::SLSA_PROVENANCE_V1, predicate),
+        ];
+        let envelopes: Vec<(&str, Vec<u8>)> = statements
+            .into_iter()
+            .map(|(t, p)| {
+                let statement = sbom::to_bytes(&provenance::statement(facts, t, p));
+                (t, cosign::envelope(signer, &statement))
+            })
+            .collect();
+        let layers: Vec<(&str, &[u8], Value)> = envelopes
+            .iter()
+            .map(|(t, e)| {
+                (
+                    cosign::DSSE_ENVELOPE,
+                    e.as_slice(),
+                    json!({ cosign::SIGNATURE_ANNOTATION: "", "predicateType": t }),
+                )
+            })
+            .collect();
+        let (config, manifest) = cosign_manifest(&layers);
+        out.blobs.extend(envelopes.iter().map(|(_, e)| e.clone()));
+        out.blobs.push(config);
+        out.manifests.push(manifest);
+    }
+    out.blobs.push(cdx);
+    out.blobs.push(spdx);
+    out.blobs.push(prov);
+    out
+}
+
+/// The referrers of `subject` among an image's attached manifests, as the
+/// OCI index the referrers API answers, optionally of one artifact type.
+pub fn referrers_index(
+    attached: &[(Digest, Bytes)],
+    subject: &Digest,
+    artifact_type: Option<&str>,
+) -> Vec<u8> {
+    let mut manifests: Vec<Value> = attached
+        .iter()
+        .filter_map(|(d, m)| match kind(m)? {
+            Kind::Referrer {
+                subject: s,
+                artifact_type: t,
+            } if s == *subject && artifact_type.is_none_or(|a| a == t) => Some(json!({
+                "mediaType": OCI_MANIFEST,
+                "digest": d.to_string(),
+                "size": m.len(),
+                "artifactType": t,
+            })),
+            _ => None,
+        })
+        .collect();
+    manifests.sort_by(|a, b| a["digest"].as_str().cmp(&b["digest"].as_str()));
+    sbom::to_bytes(&json!({
+        "schemaVersion": 2,
+        "mediaType": crate::oci::OCI_INDEX,
+        "manifests": manifests,
+    }))
+}
+
+/// The attached manifest of this kind (a cosign tag's target).
+pub fn find(attached: &[(Digest, Bytes)], wanted: &Kind) -> Option<(Digest, Bytes)> {
+    attached
+        .iter()
+        .find(|(_, m)| kind(m).as_ref() == Some(wanted))
+        .cloned()
+}
+
+/// The CycloneDX document's digest among the attached manifests.
+pub fn sbom_digest(attached: &[(Digest, Bytes)]) -> Option<Digest> {
+    attached.iter().find_map(|(_, m)| {
+        let v: Value = serde_json::from_slice(m).ok()?;
+        (v["artifactType"] == CYCLONEDX)
+            .then(|| v["layers"][0]["digest"].as_str()?.parse().ok())
+            .flatten()
+    })
+}
