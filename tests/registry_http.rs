@@ -601,15 +601,20 @@ async fn the_distribution_spec_to_the_letter() {
     .await;
     assert_eq!(r.status, StatusCode::OK);
 
-    // The referrers API: an empty image index, never a 404.
+    // The referrers API: the image's SBOMs and provenance (see
+    // tests/attest.rs); for a digest with none, an empty index, never a 404.
     let r = get(&app, &format!("/v2/shell/hello/referrers/{digest}")).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(
         r.header("content-type"),
         Some("application/vnd.oci.image.index.v1+json")
     );
-    assert_eq!(r.json()["manifests"], serde_json::json!([]));
+    assert_eq!(r.json()["manifests"].as_array().unwrap().len(), 3);
     assert_eq!(r.json()["schemaVersion"], 2);
+    let none = format!("sha256:{}", "0".repeat(64));
+    let r = get(&app, &format!("/v2/shell/hello/referrers/{none}")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["manifests"], serde_json::json!([]));
     let r = get(&app, "/v2/shell/hello/referrers/sha256:nope").await;
     assert_eq!(
         (r.status, r.error_code().as_str()),
