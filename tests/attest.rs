@@ -377,3 +377,319 @@ fn an_ad_hoc_image_explains_and_proves_itself_to_real_tools() {
     let (ok, _, err) = cosign(&["verify", "--key", other.to_str().unwrap()]);
     assert!(!ok, "verified with another key: {err}");
 }
+
+/// How the registry in front of ours lies.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Lie {
+    None,
+    /// One base64 character of the signature changed.
+    Signature,
+    /// One byte of the signed CycloneDX statement changed (its envelope
+    /// served under its new digest, the signature kept).
+    Sbom,
+    /// One hex digit of a layer's digest changed in the manifest its tag
+    /// names (an image whose layer was swapped).
+    Layer,
+}
+
+/// A registry in front of `state` that serves what it serves, but for the
+/// one byte `lie` changes. Returns its address.
+async fn liar(
+    state: nixery::registry::AppState,
+    lie: std::sync::Arc<std::sync::Mutex<Lie>>,
+) -> std::net::SocketAddr {
+    use axum::http::{HeaderValue, Method, StatusCode};
+    use axum::response::IntoResponse;
+    let forged: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>> =
+        Default::default();
+    let handler = move |req: axum::extract::Request| {
+        let (state, lie, forged) = (state.clone(), *lie.lock().unwrap(), forged.clone());
+        async move {
+            let uri = req.uri().to_string();
+            let head = req.method() == Method::HEAD;
+            let accept: Vec<(String, String)> = req
+                .headers()
+                .get_all("accept")
+                .iter()
+                .map(|v| ("accept".to_string(), v.to_str().unwrap_or("").to_string()))
+                .collect();
+            if let Some(bytes) = uri
+                .rsplit_once("/blobs/")
+                .and_then(|(_, d)| forged.lock().unwrap().get(d).cloned())
+            {
+                return (StatusCode::OK, bytes).into_response();
+            }
+            let headers: Vec<(&str, &str)> = accept
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let r = common::request(&state, Method::GET, &uri, &headers).await;
+            let mut body = r.body.clone();
+            let manifest = uri.contains("/manifests/") && r.status == StatusCode::OK;
+            let json = |b: &[u8]| serde_json::from_slice::<Value>(b).unwrap();
+            match lie {
+                Lie::Signature if manifest && uri.ends_with(".sig") => {
+                    let mut m = json(&body);
+                    let ann =
+                        &mut m["layers"][0]["annotations"]["dev.cosignproject.cosign/signature"];
+                    let mut sig: Vec<u8> = ann.as_str().unwrap().as_bytes().to_vec();
+                    sig[20] = if sig[20] == b'A' { b'B' } else { b'A' };
+                    *ann = Value::String(String::from_utf8(sig).unwrap());
+                    body = serde_json::to_vec(&m).unwrap();
+                }
+                Lie::Sbom if manifest && uri.ends_with(".att") => {
+                    use base64::Engine as _;
+                    let b64 = base64::engine::general_purpose::STANDARD;
+                    let mut m = json(&body);
+                    let layers = m["layers"].as_array_mut().unwrap();
+                    for l in layers.iter_mut() {
+                        if l["annotations"]["predicateType"] != "https://cyclonedx.org/bom" {
+                            continue;
+                        }
+                        let repo = uri.split("/manifests/").next().unwrap();
+                        let blob = common::request(
+                            &state,
+                            Method::GET,
+                            &format!("{repo}/blobs/{}", l["digest"].as_str().unwrap()),
+                            &[],
+                        )
+                        .await;
+                        let mut env: Value = serde_json::from_slice(&blob.body).unwrap();
+                        let statement = b64.decode(env["payload"].as_str().unwrap()).unwrap();
+                        let text = String::from_utf8(statement).unwrap();
+                        let at = text.find("hello-host").expect("the statement names hello");
+                        let mut changed = text.into_bytes();
+                        changed[at] = b'j';
+                        env["payload"] = Value::String(b64.encode(&changed));
+                        let forged_blob = serde_json::to_vec(&env).unwrap();
+                        let d = nixery::name::Digest::of(&forged_blob).to_string();
+                        l["digest"] = Value::String(d.clone());
+                        l["size"] = forged_blob.len().into();
+                        forged.lock().unwrap().insert(d, forged_blob);
+                    }
+                    body = serde_json::to_vec(&m).unwrap();
+                }
+                // The image by its tag (not by digest, not an attached tag).
+                Lie::Layer if manifest && !uri.contains("/manifests/sha256") => {
+                    let mut m = json(&body);
+                    let d = m["layers"][0]["digest"].as_str().unwrap().to_string();
+                    let last = if d.ends_with('0') { "1" } else { "0" };
+                    m["layers"][0]["digest"] =
+                        Value::String(format!("{}{last}", &d[..d.len() - 1]));
+                    body = serde_json::to_vec(&m).unwrap();
+                }
+                _ => {}
+            }
+            let mut resp = if head {
+                StatusCode::OK.into_response()
+            } else {
+                body.clone().into_response()
+            };
+            *resp.status_mut() = r.status;
+            for (k, v) in r.headers.iter() {
+                resp.headers_mut().insert(k.clone(), v.clone());
+            }
+            let h = resp.headers_mut();
+            h.insert("content-length", HeaderValue::from(body.len()));
+            if r.headers.contains_key("docker-content-digest") {
+                let d = nixery::name::Digest::of(&body).to_string();
+                h.insert("docker-content-digest", HeaderValue::from_str(&d).unwrap());
+            }
+            resp
+        }
+    };
+    let app = axum::Router::new().fallback(handler);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// Settings for an in-process registry with the offline set and this key.
+fn signed_settings(dir: &Path, key: &Path) -> nixery::config::Settings {
+    let mut s = settings(dir);
+    s.signer = Some(std::sync::Arc::new(
+        nixery::attest::Signer::from_file(key).unwrap(),
+    ));
+    s
+}
+
+/// A NixImage's image, built by the controller (mocked API server, real
+/// Nix), verifies with cosign and lists its documents with oras; a registry
+/// that changes one byte of the signature, of the signed SBOM or of the
+/// image makes cosign refuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_niximage_verifies_and_one_changed_byte_fails_verification() {
+    use common::apiserver::*;
+    let test = "a_niximage_verifies_and_one_changed_byte_fails_verification";
+    let Some((root, _)) = tools(test) else {
+        return;
+    };
+    let keys = tempfile::tempdir().unwrap();
+    let (key, public) = keypair(keys.path(), "cosign");
+    let dir = tempfile::tempdir().unwrap();
+    let state = nixery::app_state(&signed_settings(dir.path(), &key))
+        .await
+        .unwrap();
+    let (_dir, state, mut a, server) = one_agent_on(dir, state, &["hello"]);
+    build_to_ready(&server, &mut a, ("0/1", "1/1")).await;
+    let lie = std::sync::Arc::new(std::sync::Mutex::new(Lie::None));
+    let addr = liar(state.clone(), lie.clone()).await;
+    let public = public.to_str().unwrap().to_string();
+    let run_cosign = |args: Vec<String>| {
+        let (root, keys) = (root.clone(), keys.path().to_path_buf());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let mut all: Vec<&str> = vec!["cosign"];
+                all.extend(args.iter().map(String::as_str));
+                in_root(&root, &keys, &all)
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let image = format!("{addr}/niximage/default/curl-and-jq:v1");
+    let verify = |extra: &[&str]| {
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        args.extend(
+            [
+                "--key",
+                &public,
+                "--insecure-ignore-tlog",
+                "--allow-http-registry",
+                &image,
+            ]
+            .map(String::from),
+        );
+        args
+    };
+    // Told the truth, cosign verifies the signature and the attestations.
+    let (ok, out, err) = run_cosign(verify(&["verify"])).await;
+    assert!(ok, "cosign verify of a NixImage: {err}");
+    let status = server.object().status.unwrap();
+    assert!(out.contains(status.digest.as_deref().unwrap()), "{out}");
+    for t in ["cyclonedx", "slsaprovenance1"] {
+        let (ok, _, err) = run_cosign(verify(&["verify-attestation", "--type", t])).await;
+        assert!(ok, "cosign verify-attestation --type {t}: {err}");
+    }
+    let (ok, out, err) = tokio::task::spawn_blocking({
+        let (root, image) = (root.clone(), image.clone());
+        move || {
+            in_root(
+                &root,
+                Path::new("/tmp"),
+                &[
+                    "oras",
+                    "discover",
+                    "--plain-http",
+                    "--format",
+                    "json",
+                    &image,
+                ],
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(ok, "oras discover: {err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["manifests"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+
+    // One byte changed, each time: cosign refuses.
+    for (l, args) in [
+        (Lie::Signature, verify(&["verify"])),
+        (
+            Lie::Sbom,
+            verify(&["verify-attestation", "--type", "cyclonedx"]),
+        ),
+        (Lie::Layer, verify(&["verify"])),
+    ] {
+        *lie.lock().unwrap() = l;
+        let (ok, _, err) = run_cosign(args).await;
+        assert!(!ok, "cosign accepted a registry that changed the {l:?}");
+        eprintln!("{l:?}: cosign said: {}", err.lines().last().unwrap_or(""));
+    }
+    *lie.lock().unwrap() = Lie::None;
+    let (ok, _, err) = run_cosign(verify(&["verify"])).await;
+    assert!(ok, "told the truth again: {err}");
+}
+
+/// Two fresh state directories with the same key build the same image and
+/// serve byte-identical SBOMs, provenance, signature and attestations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_fresh_state_directories_serve_identical_documents() {
+    let keys = tempfile::tempdir().unwrap();
+    if !have_tool(
+        "openssl",
+        "two_fresh_state_directories_serve_identical_documents",
+    ) {
+        return;
+    }
+    let (key, _) = keypair(keys.path(), "cosign");
+    let mut served = Vec::new();
+    for _ in 0..2 {
+        let dir = tempfile::tempdir().unwrap();
+        let state = nixery::app_state(&signed_settings(dir.path(), &key))
+            .await
+            .unwrap();
+        let accept = [("accept", OCI)];
+        let m = common::request(
+            &state,
+            axum::http::Method::GET,
+            "/v2/shell/hello/manifests/latest",
+            &accept,
+        )
+        .await;
+        assert_eq!(m.status, 200);
+        let digest = m.header("docker-content-digest").unwrap().to_string();
+        let hex = digest.trim_start_matches("sha256:").to_string();
+        let mut bytes: Vec<(String, Vec<u8>)> = vec![("manifest".into(), m.body.clone())];
+        let index = get(&state, &format!("/v2/shell/hello/referrers/{digest}")).await;
+        bytes.push(("referrers".into(), index.body.clone()));
+        let mut manifests: Vec<String> = index.json()["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["digest"].as_str().unwrap().to_string())
+            .collect();
+        for tag in ["sig", "att"] {
+            let r = get(
+                &state,
+                &format!("/v2/shell/hello/manifests/sha256-{hex}.{tag}"),
+            )
+            .await;
+            assert_eq!(r.status, 200, "{tag}");
+            manifests.push(r.header("docker-content-digest").unwrap().to_string());
+        }
+        for d in manifests {
+            let r = get(&state, &format!("/v2/shell/hello/manifests/{d}")).await;
+            assert_eq!(r.status, 200);
+            for l in r.json()["layers"].as_array().unwrap() {
+                let d = l["digest"].as_str().unwrap();
+                let b = get(&state, &format!("/v2/shell/hello/blobs/{d}")).await;
+                assert_eq!(b.status, 200);
+                bytes.push((d.to_string(), b.body));
+            }
+            bytes.push((d, r.body));
+        }
+        served.push(bytes);
+    }
+    assert_eq!(
+        served[0].len(),
+        3 + 2 + 2 * 3 + 2,
+        "manifests and documents"
+    );
+    for (a, b) in served[0].iter().zip(&served[1]) {
+        assert_eq!(a.0, b.0);
+        assert!(
+            a.1 == b.1,
+            "{} differs between two fresh state directories",
+            a.0
+        );
+    }
+}
