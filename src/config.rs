@@ -80,6 +80,10 @@ pub struct BuildArgs {
     /// import` and `podman load` read (OCI layout plus Docker's manifest.json).
     #[arg(long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// Also write the image's SBOM to FILE: CycloneDX 1.6 JSON, or SPDX 2.3
+    /// JSON when FILE ends in `.spdx.json`.
+    #[arg(long, value_name = "FILE")]
+    pub sbom: Option<PathBuf>,
     /// The name:tag the written archive gives the image [default: the image path and tag].
     #[arg(long, value_name = "NAME:TAG", requires = "output")]
     pub reference: Option<String>,

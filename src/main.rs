@@ -237,6 +237,22 @@ async fn build(args: BuildArgs) -> anyhow::Result<()> {
             out.display()
         );
     }
+    if let Some(file) = &args.sbom {
+        let spdx = file.to_string_lossy().ends_with(".spdx.json");
+        let wanted = if spdx {
+            nixery::attest::SPDX
+        } else {
+            nixery::attest::CYCLONEDX
+        };
+        let digest = nixery::attest::document_digest(&built.attached, wanted)
+            .with_context(|| format!("{} has no {wanted} SBOM", img.name()))?;
+        let bytes = nixery::store::get_small(&**state.builder.store(), &digest, 64 << 20)
+            .await
+            .map_err(|e| anyhow::anyhow!("reading the SBOM {digest}: {e}"))?
+            .with_context(|| format!("the SBOM {digest} is not stored"))?;
+        std::fs::write(file, bytes).with_context(|| format!("writing {}", file.display()))?;
+        eprintln!("wrote the {wanted} SBOM ({digest}) to {}", file.display());
+    }
     println!(
         "{}/{}:{tag}@{}",
         settings.listen,

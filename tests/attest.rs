@@ -693,3 +693,63 @@ async fn two_fresh_state_directories_serve_identical_documents() {
         );
     }
 }
+
+/// `nixery build --sbom FILE` writes the image's SBOM: CycloneDX, or SPDX
+/// for a `.spdx.json` file; the same bytes the registry attaches.
+#[test]
+fn nixery_build_writes_the_sbom() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut digests = Vec::new();
+    for (file, field, value) in [
+        ("hello.cdx.json", "bomFormat", "CycloneDX"),
+        ("hello.spdx.json", "spdxVersion", "SPDX-2.3"),
+    ] {
+        let out = dir.path().join(file);
+        let (ok, stdout, err) = run(Command::new(env!("CARGO_BIN_EXE_nixery"))
+            .args(["build", "shell/hello", "--state-dir"])
+            .arg(dir.path().join("state"))
+            .arg("--pkgs-path")
+            .arg(offline_pkgs())
+            .args(["--nix-option", "substituters=", "--sbom"])
+            .arg(&out)
+            .env("RUST_LOG", "warn"));
+        assert!(ok, "nixery build --sbom: {err}");
+        assert!(err.contains("SBOM"), "{err}");
+        let doc: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+        assert_eq!(doc[field], value, "{file}");
+        digests.push((stdout.trim().to_string(), std::fs::read(&out).unwrap()));
+    }
+    assert_eq!(digests[0].0, digests[1].0, "one image");
+    // The registry attaches those very bytes.
+    let server = Server::start(&dir.path().join("state"), &[]);
+    let (_, head, _) = get_full(&server.url("/v2/shell/hello/manifests/latest"));
+    let digest = head
+        .lines()
+        .find_map(|l| {
+            l.to_lowercase()
+                .strip_prefix("docker-content-digest: ")
+                .map(|d| d.trim().to_string())
+        })
+        .unwrap();
+    let (_, _, index) = get_full(&server.url(&format!("/v2/shell/hello/referrers/{digest}")));
+    let index: Value = serde_json::from_slice(&index).unwrap();
+    for (i, t) in ["application/vnd.cyclonedx+json", "application/spdx+json"]
+        .iter()
+        .enumerate()
+    {
+        let m = index["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["artifactType"] == *t)
+            .unwrap();
+        let (_, doc) = document(
+            &server.url("/v2/shell/hello"),
+            m["digest"].as_str().unwrap(),
+        );
+        assert!(
+            doc == digests[i].1,
+            "{t}: the file differs from the attached document"
+        );
+    }
+}

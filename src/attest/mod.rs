@@ -258,12 +258,18 @@ pub fn find(attached: &[(Digest, Bytes)], wanted: &Kind) -> Option<(Digest, Byte
         .cloned()
 }
 
-/// The CycloneDX document's digest among the attached manifests.
-pub fn sbom_digest(attached: &[(Digest, Bytes)]) -> Option<Digest> {
+/// The digest of the document of this artifact type (an SBOM, the
+/// provenance) among the attached manifests.
+pub fn document_digest(attached: &[(Digest, Bytes)], artifact_type: &str) -> Option<Digest> {
     attached.iter().find_map(|(_, m)| {
         let v: Value = serde_json::from_slice(m).ok()?;
-        (v["artifactType"] == CYCLONEDX)
+        (v["artifactType"] == artifact_type)
             .then(|| v["layers"][0]["digest"].as_str()?.parse().ok())
             .flatten()
     })
+}
+
+/// The digest of the signature manifest (`.sig`), when the image is signed.
+pub fn signature_digest(attached: &[(Digest, Bytes)]) -> Option<Digest> {
+    find(attached, &Kind::Signature).map(|(d, _)| d)
 }
