@@ -563,6 +563,39 @@ async fn a_niximage_verifies_and_one_changed_byte_fails_verification() {
         );
         args
     };
+    // The status names the SBOM and the signature, as the registry serves them.
+    let status = server.object().status.unwrap();
+    let digest = status.digest.clone().unwrap();
+    let hex = digest.trim_start_matches("sha256:");
+    let repo = "/v2/niximage/default/curl-and-jq";
+    let sig = get(&state, &format!("{repo}/manifests/sha256-{hex}.sig")).await;
+    assert_eq!(sig.status, 200);
+    assert_eq!(
+        status.signature.as_deref(),
+        sig.header("docker-content-digest")
+    );
+    assert_eq!(status.nodes[0].signature, status.signature);
+    let index = get(&state, &format!("{repo}/referrers/{digest}"))
+        .await
+        .json();
+    let cdx = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["artifactType"] == "application/vnd.cyclonedx+json")
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cdx = get(&state, &format!("{repo}/manifests/{cdx}")).await.json();
+    assert_eq!(status.sbom.as_deref(), cdx["layers"][0]["digest"].as_str());
+    let sbom = get(
+        &state,
+        &format!("{repo}/blobs/{}", status.sbom.as_deref().unwrap()),
+    )
+    .await;
+    assert_eq!(sbom.json()["bomFormat"], "CycloneDX");
+
     // Told the truth, cosign verifies the signature and the attestations.
     let (ok, out, err) = run_cosign(verify(&["verify"])).await;
     assert!(ok, "cosign verify of a NixImage: {err}");

@@ -147,6 +147,15 @@ pub struct NixImageStatus {
     /// Compressed size in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<i64>,
+    /// The digest of the image's CycloneDX SBOM (a blob of the image's
+    /// repository; listed by the referrers API with the SPDX SBOM and the
+    /// provenance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sbom: Option<String>,
+    /// The digest of the image's cosign signature manifest (tag
+    /// `sha256-<hex>.sig`), when the agents sign (`--signing-key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
     /// What a moving source was resolved to, which every node builds: the
     /// commit of a git branch or tag, or `sha256:<hash>` of a channel
     /// tarball's unpacked contents.
@@ -194,6 +203,12 @@ pub struct NodeStatus {
     pub layers: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<i64>,
+    /// The digest of the CycloneDX SBOM this node attached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sbom: Option<String>,
+    /// The digest of this node's cosign signature manifest, when it signs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }

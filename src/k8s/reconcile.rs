@@ -357,6 +357,9 @@ async fn finish(
         )),
         layers: Some(image.layers as i64),
         size: Some(image.size as i64),
+        sbom: crate::attest::document_digest(&image.attached, crate::attest::CYCLONEDX)
+            .map(|d| d.to_string()),
+        signature: crate::attest::signature_digest(&image.attached).map(|d| d.to_string()),
         message: Some(format!(
             "built {} layers, {} bytes",
             image.layers, image.size
@@ -575,6 +578,8 @@ async fn ensure_aggregate(api: &Api<NixImage>, obj: &NixImage, ctx: &Context) ->
         && have.digest == want.digest
         && have.layers == want.layers
         && have.size == want.size
+        && have.sbom == want.sbom
+        && have.signature == want.signature
         && have.ready_nodes == want.ready_nodes
         && have.conditions == want.conditions;
     if same {

@@ -145,6 +145,16 @@ pub fn aggregate(obj: &NixImage, departed: &dyn Fn(&str) -> bool, now: Time) -> 
         } else {
             None
         },
+        sbom: if one {
+            sample.and_then(|n| n.sbom.clone())
+        } else {
+            None
+        },
+        signature: if one {
+            sample.and_then(|n| n.signature.clone())
+        } else {
+            None
+        },
         ready_nodes: Some(format!("{}/{total}", ready.len())),
         revision: None,
         revision_of: None,
