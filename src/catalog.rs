@@ -137,6 +137,10 @@ pub struct ImageSummary {
     pub built: u64,
     /// Manifest GETs served (either encoding), since this process started.
     pub pulls: u64,
+    /// Its CycloneDX SBOM's digest.
+    pub sbom: Option<Digest>,
+    /// Its cosign signature manifest's digest, when it is signed.
+    pub signature: Option<Digest>,
 }
 
 #[derive(Default)]
@@ -644,6 +648,8 @@ impl Catalog {
                         } else {
                             0
                         },
+                    sbom: crate::attest::document_digest(&img.attached, crate::attest::CYCLONEDX),
+                    signature: crate::attest::signature_digest(&img.attached),
                 }
             })
             .collect();

@@ -46,7 +46,18 @@ impl PartialEq for crate::catalog::ImageSummary {
             self.size,
             self.built,
             self.pulls,
-        ) == (&o.names, &o.digest, o.layers, o.size, o.built, o.pulls)
+            &self.sbom,
+            &self.signature,
+        ) == (
+            &o.names,
+            &o.digest,
+            o.layers,
+            o.size,
+            o.built,
+            o.pulls,
+            &o.sbom,
+            &o.signature,
+        )
     }
 }
 
@@ -189,16 +200,18 @@ fn sections(s: &Status) -> String {
             escape(&b.stage)
         ));
     }
-    out.push_str("</ul><h2>Images</h2><table id=\"images\"><tr><th>name</th><th>digest</th><th>layers</th><th>size</th><th>built (UTC)</th><th>pulls</th></tr>");
+    out.push_str("</ul><h2>Images</h2><table id=\"images\"><tr><th>name</th><th>digest</th><th>layers</th><th>size</th><th>built (UTC)</th><th>pulls</th><th>SBOM</th><th>signed</th></tr>");
     for i in &s.images {
         out.push_str(&format!(
-            "<tr><td><code>{}</code></td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td><code>{}</code></td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td></tr>",
             escape(&i.names.join(", ")),
             escape(i.digest.as_str()),
             i.layers,
             mib(i.size),
             when(i.built),
-            i.pulls
+            i.pulls,
+            escape(i.sbom.as_ref().map(|d| d.as_str()).unwrap_or("")),
+            if i.signature.is_some() { "yes" } else { "no" }
         ));
     }
     out.push_str("</table>");
@@ -251,6 +264,7 @@ table {{ border-collapse: collapse; width: 100%; }} th, td {{ text-align: left; 
 <p>Container images built by Nix on demand. Every path component is a package:</p>
 <pre>docker pull {host}/shell/hello
 docker run --rm {host}/shell/curl/jq curl --version</pre>
+{provenance}
 <p id="live">live updates: connecting</p>
 <div id="sections">{sections}</div>
 <script>
@@ -272,12 +286,13 @@ docker run --rm {host}/shell/curl/jq curl --version</pre>
     root.appendChild(ul);
     root.appendChild(el("h2", "Images"));
     var t = el("table"); t.id = "images";
-    var hr = el("tr"); ["name", "digest", "layers", "size", "built (UTC)", "pulls"].forEach(function (h) {{ hr.appendChild(el("th", h)); }}); t.appendChild(hr);
+    var hr = el("tr"); ["name", "digest", "layers", "size", "built (UTC)", "pulls", "SBOM", "signed"].forEach(function (h) {{ hr.appendChild(el("th", h)); }}); t.appendChild(hr);
     s.images.forEach(function (i) {{
       var tr = el("tr"); var n = el("td"); n.appendChild(el("code", i.names.join(", "))); tr.appendChild(n);
       var d = el("td"); d.appendChild(el("code", i.digest)); tr.appendChild(d);
       tr.appendChild(el("td", String(i.layers))); tr.appendChild(el("td", mib(i.size)));
       tr.appendChild(el("td", new Date(i.built * 1000).toISOString().slice(0, 16).replace("T", " "))); tr.appendChild(el("td", String(i.pulls)));
+      var sb = el("td"); sb.appendChild(el("code", i.sbom || "")); tr.appendChild(sb); tr.appendChild(el("td", i.signature ? "yes" : "no"));
       t.appendChild(tr);
     }});
     root.appendChild(t);
@@ -303,8 +318,27 @@ docker run --rm {host}/shell/curl/jq curl --version</pre>
 }})();
 </script>
 </body></html>"#,
-        sections = sections(&s)
+        sections = sections(&s),
+        provenance = provenance(&app, &host),
     ))
+}
+
+/// How to read an image's SBOMs and provenance, and check its signature.
+fn provenance(app: &AppState, host: &str) -> String {
+    let verify = if app.builder.signer().is_some() {
+        format!(
+            "<p id=\"signing\">Every image is signed: the public key is at <a href=\"/cosign.pub\">/cosign.pub</a>.</p>\
+             <pre>curl -so cosign.pub http://{host}/cosign.pub\n\
+             cosign verify --key cosign.pub --insecure-ignore-tlog --allow-http-registry {host}/shell/hello\n\
+             cosign verify-attestation --type cyclonedx --key cosign.pub --insecure-ignore-tlog --allow-http-registry {host}/shell/hello</pre>"
+        )
+    } else {
+        "<p id=\"signing\">Images are not signed (the registry has no <code>--signing-key</code>).</p>".to_string()
+    };
+    format!(
+        "<p>Each image carries SBOMs (CycloneDX, SPDX) and SLSA provenance as OCI referrers:</p>\
+         <pre>oras discover --plain-http {host}/shell/hello:latest</pre>{verify}"
+    )
 }
 
 #[cfg(test)]
