@@ -657,6 +657,36 @@ fn every_kustomization_renders_with_real_kustomize() {
         assert_eq!(volume.host_path.as_ref().unwrap().path, host);
     }
     assert_eq!(env["NIXERY_OFFLINE_HOST_ETC"].as_deref(), Some("/host/etc"));
+
+    // Signing: the Secret's key mounted read-only where the flag points.
+    let signing = rendered_daemonset("deploy/signing").unwrap();
+    let key = agent_env(&signing)["NIXERY_SIGNING_KEY"].clone().unwrap();
+    let pod = signing.spec.template.spec.as_ref().unwrap();
+    let mount = pod.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| key.starts_with(&format!("{}/", m.mount_path)))
+        .expect("the key's directory is mounted");
+    assert_eq!(mount.read_only, Some(true));
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .unwrap();
+    assert_eq!(
+        volume.secret.as_ref().unwrap().secret_name.as_deref(),
+        Some("nixery-signing-key")
+    );
+    let cmd = <nixery::config::Cli as clap::CommandFactory>::command();
+    assert!(
+        cmd.find_subcommand("agent")
+            .unwrap()
+            .get_arguments()
+            .any(|a| a.get_env().is_some_and(|e| e == "NIXERY_SIGNING_KEY")),
+        "`nixery agent` reads NIXERY_SIGNING_KEY"
+    );
     // The settings are ones `nixery agent` accepts together.
     let args = <nixery::config::Cli as clap::Parser>::try_parse_from([
         "nixery",
