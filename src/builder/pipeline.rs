@@ -343,6 +343,7 @@ impl Pipeline {
         oci_digest: &crate::name::Digest,
         oci_size: usize,
     ) -> Result<Vec<(crate::name::Digest, bytes::Bytes)>, BuildError> {
+        let t = Instant::now();
         // The image's name from what its packages resolved to (not how a
         // request spelled them), so every node names it alike.
         let mut attrs: Vec<&str> = prepared
@@ -391,6 +392,11 @@ impl Pipeline {
             let digest = put_bytes(store, &m).await?;
             attached.push((digest, bytes::Bytes::from(m)));
         }
+        info!(
+            seconds = t.elapsed().as_secs_f64(),
+            documents = attached.len(),
+            "SBOMs, provenance and signatures attached"
+        );
         Ok(attached)
     }
 
