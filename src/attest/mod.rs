@@ -273,3 +273,111 @@ pub fn document_digest(attached: &[(Digest, Bytes)], artifact_type: &str) -> Opt
 pub fn signature_digest(attached: &[(Digest, Bytes)]) -> Option<Digest> {
     find(attached, &Kind::Signature).map(|(d, _)| d)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn store_path(i: usize, name: &str) -> String {
+        format!(
+            "/nix/store/{:0>32}-{name}",
+            format!("{i:x}").replace('0', "a")
+        )
+    }
+
+    /// A closure: `n` paths, each referring to some later ones (a DAG, as
+    /// Nix's are) and maybe itself; the first `roots` are what was asked for.
+    fn closure() -> impl Strategy<Value = (Vec<PathInfo>, usize)> {
+        (1usize..24, "[a-z][a-z0-9+.]{0,8}(-[0-9][a-z0-9.]{0,5})?").prop_flat_map(|(n, name)| {
+            let refs = proptest::collection::vec(proptest::collection::vec(any::<bool>(), n), n);
+            (refs, 1..=n, Just(name)).prop_map(move |(refs, roots, name)| {
+                let paths: Vec<PathInfo> = (0..n)
+                    .map(|i| PathInfo {
+                        path: store_path(i, &format!("{name}{i}")),
+                        nar_size: 100 + i as u64,
+                        references: (i..n)
+                            .filter(|j| refs[i][*j])
+                            .map(|j| store_path(j, &format!("{name}{j}")))
+                            .collect(),
+                        nar_hash: format!("sha256:{}", Digest::of(&[i as u8]).hex()),
+                        deriver: String::new(),
+                    })
+                    .collect();
+                (paths, roots)
+            })
+        })
+    }
+
+    fn facts_of<'a>(
+        closure: &'a [PathInfo],
+        resolved: &'a [Resolved],
+        outs: &'a [String],
+        source: &'a Source,
+    ) -> Facts<'a> {
+        Facts {
+            subject: Subject {
+                digest: Digest::of(b"image"),
+                size: 100,
+            },
+            repository: "a/b".into(),
+            closure,
+            resolved,
+            outs,
+            derivations: &[],
+            source,
+            revision: "latest",
+            settings: json!({}),
+            builder_version: "0.0.0",
+        }
+    }
+
+    proptest! {
+        /// The documents depend on the closure alone, not on the order Nix
+        /// listed it in; every reference in them names a component.
+        #[test]
+        fn documents_are_deterministic_and_closed((paths, roots) in closure(), seed in any::<u64>()) {
+            let resolved: Vec<Resolved> = paths[..roots].iter().map(|p| Resolved {
+                name: p.path[44..].to_string(),
+                attr: p.path[44..].to_string(),
+                out: p.path.clone(),
+                program: None,
+                version: None,
+                licenses: vec!["MIT".into()],
+            }).collect();
+            let outs: Vec<String> = resolved.iter().map(|r| r.out.clone()).collect();
+            let source = Source::Path("/pkgs".into());
+            let mut shuffled = paths.clone();
+            // A permutation from the seed.
+            let mut s = seed;
+            for i in (1..shuffled.len()).rev() {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                shuffled.swap(i, (s >> 33) as usize % (i + 1));
+            }
+            let a = facts_of(&paths, &resolved, &outs, &source);
+            let b = facts_of(&shuffled, &resolved, &outs, &source);
+            prop_assert_eq!(sbom::cyclonedx(&a), sbom::cyclonedx(&b));
+            prop_assert_eq!(sbom::spdx(&a), sbom::spdx(&b));
+
+            let bom: Value = serde_json::from_slice(&sbom::cyclonedx(&a)).unwrap();
+            let refs: BTreeSet<String> = bom["components"].as_array().unwrap().iter()
+                .map(|c| c["bom-ref"].as_str().unwrap().to_string()).collect();
+            prop_assert_eq!(refs.len(), paths.len());
+            for d in bom["dependencies"].as_array().unwrap() {
+                for on in d["dependsOn"].as_array().unwrap() {
+                    prop_assert!(refs.contains(on.as_str().unwrap()), "{} names no component", on);
+                }
+            }
+            let spdx: Value = serde_json::from_slice(&sbom::spdx(&a)).unwrap();
+            let ids: BTreeSet<&str> = spdx["packages"].as_array().unwrap().iter()
+                .map(|p| p["SPDXID"].as_str().unwrap()).collect();
+            prop_assert_eq!(ids.len(), paths.len() + 1, "SPDX ids are unique");
+            for r in spdx["relationships"].as_array().unwrap() {
+                let related = r["relatedSpdxElement"].as_str().unwrap();
+                prop_assert!(ids.contains(related), "{} is no package", related);
+            }
+        }
+    }
+
+    use std::collections::BTreeSet;
+}

@@ -665,6 +665,40 @@ async fn blob(
 }
 
 #[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// `?artifactType=` decodes what clients percent-encode, among other
+        /// parameters; cosign tags parse only in their three forms.
+        #[test]
+        fn artifact_type_filters_decode_what_clients_encode(t in "[a-z./+-]{1,40}") {
+            let encoded: String = t.bytes().map(|b| match b {
+                b'a'..=b'z' | b'.' | b'-' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            }).collect();
+            let q = format!("n=1&artifactType={encoded}&last=x");
+            prop_assert_eq!(artifact_type_filter(&q), Some(t));
+        }
+
+        #[test]
+        fn attached_tags_have_three_forms(hex in "[0-9a-f]{64}", suffix in "(|\\.sig|\\.att|\\.sbom|x)") {
+            let tag = format!("sha256-{hex}{suffix}");
+            let parsed = attached_tag(&tag);
+            match suffix.as_str() {
+                "" | ".sig" | ".att" => {
+                    let (d, s) = parsed.expect("an attached tag");
+                    prop_assert_eq!(d.hex(), hex.as_str());
+                    prop_assert_eq!(s, suffix.trim_start_matches('.'));
+                }
+                _ => prop_assert!(parsed.is_none()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
