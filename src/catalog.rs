@@ -466,6 +466,40 @@ impl Catalog {
         self.persist();
     }
 
+    /// Every catalogued image.
+    pub fn images(&self) -> Vec<Arc<BuiltImage>> {
+        let inner = self.inner.read().unwrap();
+        let mut out: Vec<Arc<BuiltImage>> = inner.images.values().map(|r| r.img.clone()).collect();
+        out.sort_by(|a, b| a.oci_digest.cmp(&b.oci_digest));
+        out
+    }
+
+    /// Replaces the manifests attached to the image whose OCI manifest is
+    /// `image` (its signature made again under another key, or dropped).
+    pub fn set_attached(&self, image: &Digest, attached: Vec<(Digest, bytes::Bytes)>) {
+        {
+            let mut inner = self.inner.write().unwrap();
+            let Some(key) = inner.by_digest.get(image).cloned() else {
+                return;
+            };
+            let Some(old) = inner.images.get(&key).map(|r| r.img.clone()) else {
+                return;
+            };
+            for (d, _) in &old.attached {
+                inner.manifests.remove(d);
+            }
+            let mut img = (*old).clone();
+            img.attached = attached;
+            let img = Arc::new(img);
+            index_manifests(&mut inner.manifests, &img);
+            if let Some(rec) = inner.images.get_mut(&key) {
+                rec.digests = digests_of(&img);
+                rec.img = img;
+            }
+        }
+        self.persist();
+    }
+
     /// Records that NixImage `object` ("namespace/name") names the image whose
     /// OCI manifest is `image`.
     pub fn claim(&self, image: &Digest, object: &str) {

@@ -112,6 +112,26 @@ pub async fn app_state_with(
         catalog.clone(),
         metrics.clone(),
     );
+    // Images built before a key was set (or under another key) are signed
+    // with this one, from their stored documents; without a key, nothing is
+    // served as signed.
+    for img in catalog.images() {
+        match attest::resign(
+            &img.oci_digest,
+            &img.attached,
+            settings.signer.as_deref(),
+            &**builder.store(),
+        )
+        .await
+        {
+            Ok(Some(attached)) => {
+                tracing::info!(image = %img.oci_digest, signed = settings.signer.is_some(), "signatures brought in line with the key");
+                catalog.set_attached(&img.oci_digest, attached);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(image = %img.oci_digest, error = %e, "signing a stored image"),
+        }
+    }
     // Measure (and enforce) the limit before serving (a smaller limit than
     // last time takes effect at once), then write last-use times now and
     // then, and at a stop, rather than on every pull.

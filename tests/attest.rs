@@ -786,3 +786,70 @@ fn nixery_build_writes_the_sbom() {
         );
     }
 }
+
+/// Signatures follow the key across restarts: an image built unsigned is
+/// signed once the registry has a key, signed again under a new key (the
+/// old one no longer verifies), and served unsigned without a key.
+#[test]
+fn signatures_follow_the_key_across_restarts() {
+    let test = "signatures_follow_the_key_across_restarts";
+    let Some((root, _)) = tools(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (first, first_pub) = keypair(dir.path(), "first");
+    let (second, second_pub) = keypair(dir.path(), "second");
+    let sig_code = |server: &Server| {
+        let (_, head, _) = get_full(&server.url("/v2/shell/hello/manifests/latest"));
+        let digest = head
+            .lines()
+            .find_map(|l| {
+                l.to_lowercase()
+                    .strip_prefix("docker-content-digest: ")
+                    .map(|d| d.trim().to_string())
+            })
+            .unwrap();
+        let hex = digest.trim_start_matches("sha256:").to_string();
+        get_full(&server.url(&format!("/v2/shell/hello/manifests/sha256-{hex}.sig"))).0
+    };
+    let verify = |server: &Server, public: &Path| {
+        let image = format!("{}/shell/hello", server.addr);
+        in_root(
+            &root,
+            dir.path(),
+            &[
+                "cosign",
+                "verify",
+                "--key",
+                public.to_str().unwrap(),
+                "--insecure-ignore-tlog",
+                "--allow-http-registry",
+                &image,
+            ],
+        )
+        .0
+    };
+    {
+        let server = Server::start(&state, &[]);
+        assert_eq!(sig_code(&server), 404, "unsigned without a key");
+    }
+    {
+        let server = Server::start(&state, &["--signing-key", first.to_str().unwrap()]);
+        assert_eq!(sig_code(&server), 200, "signed once there is a key");
+        assert!(verify(&server, &first_pub));
+    }
+    {
+        let server = Server::start(&state, &["--signing-key", second.to_str().unwrap()]);
+        assert!(
+            verify(&server, &second_pub),
+            "signed again under the new key"
+        );
+        assert!(
+            !verify(&server, &first_pub),
+            "the old key no longer verifies"
+        );
+    }
+    let server = Server::start(&state, &[]);
+    assert_eq!(sig_code(&server), 404, "no key, no signature");
+}

@@ -66,6 +66,20 @@ impl Signer {
         sig.to_der().as_bytes().to_vec()
     }
 
+    /// Whether `signature` (base64 DER, as in cosign's annotation) is this
+    /// key's signature of `message`.
+    pub fn verifies(&self, message: &[u8], signature: &str) -> bool {
+        use base64::Engine as _;
+        use p256::ecdsa::signature::Verifier as _;
+        let Ok(der) = base64::engine::general_purpose::STANDARD.decode(signature) else {
+            return false;
+        };
+        let Ok(sig) = Signature::from_der(&der) else {
+            return false;
+        };
+        self.key.verifying_key().verify(message, &sig).is_ok()
+    }
+
     /// The public key as `cosign.pub` holds it (SPKI PEM).
     pub fn public_pem(&self) -> String {
         self.key

@@ -160,7 +160,8 @@ pub fn attach(facts: &Facts, signer: Option<&Signer>) -> Attachments {
     let spdx = sbom::spdx(facts);
     let predicate = provenance::predicate(facts);
     let prov = sbom::to_bytes(&provenance::statement(
-        facts,
+        &facts.repository,
+        &facts.subject.digest,
         provenance::SLSA_PROVENANCE_V1,
         predicate.clone(),
     ));
@@ -176,48 +177,145 @@ pub fn attach(facts: &Facts, signer: Option<&Signer>) -> Attachments {
     ));
     out.blobs.push(EMPTY.to_vec());
     if let Some(signer) = signer {
-        let payload = cosign::simple_signing_payload(&facts.repository, &facts.subject.digest);
-        let sig = cosign::base64(&signer.sign(&payload));
-        let (config, manifest) = cosign_manifest(&[(
-            cosign::SIMPLE_SIGNING,
-            &payload,
-            json!({ cosign::SIGNATURE_ANNOTATION: sig }),
-        )]);
-        out.blobs.push(payload.clone());
-        out.blobs.push(config);
-        out.manifests.push(manifest);
-
-        let cdx_value: Value = serde_json::from_slice(&cdx).expect("our own JSON");
-        let statements = [
-            (PREDICATE_CYCLONEDX, cdx_value),
-            (provenance::SLSA_PROVENANCE_V1, predicate),
-        ];
-        let envelopes: Vec<(&str, Vec<u8>)> = statements
-            .into_iter()
-            .map(|(t, p)| {
-                let statement = sbom::to_bytes(&provenance::statement(facts, t, p));
-                (t, cosign::envelope(signer, &statement))
-            })
-            .collect();
-        let layers: Vec<(&str, &[u8], Value)> = envelopes
-            .iter()
-            .map(|(t, e)| {
-                (
-                    cosign::DSSE_ENVELOPE,
-                    e.as_slice(),
-                    json!({ cosign::SIGNATURE_ANNOTATION: "", "predicateType": t }),
-                )
-            })
-            .collect();
-        let (config, manifest) = cosign_manifest(&layers);
-        out.blobs.extend(envelopes.iter().map(|(_, e)| e.clone()));
-        out.blobs.push(config);
-        out.manifests.push(manifest);
+        let signed = signatures(
+            signer,
+            &facts.repository,
+            &facts.subject.digest,
+            &cdx,
+            predicate,
+        );
+        out.blobs.extend(signed.blobs);
+        out.manifests.extend(signed.manifests);
     }
     out.blobs.push(cdx);
     out.blobs.push(spdx);
     out.blobs.push(prov);
     out
+}
+
+/// cosign's signature of the image and its signed attestations (the
+/// CycloneDX SBOM and the SLSA provenance predicate).
+pub fn signatures(
+    signer: &Signer,
+    repository: &str,
+    subject: &Digest,
+    cdx: &[u8],
+    provenance_predicate: Value,
+) -> Attachments {
+    let mut out = Attachments::default();
+    let payload = cosign::simple_signing_payload(repository, subject);
+    let sig = cosign::base64(&signer.sign(&payload));
+    let (config, manifest) = cosign_manifest(&[(
+        cosign::SIMPLE_SIGNING,
+        &payload,
+        json!({ cosign::SIGNATURE_ANNOTATION: sig }),
+    )]);
+    out.blobs.push(payload.clone());
+    out.blobs.push(config);
+    out.manifests.push(manifest);
+
+    let cdx_value: Value = serde_json::from_slice(cdx).expect("our own JSON");
+    let statements = [
+        (PREDICATE_CYCLONEDX, cdx_value),
+        (provenance::SLSA_PROVENANCE_V1, provenance_predicate),
+    ];
+    let envelopes: Vec<(&str, Vec<u8>)> = statements
+        .into_iter()
+        .map(|(t, p)| {
+            let statement = sbom::to_bytes(&provenance::statement(repository, subject, t, p));
+            (t, cosign::envelope(signer, &statement))
+        })
+        .collect();
+    let layers: Vec<(&str, &[u8], Value)> = envelopes
+        .iter()
+        .map(|(t, e)| {
+            (
+                cosign::DSSE_ENVELOPE,
+                e.as_slice(),
+                json!({ cosign::SIGNATURE_ANNOTATION: "", "predicateType": t }),
+            )
+        })
+        .collect();
+    let (config, manifest) = cosign_manifest(&layers);
+    out.blobs.extend(envelopes.iter().map(|(_, e)| e.clone()));
+    out.blobs.push(config);
+    out.manifests.push(manifest);
+    out
+}
+
+/// Whether the image's signature was made with `signer`'s key.
+async fn signed_by(
+    attached: &[(Digest, Bytes)],
+    signer: &Signer,
+    store: &dyn crate::store::BlobStore,
+) -> Result<bool, crate::store::StoreError> {
+    let Some((_, m)) = find(attached, &Kind::Signature) else {
+        return Ok(false);
+    };
+    let v: Value = serde_json::from_slice(&m).unwrap_or_default();
+    let layer = &v["layers"][0];
+    let (Some(Ok(d)), Some(sig)) = (
+        layer["digest"].as_str().map(str::parse::<Digest>),
+        layer["annotations"][cosign::SIGNATURE_ANNOTATION].as_str(),
+    ) else {
+        return Ok(false);
+    };
+    let Some(payload) = crate::store::get_small(store, &d, 1 << 20).await? else {
+        return Ok(false);
+    };
+    Ok(signer.verifies(&payload, sig))
+}
+
+/// The attached manifests an image should have under the registry's key
+/// now: its signature and attestations made again from its stored
+/// documents when they are missing or were made with another key, dropped
+/// when there is no key. New blobs are stored; None when nothing changes
+/// (or the documents to sign are gone).
+pub async fn resign(
+    oci_digest: &Digest,
+    attached: &[(Digest, Bytes)],
+    signer: Option<&Signer>,
+    store: &dyn crate::store::BlobStore,
+) -> Result<Option<Vec<(Digest, Bytes)>>, crate::store::StoreError> {
+    let signed =
+        |(_, m): &&(Digest, Bytes)| matches!(kind(m), Some(Kind::Signature | Kind::Attestations));
+    let unsigned: Vec<(Digest, Bytes)> = attached.iter().filter(|a| !signed(a)).cloned().collect();
+    let Some(signer) = signer else {
+        return Ok((unsigned.len() != attached.len()).then_some(unsigned));
+    };
+    if signed_by(attached, signer, store).await? {
+        return Ok(None);
+    }
+    let read = |t: &'static str| async move {
+        match document_digest(attached, t) {
+            Some(d) => crate::store::get_small(store, &d, 256 << 20).await,
+            None => Ok(None),
+        }
+    };
+    let (Some(cdx), Some(prov)) = (read(CYCLONEDX).await?, read(IN_TOTO).await?) else {
+        return Ok(None);
+    };
+    let bom: Value = serde_json::from_slice(&cdx).unwrap_or_default();
+    let statement: Value = serde_json::from_slice(&prov).unwrap_or_default();
+    let Some(repository) = bom["metadata"]["component"]["name"].as_str() else {
+        return Ok(None);
+    };
+    let made = signatures(
+        signer,
+        repository,
+        oci_digest,
+        &cdx,
+        statement["predicate"].clone(),
+    );
+    for b in &made.blobs {
+        crate::store::put_bytes(store, b).await?;
+    }
+    let mut out = unsigned;
+    for m in made.manifests {
+        let d = crate::store::put_bytes(store, &m).await?;
+        out.push((d, m.into()));
+    }
+    Ok(Some(out))
 }
 
 /// The referrers of `subject` among an image's attached manifests, as the

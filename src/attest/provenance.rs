@@ -85,12 +85,17 @@ pub fn predicate(facts: &Facts) -> Value {
 }
 
 /// An in-toto Statement v1 about the image with this predicate.
-pub fn statement(facts: &Facts, predicate_type: &str, predicate: Value) -> Value {
+pub fn statement(
+    repository: &str,
+    subject: &crate::name::Digest,
+    predicate_type: &str,
+    predicate: Value,
+) -> Value {
     json!({
         "_type": STATEMENT_TYPE,
         "subject": [{
-            "name": facts.repository,
-            "digest": { "sha256": facts.subject.digest.hex() },
+            "name": repository,
+            "digest": { "sha256": subject.hex() },
         }],
         "predicateType": predicate_type,
         "predicate": predicate,
