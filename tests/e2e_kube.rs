@@ -745,12 +745,32 @@ fn install_use_restart_upgrade_and_uninstall_on_a_real_cluster() {
         skip(&format!("{test} (the kube-apiserver restart): NIXERY_KUBE_LAB is not set, so the test cannot restart the API server"));
     }
 
-    // 7. Upgrade: another agent image tag while pods use named images. The
-    // images stay served with the same digests, and nothing is built again.
+    // 7. Upgrade: another agent image tag while pods use named images, and
+    // signing turned on (deploy/components/signing, its Secret made first).
+    // The images stay served with the same digests, nothing is built again,
+    // and they are signed with the Secret's key.
+    let keys = tmp.path().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let (key, public) = (keys.join("cosign.key"), keys.join("cosign.pub"));
+    let (generated, _, err) = run(Command::new("sh").arg("-c").arg(format!(
+        "openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out {0} && openssl pkey -in {0} -pubout -out {1}",
+        key.display(),
+        public.display()
+    )));
+    assert!(generated, "openssl: {err}");
+    ok(&[
+        "-n",
+        NS,
+        "create",
+        "secret",
+        "generic",
+        "nixery-signing-key",
+        &format!("--from-file=cosign.key={}", key.display()),
+    ]);
     let upgrade = overlay(
         &tmp.path().join("upgrade"),
         &["deploy/offline"],
-        &[],
+        &["deploy/components/signing"],
         "e2e-upgrade",
     );
     let started = Instant::now();
@@ -824,6 +844,48 @@ fn install_use_restart_upgrade_and_uninstall_on_a_real_cluster() {
         ),
         digest
     );
+    // Signed with the Secret's key: the key served, the status naming the
+    // signature, and (where Debian 13's cosign is at hand) cosign verifying
+    // the NixImage's image at the node's registry.
+    let (code, served) = http(&format!("{registry}/cosign.pub"));
+    assert_eq!(code, 200);
+    assert_eq!(served, std::fs::read_to_string(&public).unwrap());
+    wait_for(
+        "the NixImage's status to name its signature",
+        Duration::from_secs(60),
+        &agent_state,
+        || {
+            let s = jsonpath(
+                &["-n", "default", "nimg", "curl-and-jq"],
+                "{.status.signature}",
+            );
+            s.starts_with("sha256:").then_some(())
+        },
+    );
+    let trixie = Path::new("/var/cache/nixery-ci/trixie");
+    if trixie.join("usr/bin/cosign").exists() {
+        let (verified, out, err) = run(Command::new("bash")
+            .arg(repo_root().join("scripts/in-root.sh"))
+            .arg(trixie)
+            .args([
+                "cosign",
+                "verify",
+                "--key",
+                public.to_str().unwrap(),
+                "--insecure-ignore-tlog",
+                "--allow-http-registry",
+                "127.0.0.1:5000/niximage/default/curl-and-jq:v1",
+            ])
+            .env("IN_ROOT_BINDS", &keys));
+        assert!(verified, "cosign verify in the cluster: {err}");
+        assert!(out.contains(&digest), "{out}");
+        figures
+            .push("signing turned on by the upgrade: cosign verifies the NixImage's image".into());
+    } else {
+        skip(&format!(
+            "{test} (cosign verify): no Debian 13 root with cosign (scripts/debian13-root.sh)"
+        ));
+    }
     let metrics = format!("{registry}/metrics");
     assert_eq!(
         metric_of(&metrics, "nixery_layers_packed_total"),

@@ -141,18 +141,24 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
         m.phase == PHASE_READY && m.observed_generation == generation && m.revision == revision
     });
     let registered = match ctx.catalog.named.get(&ns, &name) {
-        Some(NamedEntry::Ready { tag, image }) if tag == obj.spec.tag => {
-            Some(image.oci_digest.to_string())
-        }
+        Some(NamedEntry::Ready { tag, image }) if tag == obj.spec.tag => Some(image),
         _ => None,
     };
-    if ready_here
-        && registered.is_some()
-        && mine.as_ref().and_then(|m| m.digest.clone()) == registered
-    {
-        // Nothing to build; write the aggregate only if it is out of date.
-        ensure_aggregate(api, &obj, ctx).await?;
-        return Ok(Action::requeue(RECHECK));
+    if let Some(image) = registered.filter(|i| {
+        ready_here && mine.as_ref().and_then(|m| m.digest.clone()) == Some(i.oci_digest.to_string())
+    }) {
+        let (sbom, signature) = attested(&image);
+        if mine
+            .as_ref()
+            .is_some_and(|m| m.sbom == sbom && m.signature == signature)
+        {
+            // Nothing to build; write the aggregate only if it is out of date.
+            ensure_aggregate(api, &obj, ctx).await?;
+            return Ok(Action::requeue(RECHECK));
+        }
+        // The same image, signed since (or under another key, or no longer):
+        // the entry says what this node serves now.
+        return finish(api, &obj, ctx, Ok(image), revision, false).await;
     }
 
     // A build of this generation that ended: report it.
@@ -357,9 +363,8 @@ async fn finish(
         )),
         layers: Some(image.layers as i64),
         size: Some(image.size as i64),
-        sbom: crate::attest::document_digest(&image.attached, crate::attest::CYCLONEDX)
-            .map(|d| d.to_string()),
-        signature: crate::attest::signature_digest(&image.attached).map(|d| d.to_string()),
+        sbom: attested(&image).0,
+        signature: attested(&image).1,
         message: Some(format!(
             "built {} layers, {} bytes",
             image.layers, image.size
@@ -527,6 +532,16 @@ fn progress_reporter(
         }
     });
     (progress, handle)
+}
+
+/// The digests of an image's CycloneDX SBOM and signature manifest, as
+/// status entries name them.
+fn attested(image: &BuiltImage) -> (Option<String>, Option<String>) {
+    (
+        crate::attest::document_digest(&image.attached, crate::attest::CYCLONEDX)
+            .map(|d| d.to_string()),
+        crate::attest::signature_digest(&image.attached).map(|d| d.to_string()),
+    )
 }
 
 /// This node's entry: what this agent last wrote, else (after a restart)
