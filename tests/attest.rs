@@ -103,6 +103,19 @@ fn get_full(url: &str) -> (u16, String, Vec<u8>) {
     (code, head, text[split..].to_vec())
 }
 
+/// The digest of shell/hello's OCI manifest at `server` (built if need be).
+fn image_digest(server: &Server) -> String {
+    let (code, head, _) = get_full(&server.url("/v2/shell/hello/manifests/latest"));
+    assert_eq!(code, 200);
+    head.lines()
+        .find_map(|l| {
+            l.to_lowercase()
+                .strip_prefix("docker-content-digest: ")
+                .map(|d| d.trim().to_string())
+        })
+        .unwrap()
+}
+
 /// The one layer (the document) of an artifact manifest, fetched.
 fn document(url_base: &str, manifest_digest: &str) -> (Value, Vec<u8>) {
     let (code, _, m) = get_full(&format!("{url_base}/manifests/{manifest_digest}"));
@@ -141,17 +154,7 @@ fn an_ad_hoc_image_explains_and_proves_itself_to_real_tools() {
         &["--signing-key", key.to_str().unwrap()],
     );
     let base = server.url("/v2/shell/hello");
-    let (code, head, _) = get_full(&format!("{base}/manifests/latest"));
-    assert_eq!(code, 200);
-    let digest = head
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("docker-content-digest: ")
-                .or(l.strip_prefix("Docker-Content-Digest: "))
-        })
-        .unwrap()
-        .trim()
-        .to_string();
+    let digest = image_digest(&server);
     let hex = digest.trim_start_matches("sha256:");
 
     // The public key, at its documented URL.
@@ -755,15 +758,7 @@ fn nixery_build_writes_the_sbom() {
     assert_eq!(digests[0].0, digests[1].0, "one image");
     // The registry attaches those very bytes.
     let server = Server::start(&dir.path().join("state"), &[]);
-    let (_, head, _) = get_full(&server.url("/v2/shell/hello/manifests/latest"));
-    let digest = head
-        .lines()
-        .find_map(|l| {
-            l.to_lowercase()
-                .strip_prefix("docker-content-digest: ")
-                .map(|d| d.trim().to_string())
-        })
-        .unwrap();
+    let digest = image_digest(&server);
     let (_, _, index) = get_full(&server.url(&format!("/v2/shell/hello/referrers/{digest}")));
     let index: Value = serde_json::from_slice(&index).unwrap();
     for (i, t) in ["application/vnd.cyclonedx+json", "application/spdx+json"]
@@ -801,15 +796,7 @@ fn signatures_follow_the_key_across_restarts() {
     let (first, first_pub) = keypair(dir.path(), "first");
     let (second, second_pub) = keypair(dir.path(), "second");
     let sig_code = |server: &Server| {
-        let (_, head, _) = get_full(&server.url("/v2/shell/hello/manifests/latest"));
-        let digest = head
-            .lines()
-            .find_map(|l| {
-                l.to_lowercase()
-                    .strip_prefix("docker-content-digest: ")
-                    .map(|d| d.trim().to_string())
-            })
-            .unwrap();
+        let digest = image_digest(server);
         let hex = digest.trim_start_matches("sha256:").to_string();
         get_full(&server.url(&format!("/v2/shell/hello/manifests/sha256-{hex}.sig"))).0
     };

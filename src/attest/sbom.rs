@@ -133,6 +133,19 @@ fn serial(facts: &Facts, kind: &str) -> String {
     )
 }
 
+/// The other store paths of the closure a path refers to, sorted.
+fn depends_on<'a>(info: &'a crate::layers::PathInfo, known: &BTreeSet<&str>) -> Vec<&'a str> {
+    let mut on: Vec<&str> = info
+        .references
+        .iter()
+        .map(String::as_str)
+        .filter(|r| *r != info.path && known.contains(r))
+        .collect();
+    on.sort();
+    on.dedup();
+    on
+}
+
 /// CycloneDX 1.6 JSON: the image is the BOM's subject (a container), each
 /// store path a component with its NAR hash, purl and `nix:` properties
 /// (nixpkgs' CycloneDX taxonomy), and the references as dependencies.
@@ -199,14 +212,7 @@ pub fn cyclonedx(facts: &Facts) -> Vec<u8> {
         "dependsOn": pkgs.iter().filter(|p| p.root).map(|p| p.path.clone()).collect::<Vec<_>>(),
     })];
     for p in &pkgs {
-        let mut on: Vec<&str> = by_path[p.path.as_str()]
-            .references
-            .iter()
-            .map(String::as_str)
-            .filter(|r| *r != p.path && known.contains(r))
-            .collect();
-        on.sort();
-        on.dedup();
+        let on = depends_on(by_path[p.path.as_str()], &known);
         dependencies.push(json!({ "ref": p.path, "dependsOn": on }));
     }
     let bom = json!({
@@ -322,15 +328,7 @@ pub fn spdx(facts: &Facts) -> Vec<u8> {
         }));
     }
     for p in &pkgs {
-        let mut on: Vec<&str> = by_path[p.path.as_str()]
-            .references
-            .iter()
-            .map(String::as_str)
-            .filter(|r| *r != p.path && known.contains(r))
-            .collect();
-        on.sort();
-        on.dedup();
-        for r in on {
+        for r in depends_on(by_path[p.path.as_str()], &known) {
             relationships.push(json!({
                 "spdxElementId": spdx_ref(&p.path),
                 "relationshipType": "DEPENDS_ON",
