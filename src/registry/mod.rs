@@ -20,6 +20,7 @@ use axum::Router;
 use tracing::{info_span, Instrument};
 
 pub use error::RegistryError;
+pub use handlers::parse_range;
 use handlers::{v2, v2_base};
 
 use crate::builder::Builder;
