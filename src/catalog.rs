@@ -168,6 +168,9 @@ struct ImageRec {
     digests: HashSet<Digest>,
     /// NixImage objects that named it.
     objects: BTreeSet<String>,
+    /// Its CycloneDX SBOM's and signature manifest's digests, read from its
+    /// attached manifests once (the page lists them twice a second).
+    attested: (Option<Digest>, Option<Digest>),
 }
 
 impl ImageRec {
@@ -183,6 +186,7 @@ impl Inner {
         self.by_digest
             .insert(img.docker_digest.clone(), key.clone());
         let digests = digests_of(&img);
+        let attested = crate::attest::attested(&img.attached);
         let objects = self
             .images
             .remove(&key)
@@ -195,6 +199,7 @@ impl Inner {
                 built,
                 used: AtomicU64::new(used),
                 digests,
+                attested,
                 objects,
             },
         );
@@ -494,6 +499,7 @@ impl Catalog {
             index_manifests(&mut inner.manifests, &img);
             if let Some(rec) = inner.images.get_mut(&key) {
                 rec.digests = digests_of(&img);
+                rec.attested = crate::attest::attested(&img.attached);
                 rec.img = img;
             }
         }
@@ -682,8 +688,8 @@ impl Catalog {
                         } else {
                             0
                         },
-                    sbom: crate::attest::document_digest(&img.attached, crate::attest::CYCLONEDX),
-                    signature: crate::attest::signature_digest(&img.attached),
+                    sbom: rec.attested.0.clone(),
+                    signature: rec.attested.1.clone(),
                 }
             })
             .collect();

@@ -367,6 +367,14 @@ pub fn document_digest(attached: &[(Digest, Bytes)], artifact_type: &str) -> Opt
     })
 }
 
+/// The digests of the CycloneDX SBOM and of the signature manifest.
+pub fn attested(attached: &[(Digest, Bytes)]) -> (Option<Digest>, Option<Digest>) {
+    (
+        document_digest(attached, CYCLONEDX),
+        signature_digest(attached),
+    )
+}
+
 /// The digest of the signature manifest (`.sig`), when the image is signed.
 pub fn signature_digest(attached: &[(Digest, Bytes)]) -> Option<Digest> {
     find(attached, &Kind::Signature).map(|(d, _)| d)

@@ -345,6 +345,7 @@ async fn finish(
         },
     );
     let previous = own_entry(ctx, obj, &uid);
+    let (sbom, signature) = attested(&image);
     let node = NodeStatus {
         node: ctx.node.clone(),
         phase: PHASE_READY.into(),
@@ -363,8 +364,8 @@ async fn finish(
         )),
         layers: Some(image.layers as i64),
         size: Some(image.size as i64),
-        sbom: attested(&image).0,
-        signature: attested(&image).1,
+        sbom,
+        signature,
         message: Some(format!(
             "built {} layers, {} bytes",
             image.layers, image.size
@@ -537,10 +538,10 @@ fn progress_reporter(
 /// The digests of an image's CycloneDX SBOM and signature manifest, as
 /// status entries name them.
 fn attested(image: &BuiltImage) -> (Option<String>, Option<String>) {
+    let (sbom, signature) = crate::attest::attested(&image.attached);
     (
-        crate::attest::document_digest(&image.attached, crate::attest::CYCLONEDX)
-            .map(|d| d.to_string()),
-        crate::attest::signature_digest(&image.attached).map(|d| d.to_string()),
+        sbom.map(|d| d.to_string()),
+        signature.map(|d| d.to_string()),
     )
 }
 
