@@ -8,9 +8,24 @@
 # host.json (written by generate-host.py) says which files make up what.
 # Synthetic packages exercise the image pipeline: closures larger than the layer
 # budget, shared dependencies, a failing build and a slow one.
+#
+# For another system (aarch64-linux on an x86_64 host), the set wraps that
+# system's Debian binaries instead, unpacked under a root of their own by
+# scripts/offline-root.sh (which writes that root's host.json), and Nix runs
+# its builders under emulation (`extra-platforms`, qemu-user through
+# binfmt_misc). Roots are looked up in $NIXERY_OFFLINE_ROOTS/<system>, by
+# default /var/cache/nixery-offline/<system>.
 { system ? builtins.currentSystem, ... }:
 let
-  host = builtins.fromJSON (builtins.readFile ./host.json);
+  foreign = system != builtins.currentSystem;
+  rootsDir = let e = builtins.getEnv "NIXERY_OFFLINE_ROOTS"; in if e == "" then "/var/cache/nixery-offline" else e;
+  # Put in front of every path host.json names ("" for this machine's own files).
+  root =
+    if !foreign then ""
+    else if builtins.pathExists (/. + "${rootsDir}/${system}/host.json") then "${rootsDir}/${system}"
+    else throw "nix/offline-pkgs has no ${system} packages on this machine: run scripts/offline-root.sh ${system} (it unpacks Debian's ${system} packages into ${rootsDir}/${system})";
+  at = p: /. + "${root}${p}";
+  host = builtins.fromJSON (builtins.readFile (if foreign then at "/host.json" else ./host.json));
   # host.json from before its `tools` were recorded cannot build the set.
   tools = host.tools or (throw "nix/offline-pkgs/host.json lists no build tools: it was written by an older generate-host.py; run `python3 nix/offline-pkgs/generate-host.py > nix/offline-pkgs/host.json` again");
 
@@ -18,7 +33,7 @@ let
   # from argv[0], so the builder must be a file named `busybox`.
   busyboxDir = builtins.path {
     name = "busybox-static";
-    path = /usr/bin;
+    path = at "/usr/bin";
     filter = p: t: baseNameOf p == "busybox";
   };
 
@@ -41,7 +56,7 @@ let
   # of it: over 50,000 stats per evaluation for /usr/lib alone).
   storeName = f: if builtins.match "[a-zA-Z0-9+_?=-][a-zA-Z0-9+._?=-]*" f != null then f else "host-file";
   importFiles = dir: files:
-    map (f: "${f}=${builtins.path { name = storeName f; path = /. + "${dir}/${f}"; }}") files;
+    map (f: "${f}=${builtins.path { name = storeName f; path = at "${dir}/${f}"; }}") files;
   # Host text files by their contents: `builtins.readFile` follows symlinks,
   # where `builtins.path` stores a symlink itself (Nix 2.8) or its target
   # (2.26), so a file reached through a link, or mounted elsewhere in a
@@ -63,9 +78,9 @@ let
   # (DT_RPATH, which unlike RUNPATH also serves its libraries' own needs).
   patchelfTool = let tool = tools.patchelf; in mkDerivation {
     name = "patchelf-host";
-    bin = builtins.path { name = "patchelf"; path = /. + "${host.binDir}/${tool.bin}"; };
+    bin = builtins.path { name = "patchelf"; path = at "${host.binDir}/${tool.bin}"; };
     files = builtins.attrValues (builtins.mapAttrs
-      (soname: file: "${soname}=${builtins.path { name = storeName soname; path = /. + file; }}")
+      (soname: file: "${soname}=${builtins.path { name = storeName soname; path = at file; }}")
       tool.libs);
     # The copy that runs is in $out, not $TMPDIR, which may be mounted noexec
     # (a container's tmpfs /tmp).

@@ -4,20 +4,32 @@ offline package set, with each library's direct dependencies.
 
 Run it again (and commit the result) when the host's Debian packages change:
     python3 nix/offline-pkgs/generate-host.py > nix/offline-pkgs/host.json
+With --root DIR it describes another architecture's Debian binaries unpacked
+under DIR instead (scripts/offline-root.sh runs it so); paths stay as they are
+on that system, and the Nix side puts DIR in front of them.
 The Nix side (default.nix) reads host.json as data; nothing here runs at
 evaluation time, so evaluating the package set stays fast and pure.
 """
+import argparse
 import json
 import os
 import subprocess
 import sys
 
-LIB_DIR = "/usr/lib/x86_64-linux-gnu"
+parser = argparse.ArgumentParser()
+parser.add_argument("--root", default="", help="an unpacked root of another architecture's packages")
+parser.add_argument("--triplet", default="x86_64-linux-gnu", help="its multiarch triplet")
+ARGS = parser.parse_args()
+ROOT = ARGS.root.rstrip("/")
+# The dynamic loader of each architecture this set knows.
+INTERPRETERS = {"x86_64-linux-gnu": "ld-linux-x86-64.so.2", "aarch64-linux-gnu": "ld-linux-aarch64.so.1"}
+INTERPRETER = INTERPRETERS[ARGS.triplet]
+LIB_DIR = f"/usr/lib/{ARGS.triplet}"
 # Where else a library may live (Debian's Nix keeps its own in /usr/lib/nix).
 EXTRA_LIB_DIRS = ["/usr/lib/nix"]
 BIN_DIR = "/usr/bin"
 # glibc's own libraries form one package, as in nixpkgs.
-GLIBC = {"libc.so.6", "libm.so.6", "ld-linux-x86-64.so.2", "libresolv.so.2",
+GLIBC = {"libc.so.6", "libm.so.6", INTERPRETER, "libresolv.so.2",
          "libpthread.so.0", "libdl.so.2", "librt.so.1", "libutil.so.1"}
 
 PROGRAMS = {
@@ -49,13 +61,22 @@ TOOLS = {"patchelf": "patchelf"}
 MAIN_PROGRAM = {"bashInteractive": "bash", "gnugrep": "grep", "gnused": "sed", "findutils": "find"}
 
 
+def at(path):
+    """Where a file of the described system is on this machine."""
+    return ROOT + path
+
+
+def unrooted(path):
+    return path[len(ROOT):] if ROOT and path.startswith(ROOT + "/") else path
+
+
 def needed(path):
-    out = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["readelf", "-d", at(path)], capture_output=True, text=True, check=True).stdout
     return [line.split("[", 1)[1].split("]", 1)[0] for line in out.splitlines() if "(NEEDED)" in line]
 
 
 def is_elf(path):
-    with open(path, "rb") as f:
+    with open(at(path), "rb") as f:
         return f.read(4) == b"\x7fELF"
 
 
@@ -65,13 +86,20 @@ def lib_attr(soname):
     return soname.split(".so", 1)[0]
 
 
+def package_files(package):
+    if ROOT:
+        # offline-root.sh keeps each unpacked package's file list.
+        with open(f"{ROOT}/.debs/{package}.list") as f:
+            return [line.strip().lstrip(".") for line in f if line.strip()]
+    return subprocess.run(["dpkg", "-L", package], capture_output=True, text=True, check=True).stdout.split()
+
+
 def package_bins(package):
-    files = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True, check=True).stdout.split()
     bins = set()
-    for f in files:
+    for f in package_files(package):
         name = os.path.basename(f)
         candidate = os.path.join(BIN_DIR, name)
-        if "/bin/" in f and os.path.isfile(candidate) and not os.path.islink(candidate) and is_elf(candidate):
+        if "/bin/" in f and os.path.isfile(at(candidate)) and not os.path.islink(at(candidate)) and is_elf(candidate):
             bins.add(name)
     return sorted(bins)
 
@@ -81,15 +109,15 @@ def main():
 
     def add_lib(soname):
         attr = lib_attr(soname)
-        lib_dir = next((d for d in [LIB_DIR] + EXTRA_LIB_DIRS if os.path.exists(os.path.join(d, soname))), LIB_DIR)
+        lib_dir = next((d for d in [LIB_DIR] + EXTRA_LIB_DIRS if os.path.exists(at(os.path.join(d, soname)))), LIB_DIR)
         path = os.path.join(lib_dir, soname)
-        real = os.path.realpath(path)
+        real = unrooted(os.path.realpath(at(path)))
         entry = libs.setdefault(attr, {"files": set(), "deps": set()})
         if lib_dir != LIB_DIR:
             entry["dir"] = lib_dir
         entry["files"].update({soname, os.path.basename(real)})
         if attr == "glibc":
-            entry["files"].update(GLIBC & set(os.listdir(LIB_DIR)))
+            entry["files"].update(GLIBC & set(os.listdir(at(LIB_DIR))))
             return
         for dep in needed(real):
             dep_attr = lib_attr(dep)
@@ -100,6 +128,10 @@ def main():
     programs = {}
     for attr, bins in PROGRAMS.items():
         bins = package_bins(bins["deb"]) if isinstance(bins, dict) else bins
+        if ROOT and not all(os.path.isfile(at(os.path.join(BIN_DIR, b))) for b in bins):
+            # Another architecture's root holds only what offline-root.sh unpacked.
+            print(f"generate-host: {attr} is not in {ROOT}; left out", file=sys.stderr)
+            continue
         deps = set()
         for b in bins:
             for dep in needed(os.path.join(BIN_DIR, b)):
@@ -118,14 +150,15 @@ def main():
         lib_dir = entry.get("dir", LIB_DIR)
         for name in sorted(entry["files"]):
             path = os.path.join(lib_dir, name)
-            if os.path.islink(path):
-                target = os.path.basename(os.path.realpath(path))
-                if os.path.dirname(os.path.realpath(path)) != lib_dir or target not in entry["files"]:
+            if os.path.islink(at(path)):
+                real = unrooted(os.path.realpath(at(path)))
+                target = os.path.basename(real)
+                if os.path.dirname(real) != lib_dir or target not in entry["files"]:
                     sys.exit(f"generate-host: {path} points outside {attr}'s files")
                 entry.setdefault("symlinks", {})[name] = target
     for attr, spec in programs.items():
         for b in spec["bins"]:
-            if os.path.islink(os.path.join(BIN_DIR, b)):
+            if os.path.islink(at(os.path.join(BIN_DIR, b))):
                 sys.exit(f"generate-host: {BIN_DIR}/{b} of {attr} is a symlink")
 
     # A tool's libraries by soname, found as the loader would (its own NEEDED
@@ -133,14 +166,14 @@ def main():
     tools = {}
     for attr, binary in TOOLS.items():
         path = os.path.join(BIN_DIR, binary)
-        found = {"ld-linux-x86-64.so.2": os.path.realpath(os.path.join(LIB_DIR, "ld-linux-x86-64.so.2"))}
+        found = {INTERPRETER: unrooted(os.path.realpath(at(os.path.join(LIB_DIR, INTERPRETER))))}
         todo = needed(path)
         while todo:
             soname = todo.pop()
             if soname in found:
                 continue
-            lib = os.path.realpath(os.path.join(LIB_DIR, soname))
-            if not os.path.exists(lib):
+            lib = unrooted(os.path.realpath(at(os.path.join(LIB_DIR, soname))))
+            if not os.path.exists(at(lib)):
                 sys.exit(f"generate-host: {binary} needs {soname}, which is not in {LIB_DIR}")
             found[soname] = lib
             todo.extend(needed(lib))
@@ -149,7 +182,7 @@ def main():
     out = {
         "libDir": LIB_DIR,
         "binDir": BIN_DIR,
-        "interpreter": "ld-linux-x86-64.so.2",
+        "interpreter": INTERPRETER,
         "libs": {k: dict({"files": sorted(v["files"]), "deps": sorted(v["deps"] - {k})},
                          **({"dir": v["dir"]} if "dir" in v else {}),
                          **({"symlinks": v["symlinks"]} if "symlinks" in v else {}))
