@@ -123,6 +123,8 @@ struct CatalogFile {
     version: u32,
     images: BTreeMap<String, ImageEntry>,
     requests: BTreeMap<String, RequestEntry>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    indexes: BTreeMap<Digest, IndexEntry>,
 }
 
 /// One catalogued image, as the page lists it.
@@ -155,6 +157,17 @@ struct Inner {
     repos: HashMap<String, HashSet<String>>,
     /// Manifest digest (either encoding) -> image key.
     by_digest: HashMap<Digest, String>,
+    /// Image indexes (manifest lists) of one image per architecture.
+    indexes: HashMap<Digest, IndexEntry>,
+}
+
+/// An image index or manifest list, with the manifests it lists.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct IndexEntry {
+    pub media_type: String,
+    /// The index itself (small JSON), as served.
+    pub manifest: String,
+    pub members: Vec<Digest>,
 }
 
 /// One catalogued image.
@@ -208,6 +221,13 @@ impl Inner {
     /// Removes an image, every request that resolves to it and its indexes.
     fn remove_image(&mut self, key: &str) -> Option<ImageRec> {
         let rec = self.images.remove(key)?;
+        // An index is dropped with any of its manifests: served, it would
+        // send that architecture's clients to a manifest that is gone.
+        self.indexes.retain(|_, i| {
+            !i.members
+                .iter()
+                .any(|m| *m == rec.img.oci_digest || *m == rec.img.docker_digest)
+        });
         self.requests.retain(|_, r| r.image != key);
         for images in self.repos.values_mut() {
             images.remove(key);
@@ -372,6 +392,13 @@ impl Catalog {
                 inner.add_request(key, r);
             }
         }
+        for (digest, i) in parsed.indexes {
+            if Digest::of(i.manifest.as_bytes()) == digest
+                && i.members.iter().any(|m| inner.by_digest.contains_key(m))
+            {
+                inner.indexes.insert(digest, i);
+            }
+        }
         tracing::info!(
             images = inner.images.len(),
             requests = inner.requests.len(),
@@ -397,13 +424,60 @@ impl Catalog {
     /// an image asked for under that name.
     pub fn in_repository(&self, repo: &str, digest: &Digest) -> bool {
         let inner = self.inner.read().unwrap();
-        inner
-            .repos
-            .get(repo)
-            .into_iter()
-            .flatten()
-            .filter_map(|k| inner.images.get(k))
-            .any(|rec| rec.digests.contains(digest))
+        let held = |digest: &Digest| {
+            inner
+                .repos
+                .get(repo)
+                .into_iter()
+                .flatten()
+                .filter_map(|k| inner.images.get(k))
+                .any(|rec| rec.digests.contains(digest))
+        };
+        // An index is the repository's when a manifest it lists is.
+        held(digest)
+            || inner
+                .indexes
+                .get(digest)
+                .is_some_and(|i| i.members.iter().any(held))
+    }
+
+    /// Records an image index (or manifest list) of `members`, served by
+    /// its digest where one of them is.
+    pub fn add_index(&self, media_type: &str, manifest: &[u8], members: Vec<Digest>) -> Digest {
+        let digest = Digest::of(manifest);
+        let added = {
+            let mut inner = self.inner.write().unwrap();
+            if inner.indexes.contains_key(&digest) {
+                false
+            } else {
+                inner.indexes.insert(
+                    digest.clone(),
+                    IndexEntry {
+                        media_type: media_type.to_string(),
+                        manifest: String::from_utf8_lossy(manifest).into_owned(),
+                        members,
+                    },
+                );
+                true
+            }
+        };
+        if added {
+            self.persist();
+        }
+        digest
+    }
+
+    /// The index with this digest.
+    pub fn index(&self, digest: &Digest) -> Option<IndexEntry> {
+        self.inner.read().unwrap().indexes.get(digest).cloned()
+    }
+
+    /// Drops an index (a NixImage's, when the object goes).
+    pub fn remove_index(&self, digest: &Digest) {
+        let removed = self.inner.write().unwrap().indexes.remove(digest).is_some();
+        if removed {
+            self.persist();
+        }
     }
 
     /// Whether `digest` is content of the catalogued image whose OCI manifest
@@ -699,7 +773,16 @@ impl Catalog {
 
     /// A manifest of a catalogued image, by digest, with its media type.
     pub fn manifest(&self, digest: &Digest) -> Option<(&'static str, bytes::Bytes)> {
-        self.inner.read().unwrap().manifests.get(digest).cloned()
+        let inner = self.inner.read().unwrap();
+        if let Some(m) = inner.manifests.get(digest) {
+            return Some(m.clone());
+        }
+        let i = inner.indexes.get(digest)?;
+        let media_type = match i.media_type.as_str() {
+            oci::DOCKER_LIST => oci::DOCKER_LIST,
+            _ => oci::OCI_INDEX,
+        };
+        Some((media_type, bytes::Bytes::from(i.manifest.clone())))
     }
 
     /// Drops an image and every request that resolved to it (its NixImage was
@@ -752,6 +835,11 @@ impl Catalog {
                     .requests
                     .iter()
                     .map(|(k, r)| (k.clone(), r.clone()))
+                    .collect(),
+                indexes: inner
+                    .indexes
+                    .iter()
+                    .map(|(k, i)| (k.clone(), i.clone()))
                     .collect(),
             };
             serde_json::to_vec(&f).expect("the catalog serialises")

@@ -169,6 +169,12 @@ pub struct NixArgs {
     /// Builds that may wait for a slot; past it, requests get 429.
     #[arg(long, env = "NIXERY_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
+    /// Systems images are built for, e.g. x86_64-linux,aarch64-linux (or
+    /// amd64,arm64). With more than one, each name also has an image index
+    /// (manifest list) for clients that accept one [default: what the local
+    /// Nix builds: its `system` and `extra-platforms`].
+    #[arg(long, env = "NIXERY_SYSTEMS", value_delimiter = ',', value_name = "SYSTEMS")]
+    pub systems: Vec<String>,
 }
 
 /// How images are laid out, packed and cached.
@@ -277,6 +283,9 @@ pub struct Settings {
     /// Signs each image and its attestations (`--signing-key`).
     pub signer: Option<std::sync::Arc<crate::attest::Signer>>,
     pub nix_options: Vec<(String, String)>,
+    /// The systems asked for with `--systems`, host first when it is among
+    /// them; empty: what the local Nix builds (see `nix::systems`).
+    pub systems: Vec<crate::name::Arch>,
     pub limits: ConnectionLimits,
     /// None: the default, a quarter of the state directory's disk.
     pub storage_limit: Option<u64>,
@@ -454,10 +463,24 @@ impl CommonArgs {
                 )),
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let mut systems = Vec::new();
+        for s in &self.nix.systems {
+            let arch = crate::name::Arch::parse(s).ok_or_else(|| {
+                ConfigError::Invalid(
+                    "--systems",
+                    format!("'{s}' is not a system nixery builds for (x86_64-linux, aarch64-linux)"),
+                )
+            })?;
+            if !systems.contains(&arch) {
+                systems.push(arch);
+            }
+        }
+        systems.sort_by_key(|a| *a != crate::name::Arch::host());
         Ok(Settings {
             storage,
             storage_limit: self.storage.storage_limit,
             nix_options,
+            systems,
             listen,
             state_dir,
             source,

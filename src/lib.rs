@@ -48,7 +48,47 @@ pub async fn app_state(settings: &Settings) -> Result<AppState, Error> {
         nix::NixCli::new(&settings.state_dir, settings.nix_options.clone())
             .map_err(|e| Error::StateDir(settings.state_dir.clone(), e))?,
     );
-    app_state_with(settings, nix).await
+    let mut settings = settings.clone();
+    settings.systems = systems(&settings).await;
+    app_state_with(&settings, nix).await
+}
+
+/// The systems to build for: `--systems`, else what the local Nix builds
+/// (its `system` and `extra-platforms`) among those nixery knows.
+async fn systems(settings: &Settings) -> Vec<name::Arch> {
+    let nix = match nix::systems(&settings.nix_options).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read which systems Nix builds for");
+            None
+        }
+    };
+    if settings.systems.is_empty() {
+        let mut found: Vec<name::Arch> = nix
+            .iter()
+            .flatten()
+            .filter_map(|s| name::Arch::parse(s))
+            .collect();
+        found.dedup();
+        if found.is_empty() {
+            found.push(name::Arch::host());
+        }
+        return found;
+    }
+    for arch in &settings.systems {
+        if nix
+            .as_ref()
+            .is_some_and(|n| !n.iter().any(|s| s == arch.nix_system()))
+        {
+            // A binary cache or a remote builder may still supply it.
+            tracing::warn!(
+                system = arch.nix_system(),
+                "--systems asks for {arch}, which the local Nix does not build for (its system and extra-platforms are {}): its images are made only from what substituters or remote builders supply; add `extra-platforms = {arch}` to nix.conf (with qemu-user-static registered in binfmt_misc) to build them here",
+                nix.as_deref().unwrap_or_default().join(", ")
+            );
+        }
+    }
+    settings.systems.clone()
 }
 
 /// Builds the shared state of a registry from settings and a Nix (the
@@ -98,6 +138,11 @@ pub async fn app_state_with(
             max_queue: settings.max_queue,
             mutable_ttl: settings.cache_ttl,
             compression: settings.compression,
+            systems: if settings.systems.is_empty() {
+                vec![name::Arch::host()]
+            } else {
+                settings.systems.clone()
+            },
             popularity: settings.popularity.clone(),
             signer: settings.signer.clone(),
             storage_limit: settings

@@ -116,6 +116,28 @@ impl Arch {
             Arch::Arm64 => "arm64",
         }
     }
+    /// Every architecture images are built for, host first.
+    pub fn all() -> [Arch; 2] {
+        match Arch::host() {
+            Arch::Amd64 => [Arch::Amd64, Arch::Arm64],
+            Arch::Arm64 => [Arch::Arm64, Arch::Amd64],
+        }
+    }
+    /// An architecture as people name it: a Nix system (`aarch64-linux`), an
+    /// OCI architecture (`arm64`) or platform (`linux/arm64`).
+    pub fn parse(s: &str) -> Option<Arch> {
+        let s = s.trim();
+        let s = s.strip_prefix("linux/").unwrap_or(s);
+        Arch::all()
+            .into_iter()
+            .find(|a| s == a.nix_system() || s == a.oci())
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.nix_system())
+    }
 }
 
 /// An ad-hoc image: the sorted, de-duplicated package names of its path, with

@@ -16,6 +16,7 @@ pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 pub const DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
@@ -788,6 +789,54 @@ pub fn manifest(
         .layers(layers)
         .build()?;
     Ok(manifest.to_string()?.into_bytes())
+}
+
+/// An image index (OCI) or manifest list (Docker schema2) of one manifest
+/// per architecture, in the order given: the same manifests give the same
+/// bytes, on any node.
+pub fn image_index(docker: bool, manifests: &[(Arch, &[u8])]) -> Vec<u8> {
+    let (index_type, manifest_type) = if docker {
+        (DOCKER_LIST, DOCKER_MANIFEST)
+    } else {
+        (OCI_INDEX, OCI_MANIFEST)
+    };
+    let entries: Vec<serde_json::Value> = manifests
+        .iter()
+        .map(|(arch, m)| {
+            serde_json::json!({
+                "mediaType": manifest_type,
+                "digest": Digest::of(m).as_str(),
+                "size": m.len(),
+                "platform": { "architecture": arch.oci(), "os": "linux" },
+            })
+        })
+        .collect();
+    index_of(index_type, entries)
+}
+
+/// An OCI image index of manifests given as (architecture, digest, size).
+pub fn index_of_digests(manifests: &[(Arch, Digest, u64)]) -> Vec<u8> {
+    let entries = manifests
+        .iter()
+        .map(|(arch, digest, size)| {
+            serde_json::json!({
+                "mediaType": OCI_MANIFEST,
+                "digest": digest.as_str(),
+                "size": size,
+                "platform": { "architecture": arch.oci(), "os": "linux" },
+            })
+        })
+        .collect();
+    index_of(OCI_INDEX, entries)
+}
+
+fn index_of(media_type: &str, entries: Vec<serde_json::Value>) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": media_type,
+        "manifests": entries,
+    }))
+    .expect("an index serialises")
 }
 
 /// The media type a stored manifest declares, if the bytes are a manifest.

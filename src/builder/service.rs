@@ -16,6 +16,7 @@ use tracing::{info, info_span, warn, Instrument};
 use super::pipeline::{Pipeline, PipelineConfig};
 use super::{BuildError, BuildState, BuiltImage, ImageSpec, Progress, ProgressFn};
 use crate::catalog::Catalog;
+use crate::name::Arch;
 use crate::layers::Popularity;
 use crate::metrics::Metrics;
 use crate::nix::{Nix, NixError, Prepared, Source};
@@ -39,6 +40,9 @@ pub struct BuilderConfig {
     pub popularity: Option<Popularity>,
     /// Signs each image and its attestations (`--signing-key`).
     pub signer: Option<Arc<crate::attest::Signer>>,
+    /// The systems images are built for, the host's first when it is among
+    /// them: with more than one, names have an image index.
+    pub systems: Vec<Arch>,
     /// Blob bytes kept before least recently used images are evicted.
     pub storage_limit: u64,
     /// The index and build leases of a bucket shared with other instances.
@@ -230,6 +234,68 @@ impl Builder {
 
     pub fn store(&self) -> &Arc<dyn BlobStore> {
         &self.store
+    }
+
+    /// The systems images are built for, the host's first when it is among
+    /// them.
+    pub fn systems(&self) -> &[Arch] {
+        &self.cfg.systems
+    }
+
+    /// The image for every system (`spec.arch` is ignored), built at once
+    /// where not cached; the first failure is the answer.
+    pub async fn get_or_build_all(
+        self: &Arc<Self>,
+        spec: &ImageSpec,
+    ) -> Result<Vec<(Arch, Arc<BuiltImage>)>, Arc<BuildError>> {
+        let builds = self.cfg.systems.iter().map(|&arch| {
+            let spec = ImageSpec {
+                arch,
+                ..spec.clone()
+            };
+            async move { self.get_or_build(spec, None).await.map(|i| (arch, i)) }
+        });
+        futures::future::try_join_all(builds).await
+    }
+
+    /// The image index of one image per system (for `docker`, a Docker
+    /// manifest list, where every image has a schema2 manifest), recorded
+    /// in the catalog so it is served by digest too.
+    pub fn index(
+        &self,
+        docker: bool,
+        images: &[(Arch, Arc<BuiltImage>)],
+    ) -> (&'static str, crate::name::Digest, bytes::Bytes) {
+        let docker = docker && images.iter().all(|(_, i)| i.has_docker_manifest());
+        let manifests: Vec<(Arch, &[u8])> = images
+            .iter()
+            .map(|(a, i)| {
+                let m = if docker {
+                    &i.docker_manifest
+                } else {
+                    &i.oci_manifest
+                };
+                (*a, m.as_ref())
+            })
+            .collect();
+        let bytes = oci::image_index(docker, &manifests);
+        let media_type = if docker {
+            oci::DOCKER_LIST
+        } else {
+            oci::OCI_INDEX
+        };
+        let members = images
+            .iter()
+            .map(|(_, i)| {
+                if docker {
+                    i.docker_digest.clone()
+                } else {
+                    i.oci_digest.clone()
+                }
+            })
+            .collect();
+        let digest = self.catalog.add_index(media_type, &bytes, members);
+        (media_type, digest, bytes.into())
     }
 
     /// Returns the image, building it unless cached; concurrent callers for

@@ -138,6 +138,38 @@ pub fn redact_url(url: &str) -> String {
 /// unpacked contents, which are left in the store under the name
 /// `builtins.fetchTarball` gives them, so the build that follows downloads
 /// nothing again. None when the URL does not exist (HTTP 404 or 410, or no such file).
+/// The systems the local Nix builds for: its `system`, then its
+/// `extra-platforms`, with `options` applied as every call gets them.
+pub async fn systems(options: &[(String, String)]) -> Result<Vec<String>, NixError> {
+    let mut args = vec![
+        "--extra-experimental-features",
+        "nix-command",
+        "show-config",
+    ];
+    for (k, v) in options {
+        args.extend(["--option", k.as_str(), v.as_str()]);
+    }
+    let out = run("nix", &args, "reading Nix's settings", None).await?;
+    Ok(parse_systems(&out))
+}
+
+/// `system` and `extra-platforms` of `nix show-config`'s output.
+pub fn parse_systems(config: &str) -> Vec<String> {
+    let setting = |name: &str| {
+        config.lines().find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == name).then(|| v.trim().to_string())
+        })
+    };
+    let mut out: Vec<String> = setting("system").into_iter().collect();
+    for s in setting("extra-platforms").unwrap_or_default().split_whitespace() {
+        if !out.iter().any(|o| o == s) {
+            out.push(s.to_string());
+        }
+    }
+    out
+}
+
 pub async fn resolve_tarball(url: &str) -> Result<Option<String>, NixError> {
     let out = run(
         "nix-prefetch-url",
@@ -688,6 +720,19 @@ pub fn parse_registration(text: &str) -> Result<Vec<PathInfo>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn systems_are_read_from_nix_settings() {
+        let config = "experimental-features = nix-command\nextra-platforms = aarch64-linux i686-linux\nsystem = x86_64-linux\nsystem-features = kvm\n";
+        assert_eq!(
+            parse_systems(config),
+            ["x86_64-linux", "aarch64-linux", "i686-linux"]
+        );
+        assert_eq!(
+            parse_systems("extra-platforms = \nsystem = aarch64-linux\n"),
+            ["aarch64-linux"]
+        );
+    }
 
     #[test]
     fn git_tags_choose_ref_or_rev() {

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use super::{AppState, RegistryError};
 use crate::builder::{BuiltImage, ImageSpec};
 use crate::catalog::NamedEntry;
-use crate::name::{self, Digest, Reference, Repository, Route};
+use crate::name::{self, Arch, Digest, Reference, Repository, Route};
 use crate::oci;
 
 const MAX_MANIFEST: u64 = 4 * 1024 * 1024;
@@ -385,6 +385,24 @@ fn wants_docker(headers: &HeaderMap) -> bool {
     accept.contains(oci::DOCKER_MANIFEST) && !accept.contains(oci::OCI_MANIFEST)
 }
 
+/// Whether a client takes an image index (Some(false)) or, not that, a
+/// Docker manifest list (Some(true)).
+fn wants_index(headers: &HeaderMap) -> Option<bool> {
+    let accept: String = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
+    if accept.contains(oci::OCI_INDEX) {
+        Some(false)
+    } else if accept.contains(oci::DOCKER_LIST) {
+        Some(true)
+    } else {
+        None
+    }
+}
+
 fn manifest_response(
     app: &AppState,
     headers: &HeaderMap,
@@ -484,9 +502,34 @@ async fn manifest(
             serve_attached_tag(app, headers, head, &repo, &digest, suffix)
         }
         (Repository::AdHoc(img), Reference::Tag(tag)) => {
+            let spec = ImageSpec::ad_hoc(&img, &tag);
+            // With several systems, a name that names no architecture has an
+            // index for the clients that take one.
+            // (`arm64/` names one; others get the first of --systems.)
+            let pinned = img.arch != Arch::host();
+            let multi = app.builder.systems().len() > 1 && !pinned;
+            if let Some(docker) = wants_index(headers).filter(|_| multi) {
+                let images = app
+                    .builder
+                    .get_or_build_all(&spec)
+                    .await
+                    .map_err(|e| RegistryError::from(e.as_ref()))?;
+                let (media_type, digest, bytes) = app.builder.index(docker, &images);
+                return Ok(manifest_response(
+                    app, headers, head, media_type, &digest, bytes,
+                ));
+            }
+            let spec = ImageSpec {
+                arch: if pinned {
+                    spec.arch
+                } else {
+                    app.builder.systems()[0]
+                },
+                ..spec
+            };
             let built = app
                 .builder
-                .get_or_build(ImageSpec::ad_hoc(&img, &tag), None)
+                .get_or_build(spec, None)
                 .await
                 .map_err(|e| RegistryError::from(e.as_ref()))?;
             Ok(serve_built(app, headers, head, &built))
