@@ -173,7 +173,12 @@ pub struct NixArgs {
     /// amd64,arm64). With more than one, each name also has an image index
     /// (manifest list) for clients that accept one [default: what the local
     /// Nix builds: its `system` and `extra-platforms`].
-    #[arg(long, env = "NIXERY_SYSTEMS", value_delimiter = ',', value_name = "SYSTEMS")]
+    #[arg(
+        long,
+        env = "NIXERY_SYSTEMS",
+        value_delimiter = ',',
+        value_name = "SYSTEMS"
+    )]
     pub systems: Vec<String>,
 }
 
@@ -468,7 +473,9 @@ impl CommonArgs {
             let arch = crate::name::Arch::parse(s).ok_or_else(|| {
                 ConfigError::Invalid(
                     "--systems",
-                    format!("'{s}' is not a system nixery builds for (x86_64-linux, aarch64-linux)"),
+                    format!(
+                        "'{s}' is not a system nixery builds for (x86_64-linux, aarch64-linux)"
+                    ),
                 )
             })?;
             if !systems.contains(&arch) {

@@ -162,7 +162,10 @@ pub fn parse_systems(config: &str) -> Vec<String> {
         })
     };
     let mut out: Vec<String> = setting("system").into_iter().collect();
-    for s in setting("extra-platforms").unwrap_or_default().split_whitespace() {
+    for s in setting("extra-platforms")
+        .unwrap_or_default()
+        .split_whitespace()
+    {
         if !out.iter().any(|o| o == s) {
             out.push(s.to_string());
         }

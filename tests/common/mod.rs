@@ -47,6 +47,7 @@ pub fn settings(state_dir: &Path) -> Settings {
         popularity: None,
         signer: None,
         nix_options: offline_nix_options(),
+        systems: vec![],
         limits: Default::default(),
         storage_limit: None,
         storage: Default::default(),
