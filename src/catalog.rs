@@ -27,14 +27,33 @@ pub struct NamedImages {
 #[derive(Clone, Debug)]
 pub enum NamedEntry {
     /// The object exists; its image is not built yet (or its build failed).
-    Pending {
-        tag: String,
-        message: String,
-    },
+    Pending { tag: String, message: String },
     Ready {
         tag: String,
+        /// The image of the first of `--systems` (the node's own), and its
+        /// architecture.
         image: Arc<BuiltImage>,
+        arch: crate::name::Arch,
+        /// The other systems' images: with them, the tag has an index.
+        others: Vec<(crate::name::Arch, Arc<BuiltImage>)>,
     },
+}
+
+impl NamedEntry {
+    /// A ready entry's images, its own first.
+    pub fn images(&self) -> Vec<(crate::name::Arch, Arc<BuiltImage>)> {
+        match self {
+            NamedEntry::Pending { .. } => vec![],
+            NamedEntry::Ready {
+                image,
+                arch,
+                others,
+                ..
+            } => std::iter::once((*arch, image.clone()))
+                .chain(others.iter().cloned())
+                .collect(),
+        }
+    }
 }
 
 impl NamedImages {

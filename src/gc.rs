@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use crate::catalog::{Catalog, GcEntry, NamedEntry};
+use crate::catalog::{Catalog, GcEntry};
 use crate::metrics::Metrics;
 use crate::name::Digest;
 use crate::store::{BlobStore, StoreError};
@@ -99,10 +99,8 @@ impl Collector {
             .named
             .entries()
             .into_iter()
-            .filter_map(|(_, _, e)| match e {
-                NamedEntry::Ready { image, .. } => Some(image.oci_digest.clone()),
-                NamedEntry::Pending { .. } => None,
-            })
+            .flat_map(|(_, _, e)| e.images())
+            .map(|(_, image)| image.oci_digest.clone())
             .collect();
         self.metrics.pinned_images.set(pinned.len() as i64);
         pinned

@@ -795,11 +795,14 @@ pub fn manifest(
 /// per architecture, in the order given: the same manifests give the same
 /// bytes, on any node.
 pub fn image_index(docker: bool, manifests: &[(Arch, &[u8])]) -> Vec<u8> {
-    let (index_type, manifest_type) = if docker {
-        (DOCKER_LIST, DOCKER_MANIFEST)
-    } else {
-        (OCI_INDEX, OCI_MANIFEST)
-    };
+    if !docker {
+        let listed: Vec<(Arch, Digest, u64)> = manifests
+            .iter()
+            .map(|(a, m)| (*a, Digest::of(m), m.len() as u64))
+            .collect();
+        return index_of_digests(&listed);
+    }
+    let (index_type, manifest_type) = (DOCKER_LIST, DOCKER_MANIFEST);
     let entries: Vec<serde_json::Value> = manifests
         .iter()
         .map(|(arch, m)| {

@@ -1149,3 +1149,101 @@ async fn a_niximage_config_is_the_image_config() {
         "{env:?}"
     );
 }
+
+/// A mixed cluster: two amd64 agents and one arm64 agent, one package set.
+/// Nodes agree only with nodes of their architecture: the object goes Ready
+/// (never Inconsistent) and names the index of both architectures' images,
+/// which each agent then serves by digest from its own registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_cluster_is_ready_and_names_one_index() {
+    use nixery::name::Arch;
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nix = Arc::new(nixery::nix::fake::FakeNix::standard(
+        &dirs[0].path().join("store"),
+    ));
+    let mut states = Vec::new();
+    for (dir, arch) in dirs.iter().zip([Arch::Amd64, Arch::Amd64, Arch::Arm64]) {
+        let mut s = settings(dir.path());
+        s.systems = vec![arch];
+        states.push(nixery::app_state_with(&s, nix.clone()).await.unwrap());
+    }
+    let mut a1 = agent("node-a1", "127.0.0.1:5000", &states[0], |_| {});
+    let mut a2 = agent("node-a2", "127.0.0.1:5000", &states[1], |_| {});
+    let mut b = agent("node-b", "127.0.0.1:5000", &states[2], |_| {});
+    let server = Server::new(niximage("curl-and-jq", 1, &["hello"], &[]));
+
+    // Every step's aggregate is Building then Ready: never Inconsistent.
+    build_to_ready(&server, &mut a1, ("0/1", "1/1")).await;
+    build_to_ready(&server, &mut b, ("1/2", "2/2")).await;
+    build_to_ready(&server, &mut a2, ("2/3", "3/3")).await;
+    let status = server.object().status.unwrap();
+    let node = |n: &str| status.nodes.iter().find(|e| e.node == n).unwrap().clone();
+    let (n1, n2, nb) = (node("node-a1"), node("node-a2"), node("node-b"));
+    assert_eq!(
+        (n1.arch.as_deref(), n2.arch.as_deref(), nb.arch.as_deref()),
+        (Some("amd64"), Some("amd64"), Some("arm64"))
+    );
+    assert_eq!(n1.digest, n2.digest, "amd64 nodes agree");
+    assert_ne!(n1.digest, nb.digest, "the architectures' images differ");
+    let archs: Vec<&str> = status
+        .platforms
+        .iter()
+        .map(|p| p.architecture.as_str())
+        .collect();
+    assert_eq!(archs, ["amd64", "arm64"]);
+    let (index, _) = nixery::k8s::status::platform_index(&status.platforms).unwrap();
+    assert_eq!(status.digest.as_deref(), Some(index.as_str()));
+    assert!(status
+        .image
+        .as_deref()
+        .unwrap()
+        .ends_with(&format!("@{index}")));
+
+    // Each agent, reconciling the settled object, writes nothing and serves
+    // the index by digest: it lists the node's own manifest, at its size.
+    for (a, state, own) in [
+        (&mut a1, &states[0], &n1),
+        (&mut b, &states[2], &nb),
+        (&mut a2, &states[1], &n2),
+    ] {
+        let (_, calls) = reconcile(&server, a, 0).await;
+        assert!(calls.is_empty(), "{calls:#?}");
+        let r = get(
+            state,
+            &format!("/v2/niximage/default/curl-and-jq/manifests/{index}"),
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let listed = r.json();
+        assert_eq!(
+            listed["mediaType"],
+            "application/vnd.oci.image.index.v1+json"
+        );
+        let mine = listed["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["platform"]["architecture"] == own.arch.as_deref().unwrap())
+            .unwrap()
+            .clone();
+        assert_eq!(mine["digest"], own.digest.as_deref().unwrap());
+        let m = get(
+            state,
+            &format!(
+                "/v2/niximage/default/curl-and-jq/manifests/{}",
+                own.digest.as_deref().unwrap()
+            ),
+        )
+        .await;
+        assert_eq!(m.status, StatusCode::OK);
+        assert_eq!(mine["size"], m.body.len());
+    }
+    // Another repository does not serve it.
+    let r = get(&states[0], &format!("/v2/shell/manifests/{index}")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}

@@ -1147,3 +1147,132 @@ fn the_api_server_refuses_what_can_never_build() {
     let spec = ok(&["explain", "niximage.spec.contents"]);
     assert!(spec.contains("Package attribute paths"), "{spec}");
 }
+
+/// A node's agent with deploy/components/arm64-emulation builds a NixImage
+/// for amd64 and arm64: its status names the index of both, the node's
+/// registry serves that index by digest, and a Pod runs from it.
+#[test]
+fn an_index_of_every_architecture_on_a_real_node() {
+    let test = "an_index_of_every_architecture_on_a_real_node";
+    let Some(_turn) = cluster(test) else { return };
+    let (crd_exists, _, _) = kubectl(&["get", "crd", CRD]);
+    let (ns_exists, _, _) = kubectl(&["get", "namespace", NS]);
+    if crd_exists || ns_exists {
+        skip(&format!("{test}: nixery is installed on this cluster already; this test installs and uninstalls it"));
+        return;
+    }
+    let roots = "/var/cache/nixery-offline";
+    let emulated = Path::new(roots).join("aarch64-linux/host.json").exists()
+        && std::fs::read_to_string("/proc/sys/fs/binfmt_misc/qemu-aarch64")
+            .is_ok_and(|s| s.starts_with("enabled"));
+    if !emulated {
+        let why = format!("{test}: no arm64 offline root in {roots} or no qemu-aarch64 binfmt handler (scripts/offline-root.sh)");
+        if std::env::var("CI").is_ok() {
+            panic!("{why}, and CI must run this test");
+        }
+        skip(&why);
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut left = Leftovers::default();
+    left.images_before = Some(
+        ctr(&["images", "ls", "-q"])
+            .1
+            .lines()
+            .map(String::from)
+            .collect(),
+    );
+    let archive = tmp.path().join("agent.tar");
+    let (built, _, err) = run(Command::new("bash")
+        .arg(repo_root().join("scripts/agent-image.sh"))
+        .arg(&archive)
+        .env("NIXERY_AGENT_BINARY", env!("CARGO_BIN_EXE_nixery"))
+        .env("NIXERY_STATE_DIR", tmp.path().join("pack-state"))
+        .env("RUST_LOG", "warn"));
+    assert!(built, "agent-image.sh failed: {err}");
+    let (imported, _, err) = ctr(&["images", "import", archive.to_str().unwrap()]);
+    assert!(imported, "ctr images import: {err}");
+    remove_later_if_new(&mut left, "/opt/nixery");
+    remove_later_if_new(&mut left, "/var/lib/nixery");
+    remove_later_if_new(&mut left, "/nix/var/nix/gcroots/nixery-agent");
+    if !Path::new(OFFLINE_SET).exists() {
+        std::fs::create_dir_all("/opt/nixery").unwrap();
+        std::os::unix::fs::symlink(repo_root().join("nix/offline-pkgs"), OFFLINE_SET).unwrap();
+    }
+    let install = overlay(
+        &tmp.path().join("arm64"),
+        &["deploy/offline"],
+        &["deploy/components/arm64-emulation"],
+        "latest",
+    );
+    left.kustomizations.push(install.clone());
+    ok(&["apply", "-k", install.to_str().unwrap()]);
+    rollout(
+        NS,
+        "daemonset/nixery-agent",
+        180,
+        "the DaemonSet did not roll out",
+    );
+    niximage_ready(&mut left, "hello-everywhere", &["hello"], 600);
+
+    let status = |path: &str| jsonpath(&["-n", "default", "nimg", "hello-everywhere"], path);
+    assert_eq!(status("{.status.platforms[*].architecture}"), "amd64 arm64");
+    assert_eq!(status("{.status.nodes[0].arch}"), "amd64");
+    let index = status("{.status.digest}");
+    let own = status("{.status.nodes[0].digest}");
+    assert_ne!(
+        index, own,
+        "the object names the index, not the node's manifest"
+    );
+    let (code, body) = http_get_accept(
+        &format!("http://127.0.0.1:5000/v2/niximage/default/hello-everywhere/manifests/{index}"),
+        "application/vnd.oci.image.index.v1+json",
+    );
+    assert_eq!(code, 200, "{body}");
+    let listed: Value = serde_json::from_str(&body).unwrap();
+    let archs: Vec<&str> = listed["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["platform"]["architecture"].as_str().unwrap())
+        .collect();
+    assert_eq!(archs, ["amd64", "arm64"]);
+    assert_eq!(listed["manifests"][0]["digest"], own.as_str());
+
+    // A Pod of the object's image: the kubelet resolves the index to its
+    // node's architecture.
+    let image = status("{.status.image}");
+    assert!(image.ends_with(&format!("@{index}")), "{image}");
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": "hello-everywhere", "namespace": "default" },
+        "spec": { "hostNetwork": true, "restartPolicy": "Never", "containers": [{
+            "name": "hello", "image": image, "command": ["hello"] }] }
+    });
+    left.manifests
+        .insert(0, serde_yaml::to_string(&pod).unwrap());
+    ok_in(&["apply", "-f", "-"], &pod.to_string());
+    wait_for(
+        "pod hello-everywhere to succeed",
+        Duration::from_secs(180),
+        &agent_state,
+        || match jsonpath(
+            &["-n", "default", "pod", "hello-everywhere"],
+            "{.status.phase}",
+        )
+        .as_str()
+        {
+            "Succeeded" => Some(()),
+            "Failed" => panic!(
+                "the pod failed: {}",
+                kubectl(&["-n", "default", "logs", "hello-everywhere"]).1
+            ),
+            _ => None,
+        },
+    );
+    assert_eq!(
+        ok(&["-n", "default", "logs", "hello-everywhere"]),
+        "Hello, world!\n"
+    );
+    // `left` uninstalls and removes what the test added.
+}

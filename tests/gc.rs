@@ -117,6 +117,8 @@ async fn a_small_limit_keeps_the_store_within_it_and_spares_pinned_images() {
         NamedEntry::Ready {
             tag: "v1".into(),
             image: entry.image.clone(),
+            arch: nixery::name::Arch::host(),
+            others: vec![],
         },
     );
     let mut first_unpinned = None;

@@ -267,6 +267,10 @@ impl Builder {
         images: &[(Arch, Arc<BuiltImage>)],
     ) -> (&'static str, crate::name::Digest, bytes::Bytes) {
         let docker = docker && images.iter().all(|(_, i)| i.has_docker_manifest());
+        // By architecture, as the NixImage status assembles it
+        // (`k8s::status::platform_index`): one index on every node.
+        let mut images = images.to_vec();
+        images.sort_by_key(|(a, _)| *a);
         let manifests: Vec<(Arch, &[u8])> = images
             .iter()
             .map(|(a, i)| {

@@ -51,7 +51,8 @@ pub(super) enum NodeBuild {
     Done {
         generation: i64,
         revision: Option<String>,
-        result: Result<Arc<BuiltImage>, Arc<BuildError>>,
+        /// The images of every system, the node's own first.
+        result: Result<Vec<(crate::name::Arch, Arc<BuiltImage>)>, Arc<BuildError>>,
         /// Whether BuildStarted was announced (a restarted agent re-registers quietly).
         announced: bool,
     },

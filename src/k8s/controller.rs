@@ -231,12 +231,31 @@ fn restore_named(ctx: &Context, objects: &[Arc<NixImage>]) -> usize {
             continue;
         }
         if let Some(image) = ctx.catalog.image_with_digest(&digest) {
+            // The other systems' images the entry lists, where catalogued.
+            let own = mine
+                .and_then(|n| n.arch.as_deref())
+                .and_then(crate::name::Arch::parse);
+            let others = mine
+                .map(|n| n.platforms.as_slice())
+                .unwrap_or_default()
+                .iter()
+                .filter(|p| p.digest != digest.as_str())
+                .filter_map(|p| {
+                    let arch = crate::name::Arch::parse(&p.architecture)?;
+                    Some((
+                        arch,
+                        ctx.catalog.image_with_digest(&p.digest.parse().ok()?)?,
+                    ))
+                })
+                .collect();
             ctx.catalog.named.set(
                 &ns,
                 &name,
                 NamedEntry::Ready {
                     tag: obj.spec.tag.clone(),
                     image,
+                    arch: own.unwrap_or_else(|| ctx.builder.systems()[0]),
+                    others,
                 },
             );
             restored += 1;

@@ -171,12 +171,30 @@ pub struct NixImageStatus {
     /// `ready/total` nodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_nodes: Option<String>,
+    /// The image of each architecture the nodes built. With more than one,
+    /// `digest` names the image index that lists them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["architecture"]))]
+    pub platforms: Vec<PlatformImage>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["node"]))]
     pub nodes: Vec<NodeStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+}
+
+/// An architecture's image (its OCI manifest).
+#[derive(
+    Deserialize, Serialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Default, JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PlatformImage {
+    /// OCI architecture: amd64 or arm64.
+    pub architecture: String,
+    pub digest: String,
+    /// The manifest's size in bytes, as an index lists it.
+    pub size: i64,
 }
 
 /// One node's build of the image.
@@ -187,8 +205,17 @@ pub struct NodeStatus {
     /// Building, Ready or Failed.
     pub phase: String,
     pub observed_generation: i64,
+    /// The node's architecture (OCI name); nodes are compared only with
+    /// nodes of their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+    /// The digest of the node's image of its own architecture.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+    /// Every architecture's image this node built (`--systems`): its own,
+    /// and others under emulation or from a binary cache.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<PlatformImage>,
     /// The revision (git commit or channel hash) this node built, for a moving source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,

@@ -31,7 +31,7 @@ use crate::builder::{BuildError, BuiltImage, ImageSpec, Progress, ProgressFn};
 use crate::catalog::NamedEntry;
 use crate::k8s::cleanup::{drop_legacy_finalizer, forget_object, sweep_departed};
 use crate::k8s::context::{Context, Error, Failure, NodeBuild};
-use crate::k8s::crd::{NixImage, NodeStatus};
+use crate::k8s::crd::{NixImage, NodeStatus, PlatformImage};
 use crate::k8s::names::{API_VERSION, FIELD_MANAGER};
 use crate::k8s::sources::{image_spec, pin_revision, pin_spec, Pin};
 use crate::k8s::status::{
@@ -39,7 +39,7 @@ use crate::k8s::status::{
     REASON_SOURCE_NOT_ALLOWED, REASON_UNKNOWN_PACKAGES, REASON_UNKNOWN_REVISION,
     REASON_UNSUPPORTED_SYSTEM,
 };
-use crate::name;
+use crate::name::{self, Arch};
 
 /// How long a Ready image waits before its next routine check.
 const RECHECK: Duration = Duration::from_secs(3600);
@@ -141,12 +141,17 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
         m.phase == PHASE_READY && m.observed_generation == generation && m.revision == revision
     });
     let registered = match ctx.catalog.named.get(&ns, &name) {
-        Some(NamedEntry::Ready { tag, image }) if tag == obj.spec.tag => Some(image),
+        Some(entry @ NamedEntry::Ready { .. }) if matches!(&entry, NamedEntry::Ready { tag, .. } if *tag == obj.spec.tag) => {
+            Some(entry.images())
+        }
         _ => None,
     };
-    if let Some(image) = registered.filter(|i| {
-        ready_here && mine.as_ref().and_then(|m| m.digest.clone()) == Some(i.oci_digest.to_string())
+    if let Some(images) = registered.filter(|i| {
+        ready_here
+            && mine.as_ref().and_then(|m| m.digest.clone()) == Some(i[0].1.oci_digest.to_string())
+            && mine.as_ref().map(|m| m.platforms.len().max(1)) == Some(i.len())
     }) {
+        let image = images[0].1.clone();
         let (sbom, signature) = attested(&image);
         if mine
             .as_ref()
@@ -158,7 +163,7 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
         }
         // The same image, signed since (or under another key, or no longer):
         // the entry says what this node serves now.
-        return finish(api, &obj, ctx, Ok(image), revision, false).await;
+        return finish(api, &obj, ctx, Ok(images), revision, false).await;
     }
 
     // A build of this generation that ended: report it.
@@ -263,7 +268,18 @@ fn start_build(
     // entry always comes after it.
     let mut map = ctx.builds.lock().unwrap();
     let task = tokio::spawn(async move {
-        let result = builder.get_or_build(spec, Some(progress)).await;
+        // The node's own system first, with progress; then the others
+        // (`--systems`), which reuse its evaluation's cache of names.
+        let systems = builder.systems().to_vec();
+        let own = ImageSpec {
+            arch: systems[0],
+            ..spec.clone()
+        };
+        let result = match builder.get_or_build(own, Some(progress)).await {
+            Ok(image) if systems.len() == 1 => Ok(vec![(systems[0], image)]),
+            Ok(_) => builder.get_or_build_all(&spec).await,
+            Err(e) => Err(e),
+        };
         reporter.abort();
         let _ = reporter.await;
         let mut builds = builds.lock().unwrap();
@@ -302,7 +318,7 @@ async fn finish(
     api: &Api<NixImage>,
     obj: &NixImage,
     ctx: &Context,
-    result: Result<Arc<BuiltImage>, Arc<BuildError>>,
+    result: Result<Vec<(Arch, Arc<BuiltImage>)>, Arc<BuildError>>,
     revision: Option<String>,
     announce: bool,
 ) -> Result<Action, Error> {
@@ -310,8 +326,9 @@ async fn finish(
     let name = obj.name_any();
     let uid = obj.uid().unwrap_or_default();
     let generation = obj.metadata.generation.unwrap_or(0);
-    let image = match result {
-        Ok(image) => image,
+    let images = match result {
+        Ok(images) if !images.is_empty() => images,
+        Ok(_) => unreachable!("a build gives at least one image"),
         Err(e) => {
             ctx.catalog.named.set(
                 &ns,
@@ -333,27 +350,49 @@ async fn finish(
             return retry_later(api, obj, ctx, revision, repin, false, &e.to_string()).await;
         }
     };
+    let (arch, image) = images[0].clone();
     let digest = image.oci_digest.to_string();
-    ctx.catalog
-        .claim(&image.oci_digest, &format!("{ns}/{name}"));
+    for (_, image) in &images {
+        ctx.catalog
+            .claim(&image.oci_digest, &format!("{ns}/{name}"));
+    }
     ctx.catalog.named.set(
         &ns,
         &name,
         NamedEntry::Ready {
             tag: obj.spec.tag.clone(),
             image: image.clone(),
+            arch,
+            others: images[1..].to_vec(),
         },
     );
+    // What the tag serves: with several systems, their index.
+    let served = if images.len() > 1 {
+        ctx.builder.index(false, &images).1.to_string()
+    } else {
+        digest.clone()
+    };
     let previous = own_entry(ctx, obj, &uid);
     let (sbom, signature) = attested(&image);
+    let mut platforms: Vec<PlatformImage> = images
+        .iter()
+        .map(|(a, i)| PlatformImage {
+            architecture: a.oci().into(),
+            digest: i.oci_digest.to_string(),
+            size: i.oci_manifest.len() as i64,
+        })
+        .collect();
+    platforms.sort();
     let node = NodeStatus {
         node: ctx.node.clone(),
         phase: PHASE_READY.into(),
         observed_generation: generation,
+        arch: Some(arch.oci().into()),
         digest: Some(digest.clone()),
+        platforms,
         revision,
         image: Some(format!(
-            "{}/{}:{}@{digest}",
+            "{}/{}:{}@{served}",
             ctx.public_host,
             name::Repository::Named {
                 namespace: ns.clone(),
@@ -583,15 +622,51 @@ async fn patch_node(
 }
 
 /// Writes the aggregate if it differs from what the object holds.
+/// Serves the index the aggregate names (of every architecture the nodes
+/// built) by its digest here, where this node has one of its images: a pod
+/// pulls the object's `image` from its own node's registry, and takes the
+/// manifest of its node's architecture.
+fn register_platform_index(obj: &NixImage, ctx: &Context, want: &crate::k8s::crd::NixImageStatus) {
+    if want.platforms.len() < 2 {
+        return;
+    }
+    let Some((digest, bytes)) = crate::k8s::status::platform_index(&want.platforms) else {
+        return;
+    };
+    if ctx.catalog.index(&digest).is_some() {
+        return;
+    }
+    let (Some(ns), name) = (obj.namespace(), obj.name_any()) else {
+        return;
+    };
+    let held = ctx
+        .catalog
+        .named
+        .get(&ns, &name)
+        .map(|e| e.images())
+        .unwrap_or_default();
+    let members: Vec<name::Digest> = want
+        .platforms
+        .iter()
+        .filter_map(|p| p.digest.parse().ok())
+        .collect();
+    if held.iter().any(|(_, i)| members.contains(&i.oci_digest)) {
+        ctx.catalog
+            .add_index(crate::oci::OCI_INDEX, &bytes, members);
+    }
+}
+
 async fn ensure_aggregate(api: &Api<NixImage>, obj: &NixImage, ctx: &Context) -> Result<(), Error> {
     let now = Timestamp::now();
     let departed = |node: &str| node != ctx.node && ctx.liveness.departed(node, now);
     let want = aggregate(obj, &departed, Time(now));
+    register_platform_index(obj, ctx, &want);
     let have = obj.status.clone().unwrap_or_default();
     let same = have.observed_generation == want.observed_generation
         && have.phase == want.phase
         && have.image == want.image
         && have.digest == want.digest
+        && have.platforms == want.platforms
         && have.layers == want.layers
         && have.size == want.size
         && have.sbom == want.sbom

@@ -1,11 +1,24 @@
 //! A NixImage's aggregate status, a pure function of its live nodes' entries:
 //! every agent computes the same one, so agents that agree write nothing.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::k8s::crd::{NixImage, NixImageStatus, NodeStatus};
+use crate::k8s::crd::{NixImage, NixImageStatus, NodeStatus, PlatformImage};
+
+/// The OCI image index of several architectures' images, and its bytes:
+/// what every agent serves for the object's digest.
+pub fn platform_index(platforms: &[PlatformImage]) -> Option<(crate::name::Digest, Vec<u8>)> {
+    let mut listed = Vec::new();
+    for p in platforms {
+        let arch = crate::name::Arch::parse(&p.architecture)?;
+        listed.push((arch, p.digest.parse().ok()?, u64::try_from(p.size).ok()?));
+    }
+    listed.sort();
+    let bytes = crate::oci::index_of_digests(&listed);
+    Some((crate::name::Digest::of(&bytes), bytes))
+}
 
 pub const PHASE_BUILDING: &str = "Building";
 
@@ -62,7 +75,66 @@ pub fn aggregate(obj: &NixImage, departed: &dyn Fn(&str) -> bool, now: Time) -> 
         .copied()
         .filter(|n| n.phase == PHASE_FAILED)
         .collect();
-    let digests: BTreeSet<&str> = ready.iter().filter_map(|n| n.digest.as_deref()).collect();
+    // Nodes agree only with nodes of their architecture: every image a
+    // ready node built, by architecture (a node's own one is `digest`; an
+    // entry without `arch` is of an agent from before architectures).
+    let mut by_arch: BTreeMap<&str, BTreeMap<&str, i64>> = BTreeMap::new();
+    for n in &ready {
+        let own = n
+            .digest
+            .as_deref()
+            .filter(|_| n.platforms.is_empty())
+            .map(|d| (n.arch.as_deref().unwrap_or(""), d, 0));
+        let all = n
+            .platforms
+            .iter()
+            .map(|p| (p.architecture.as_str(), p.digest.as_str(), p.size))
+            .chain(own);
+        for (arch, digest, size) in all {
+            by_arch.entry(arch).or_default().insert(digest, size);
+        }
+    }
+    let disagree: Vec<String> = by_arch
+        .iter()
+        .filter(|(_, d)| d.len() > 1)
+        .map(|(arch, d)| {
+            let arch = if arch.is_empty() { "" } else { arch };
+            let list = d.keys().cloned().collect::<Vec<_>>().join(", ");
+            if arch.is_empty() {
+                list
+            } else {
+                format!("{arch}: {list}")
+            }
+        })
+        .collect();
+    // What the object names: the one image, or with several architectures
+    // the index of their images, the same bytes whichever agent makes it.
+    let platforms: Vec<PlatformImage> = by_arch
+        .iter()
+        .filter(|(arch, d)| !arch.is_empty() && d.len() == 1)
+        .map(|(arch, d)| {
+            let (digest, size) = d.iter().next().expect("one");
+            PlatformImage {
+                architecture: arch.to_string(),
+                digest: digest.to_string(),
+                size: *size,
+            }
+        })
+        .collect();
+    let digest = if !disagree.is_empty() || by_arch.is_empty() {
+        None
+    } else if platforms.len() > 1 && platforms.len() == by_arch.len() {
+        platform_index(&platforms).map(|(d, _)| d.to_string())
+    } else if by_arch.len() == 1 {
+        by_arch
+            .values()
+            .next()
+            .and_then(|d| d.keys().next())
+            .map(|d| d.to_string())
+    } else {
+        // Entries with and without an architecture: the newer ones name it.
+        platforms.first().map(|p| p.digest.clone())
+    };
     let total = nodes.len();
     let (phase, reason, message) = if total == 0 {
         (
@@ -70,14 +142,11 @@ pub fn aggregate(obj: &NixImage, departed: &dyn Fn(&str) -> bool, now: Time) -> 
             "NoNodes".to_string(),
             "no node has picked the image up yet".to_string(),
         )
-    } else if digests.len() > 1 {
+    } else if !disagree.is_empty() {
         (
             PHASE_INCONSISTENT,
             "DigestMismatch".to_string(),
-            format!(
-                "nodes built different digests: {}",
-                digests.iter().cloned().collect::<Vec<_>>().join(", ")
-            ),
+            format!("nodes built different digests: {}", disagree.join("; ")),
         )
     } else if let Some(f) = failed.first() {
         (
@@ -111,30 +180,34 @@ pub fn aggregate(obj: &NixImage, departed: &dyn Fn(&str) -> bool, now: Time) -> 
         .find(|c| c.type_ == "Ready" && c.status == status)
         .map(|c| c.last_transition_time.clone())
         .unwrap_or(now);
-    let one = digests.len() == 1 && phase != PHASE_INCONSISTENT;
+    let one = digest.is_some() && phase != PHASE_INCONSISTENT;
     let sample = ready.first();
-    // The reference most ready nodes give (nodes may serve on different hosts
-    // or ports during a rollout); ties go to the smallest, so all agents agree.
+    // The repository most ready nodes give (nodes may serve on different
+    // hosts or ports during a rollout; ties go to the smallest, so all
+    // agents agree), at the object's digest.
     let image = one
         .then(|| {
             let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
             for n in &ready {
                 if let Some(i) = n.image.as_deref() {
-                    *counts.entry(i).or_default() += 1;
+                    *counts
+                        .entry(i.split_once('@').map_or(i, |(r, _)| r))
+                        .or_default() += 1;
                 }
             }
             let best = counts.values().copied().max()?;
             counts
                 .into_iter()
                 .find(|(_, c)| *c == best)
-                .map(|(i, _)| i.to_string())
+                .map(|(i, _)| format!("{i}@{}", digest.as_deref().unwrap_or_default()))
         })
         .flatten();
     NixImageStatus {
         observed_generation: nodes.iter().map(|n| n.observed_generation).min(),
         phase: Some(phase.into()),
         image,
-        digest: one.then(|| digests.first().unwrap().to_string()),
+        digest: digest.clone().filter(|_| one),
+        platforms: if one { platforms } else { vec![] },
         layers: if one {
             sample.and_then(|n| n.layers)
         } else {
@@ -191,6 +264,84 @@ mod tests {
     fn ready(node: &str, generation: i64, digest: &str, host: &str) -> serde_json::Value {
         json!({ "node": node, "phase": "Ready", "observedGeneration": generation, "digest": digest,
                 "image": format!("{host}/niximage/default/img:v1@{digest}"), "layers": 3, "size": 10 })
+    }
+
+    fn on(node: &str, arch: &str, digest: &str, size: i64) -> serde_json::Value {
+        let mut n = ready(node, 1, digest, "127.0.0.1:5000");
+        n["arch"] = json!(arch);
+        n["platforms"] = json!([{ "architecture": arch, "digest": digest, "size": size }]);
+        n
+    }
+
+    /// Nodes agree only with nodes of their architecture; the object names
+    /// the index of every architecture's image.
+    #[test]
+    fn architectures_are_compared_apart_and_indexed_together() {
+        let now = Time(Timestamp::UNIX_EPOCH);
+        let live = |_: &str| false;
+        let (amd, arm) = (
+            format!("sha256:{}", "a".repeat(64)),
+            format!("sha256:{}", "b".repeat(64)),
+        );
+        let mixed = object(
+            1,
+            json!([
+                on("a1", "amd64", &amd, 500),
+                on("a2", "amd64", &amd, 500),
+                on("b", "arm64", &arm, 501)
+            ]),
+        );
+        let s = aggregate(&mixed, &live, now.clone());
+        assert_eq!(s.phase.as_deref(), Some(PHASE_READY));
+        assert_eq!(s.ready_nodes.as_deref(), Some("3/3"));
+        let (index, bytes) = platform_index(&s.platforms).unwrap();
+        assert_eq!(s.digest.as_deref(), Some(index.as_str()));
+        assert_eq!(
+            s.image.as_deref(),
+            Some(format!("127.0.0.1:5000/niximage/default/img:v1@{index}").as_str())
+        );
+        let listed: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(listed["manifests"][0]["digest"], amd.as_str());
+        assert_eq!(listed["manifests"][0]["size"], 500);
+        assert_eq!(listed["manifests"][1]["platform"]["architecture"], "arm64");
+        // The same status, whichever order the entries come in.
+        let reordered = object(
+            1,
+            json!([
+                on("b", "arm64", &arm, 501),
+                on("a2", "amd64", &amd, 500),
+                on("a1", "amd64", &amd, 500)
+            ]),
+        );
+        assert_eq!(aggregate(&reordered, &live, now.clone()).digest, s.digest);
+
+        // Two nodes of one architecture that disagree: Inconsistent, saying which.
+        let other = format!("sha256:{}", "c".repeat(64));
+        let split = object(
+            1,
+            json!([
+                on("a1", "amd64", &amd, 500),
+                on("a2", "amd64", &other, 500),
+                on("b", "arm64", &arm, 501)
+            ]),
+        );
+        let s = aggregate(&split, &live, now.clone());
+        assert_eq!(s.phase.as_deref(), Some(PHASE_INCONSISTENT));
+        assert!(
+            s.conditions[0]
+                .message
+                .starts_with("nodes built different digests: amd64: "),
+            "{}",
+            s.conditions[0].message
+        );
+        assert_eq!((s.digest, s.image), (None, None));
+
+        // One architecture: the object names its manifest, as before.
+        let single = object(1, json!([on("a1", "amd64", &amd, 500)]));
+        assert_eq!(
+            aggregate(&single, &live, now).digest.as_deref(),
+            Some(amd.as_str())
+        );
     }
 
     #[test]

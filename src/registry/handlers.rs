@@ -222,13 +222,28 @@ fn in_repository(
 ) -> Result<(), RegistryError> {
     let holds = match repo {
         Repository::AdHoc(img) => app.catalog.in_repository(&img.name(), digest),
-        Repository::Named { namespace, name } => match app.catalog.named.get(namespace, name) {
-            Some(NamedEntry::Ready { image, .. }) => app
+        Repository::Named { namespace, name } => {
+            let images = app
                 .catalog
-                .image_holds(&image.oci_digest, digest)
-                .unwrap_or_else(|| crate::catalog::digests_of(&image).contains(digest)),
-            _ => false,
-        },
+                .named
+                .get(namespace, name)
+                .map(|e| e.images())
+                .unwrap_or_default();
+            let holds = |digest: &Digest| {
+                images.iter().any(|(_, image)| {
+                    app.catalog
+                        .image_holds(&image.oci_digest, digest)
+                        .unwrap_or_else(|| crate::catalog::digests_of(image).contains(digest))
+                })
+            };
+            // An index is the object's when a manifest it lists is: the
+            // status's index lists other nodes' architectures too.
+            holds(digest)
+                || app
+                    .catalog
+                    .index(digest)
+                    .is_some_and(|i| i.members.iter().any(holds))
+        }
     };
     if holds {
         Ok(())
@@ -539,8 +554,16 @@ async fn manifest(
                 None => Err(RegistryError::NameUnknown(format!(
                     "no NixImage {namespace}/{name}"
                 ))),
-                Some(NamedEntry::Ready { tag: t, image }) if t == tag => {
-                    Ok(serve_built(app, headers, head, &image))
+                Some(entry @ NamedEntry::Ready { .. }) if matches!(&entry, NamedEntry::Ready { tag: t, .. } if *t == tag) =>
+                {
+                    let images = entry.images();
+                    if let Some(docker) = wants_index(headers).filter(|_| images.len() > 1) {
+                        let (media_type, digest, bytes) = app.builder.index(docker, &images);
+                        return Ok(manifest_response(
+                            app, headers, head, media_type, &digest, bytes,
+                        ));
+                    }
+                    Ok(serve_built(app, headers, head, &images[0].1))
                 }
                 Some(NamedEntry::Ready { tag: t, .. }) => Err(RegistryError::ManifestUnknown {
                     message: format!("NixImage {namespace}/{name} has tag '{t}', not '{tag}'"),

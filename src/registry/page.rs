@@ -96,7 +96,7 @@ pub fn status(app: &AppState, host: String) -> Status {
         .entries()
         .into_iter()
         .map(|(namespace, name, e)| match e {
-            NamedEntry::Ready { tag, image } => NamedStatus {
+            NamedEntry::Ready { tag, image, .. } => NamedStatus {
                 namespace,
                 name,
                 tag,
