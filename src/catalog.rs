@@ -187,6 +187,24 @@ pub struct IndexEntry {
     /// The index itself (small JSON), as served.
     pub manifest: String,
     pub members: Vec<Digest>,
+    /// cosign's signature manifest of the index (with `--signing-key`),
+    /// and the blobs it names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blobs: Vec<Digest>,
+}
+
+impl IndexEntry {
+    /// Whether `digest` is this index, its signature or a blob of that.
+    fn holds(&self, own: &Digest, digest: &Digest) -> bool {
+        own == digest
+            || self.blobs.contains(digest)
+            || self
+                .signature
+                .as_ref()
+                .is_some_and(|s| Digest::of(s.as_bytes()) == *digest)
+    }
 }
 
 /// One catalogued image.
@@ -452,12 +470,65 @@ impl Catalog {
                 .filter_map(|k| inner.images.get(k))
                 .any(|rec| rec.digests.contains(digest))
         };
-        // An index is the repository's when a manifest it lists is.
+        // An index (and its signature) is the repository's when a
+        // manifest it lists is.
         held(digest)
             || inner
                 .indexes
-                .get(digest)
-                .is_some_and(|i| i.members.iter().any(held))
+                .iter()
+                .any(|(d, i)| i.holds(d, digest) && i.members.iter().any(held))
+    }
+
+    /// The index that `digest` is, or is the signature (or a signature blob) of.
+    pub fn index_holding(&self, digest: &Digest) -> Option<IndexEntry> {
+        let inner = self.inner.read().unwrap();
+        if let Some(i) = inner.indexes.get(digest) {
+            return Some(i.clone());
+        }
+        inner
+            .indexes
+            .iter()
+            .find(|(d, i)| i.holds(d, digest))
+            .map(|(_, i)| i.clone())
+    }
+
+    /// Records an index's signature manifest and the blobs it names.
+    pub fn set_index_signature(&self, index: &Digest, manifest: &[u8], blobs: Vec<Digest>) {
+        let set = {
+            let mut inner = self.inner.write().unwrap();
+            match inner.indexes.get_mut(index) {
+                Some(i) => {
+                    i.signature = Some(String::from_utf8_lossy(manifest).into_owned());
+                    i.blobs = blobs;
+                    true
+                }
+                None => false,
+            }
+        };
+        if set {
+            self.persist();
+        }
+    }
+
+    /// Forgets every index signature (at start: they are made again, the
+    /// same bytes under the same key, when an index is next served; none is
+    /// kept under a key the registry no longer has).
+    pub fn clear_index_signatures(&self) {
+        let mut inner = self.inner.write().unwrap();
+        for i in inner.indexes.values_mut() {
+            i.signature = None;
+            i.blobs.clear();
+        }
+    }
+
+    /// The blobs of index signatures: garbage collection keeps them.
+    pub fn index_blobs(&self) -> Vec<Digest> {
+        let inner = self.inner.read().unwrap();
+        inner
+            .indexes
+            .values()
+            .flat_map(|i| i.blobs.iter().cloned())
+            .collect()
     }
 
     /// Records an image index (or manifest list) of `members`, served by
@@ -475,6 +546,8 @@ impl Catalog {
                         media_type: media_type.to_string(),
                         manifest: String::from_utf8_lossy(manifest).into_owned(),
                         members,
+                        signature: None,
+                        blobs: vec![],
                     },
                 );
                 true
@@ -795,6 +868,14 @@ impl Catalog {
         let inner = self.inner.read().unwrap();
         if let Some(m) = inner.manifests.get(digest) {
             return Some(m.clone());
+        }
+        if let Some(i) = inner.indexes.values().find(|i| {
+            i.signature
+                .as_ref()
+                .is_some_and(|s| Digest::of(s.as_bytes()) == *digest)
+        }) {
+            let s = i.signature.clone().expect("found");
+            return Some((oci::OCI_MANIFEST, bytes::Bytes::from(s)));
         }
         let i = inner.indexes.get(digest)?;
         let media_type = match i.media_type.as_str() {

@@ -159,7 +159,8 @@ pub async fn app_state_with(
     );
     // Images built before a key was set (or under another key) are signed
     // with this one, from their stored documents; without a key, nothing is
-    // served as signed.
+    // served as signed. Index signatures are made again when served.
+    catalog.clear_index_signatures();
     for img in catalog.images() {
         match attest::resign(
             &img.oci_digest,

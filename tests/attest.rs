@@ -14,6 +14,7 @@ use std::process::Command;
 
 use common::*;
 use serde_json::Value;
+use sha2::Digest as _;
 
 const OCI: &str = "application/vnd.oci.image.manifest.v1+json";
 
@@ -839,4 +840,68 @@ fn signatures_follow_the_key_across_restarts() {
     }
     let server = Server::start(&state, &[]);
     assert_eq!(sig_code(&server), 404, "no key, no signature");
+}
+
+/// With several systems and a key, the index a tag resolves to is signed
+/// as cosign signs one: `cosign verify` of the tag checks the index digest,
+/// and each architecture's image keeps its own signature.
+#[test]
+fn an_image_index_verifies_with_cosign() {
+    let test = "an_image_index_verifies_with_cosign";
+    let Some((root, _)) = tools(test) else { return };
+    if !can_emulate(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keypair(dir.path(), "cosign");
+    let server = Server::start(
+        &dir.path().join("state"),
+        &[
+            "--systems",
+            "x86_64-linux,aarch64-linux",
+            "--nix-option",
+            "extra-platforms=aarch64-linux",
+            "--signing-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let (code, body) = http_get_accept(
+        &server.url("/v2/shell/hello/manifests/latest"),
+        "application/vnd.oci.image.index.v1+json",
+    );
+    assert_eq!(code, 200, "{body}");
+    let index_digest = format!(
+        "sha256:{}",
+        hex::encode(sha2::Sha256::digest(body.as_bytes()))
+    );
+    let index: Value = serde_json::from_str(&body).unwrap();
+    let arm = index["manifests"][1]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let image = format!("{}/shell/hello", server.addr);
+    let verify = |reference: &str, public: &Path| {
+        in_root(
+            &root,
+            dir.path(),
+            &[
+                "cosign",
+                "verify",
+                "--key",
+                public.to_str().unwrap(),
+                "--insecure-ignore-tlog",
+                "--allow-http-registry",
+                reference,
+            ],
+        )
+    };
+    let (ok, out, err) = verify(&image, &public);
+    assert!(ok, "cosign verify of the tag: {err}");
+    assert!(out.contains(&index_digest), "{out}");
+    let (ok, out, err) = verify(&format!("{image}@{arm}"), &public);
+    assert!(ok, "cosign verify of the arm64 image: {err}");
+    assert!(out.contains(&arm), "{out}");
+    let (_, other) = keypair(dir.path(), "other");
+    let (ok, _, err) = verify(&image, &other);
+    assert!(!ok, "verified with another key: {err}");
 }

@@ -1161,16 +1161,8 @@ fn an_index_of_every_architecture_on_a_real_node() {
         skip(&format!("{test}: nixery is installed on this cluster already; this test installs and uninstalls it"));
         return;
     }
-    let roots = "/var/cache/nixery-offline";
-    let emulated = Path::new(roots).join("aarch64-linux/host.json").exists()
-        && std::fs::read_to_string("/proc/sys/fs/binfmt_misc/qemu-aarch64")
-            .is_ok_and(|s| s.starts_with("enabled"));
-    if !emulated {
-        let why = format!("{test}: no arm64 offline root in {roots} or no qemu-aarch64 binfmt handler (scripts/offline-root.sh)");
-        if std::env::var("CI").is_ok() {
-            panic!("{why}, and CI must run this test");
-        }
-        skip(&why);
+    // deploy/components/arm64-emulation mounts the default roots directory.
+    if !can_emulate(test) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

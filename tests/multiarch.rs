@@ -8,7 +8,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{have_tool, http_get_accept, run, skip, Server};
+use common::{can_emulate, have_tool, http_get_accept, run, Server};
 
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
@@ -21,29 +21,6 @@ const BOTH: &[&str] = &[
     "--nix-option",
     "extra-platforms=aarch64-linux",
 ];
-
-/// Whether this machine can build and run aarch64: the arm64 offline root
-/// and an enabled qemu-aarch64 binfmt handler. Under CI, which makes both
-/// (.ci/run), their absence fails the test.
-fn can_emulate(test: &str) -> bool {
-    let roots = std::env::var("NIXERY_OFFLINE_ROOTS")
-        .unwrap_or_else(|_| "/var/cache/nixery-offline".into());
-    let root = std::path::Path::new(&roots).join("aarch64-linux/host.json");
-    let binfmt = std::fs::read_to_string("/proc/sys/fs/binfmt_misc/qemu-aarch64")
-        .is_ok_and(|s| s.starts_with("enabled"));
-    if root.exists() && binfmt {
-        return true;
-    }
-    let why = format!(
-        "{test}: no arm64 offline root ({}) or no qemu-aarch64 binfmt handler ({binfmt}); scripts/offline-root.sh makes both",
-        root.display()
-    );
-    if std::env::var("CI").is_ok() {
-        panic!("{why}, and CI must run this test");
-    }
-    skip(&why);
-    false
-}
 
 fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))

@@ -193,6 +193,23 @@ pub fn attach(facts: &Facts, signer: Option<&Signer>) -> Attachments {
     out
 }
 
+/// cosign's signature of an image index (its attestations are those of the
+/// images it lists).
+pub fn index_signature(signer: &Signer, repository: &str, subject: &Digest) -> Attachments {
+    let mut out = Attachments::default();
+    let payload = cosign::simple_signing_payload(repository, subject);
+    let sig = cosign::base64(&signer.sign(&payload));
+    let (config, manifest) = cosign_manifest(&[(
+        cosign::SIMPLE_SIGNING,
+        &payload,
+        json!({ cosign::SIGNATURE_ANNOTATION: sig }),
+    )]);
+    out.blobs.push(payload);
+    out.blobs.push(config);
+    out.manifests.push(manifest);
+    out
+}
+
 /// cosign's signature of the image and its signed attestations (the
 /// CycloneDX SBOM and the SLSA provenance predicate).
 pub fn signatures(
@@ -202,17 +219,7 @@ pub fn signatures(
     cdx: &[u8],
     provenance_predicate: Value,
 ) -> Attachments {
-    let mut out = Attachments::default();
-    let payload = cosign::simple_signing_payload(repository, subject);
-    let sig = cosign::base64(&signer.sign(&payload));
-    let (config, manifest) = cosign_manifest(&[(
-        cosign::SIMPLE_SIGNING,
-        &payload,
-        json!({ cosign::SIGNATURE_ANNOTATION: sig }),
-    )]);
-    out.blobs.push(payload.clone());
-    out.blobs.push(config);
-    out.manifests.push(manifest);
+    let mut out = index_signature(signer, repository, subject);
 
     let cdx_value: Value = serde_json::from_slice(cdx).expect("our own JSON");
     let statements = [

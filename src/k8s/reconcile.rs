@@ -626,19 +626,29 @@ async fn patch_node(
 /// built) by its digest here, where this node has one of its images: a pod
 /// pulls the object's `image` from its own node's registry, and takes the
 /// manifest of its node's architecture.
-fn register_platform_index(obj: &NixImage, ctx: &Context, want: &crate::k8s::crd::NixImageStatus) {
+async fn register_platform_index(
+    obj: &NixImage,
+    ctx: &Context,
+    want: &crate::k8s::crd::NixImageStatus,
+) {
     if want.platforms.len() < 2 {
         return;
     }
     let Some((digest, bytes)) = crate::k8s::status::platform_index(&want.platforms) else {
         return;
     };
-    if ctx.catalog.index(&digest).is_some() {
-        return;
-    }
     let (Some(ns), name) = (obj.namespace(), obj.name_any()) else {
         return;
     };
+    let repository = name::Repository::Named {
+        namespace: ns.clone(),
+        name: name.clone(),
+    }
+    .name();
+    if ctx.catalog.index(&digest).is_some() {
+        ctx.builder.sign_index(&repository, &digest).await;
+        return;
+    }
     let held = ctx
         .catalog
         .named
@@ -653,6 +663,7 @@ fn register_platform_index(obj: &NixImage, ctx: &Context, want: &crate::k8s::crd
     if held.iter().any(|(_, i)| members.contains(&i.oci_digest)) {
         ctx.catalog
             .add_index(crate::oci::OCI_INDEX, &bytes, members);
+        ctx.builder.sign_index(&repository, &digest).await;
     }
 }
 
@@ -660,7 +671,7 @@ async fn ensure_aggregate(api: &Api<NixImage>, obj: &NixImage, ctx: &Context) ->
     let now = Timestamp::now();
     let departed = |node: &str| node != ctx.node && ctx.liveness.departed(node, now);
     let want = aggregate(obj, &departed, Time(now));
-    register_platform_index(obj, ctx, &want);
+    register_platform_index(obj, ctx, &want).await;
     let have = obj.status.clone().unwrap_or_default();
     let same = have.observed_generation == want.observed_generation
         && have.phase == want.phase

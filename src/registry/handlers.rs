@@ -241,7 +241,7 @@ fn in_repository(
             holds(digest)
                 || app
                     .catalog
-                    .index(digest)
+                    .index_holding(digest)
                     .is_some_and(|i| i.members.iter().any(holds))
         }
     };
@@ -354,7 +354,29 @@ fn serve_attached_tag(
         message: format!("{} has no {what} for {digest}", repo.name()),
         detail: serde_json::Value::Null,
     };
-    let img = attached_to(app, repo, digest).ok_or_else(|| unknown("image"))?;
+    let Some(img) = attached_to(app, repo, digest) else {
+        // An image index: its cosign signature only.
+        let index = app
+            .catalog
+            .index(digest)
+            .filter(|_| in_repository(app, repo, digest, || unknown("image")).is_ok())
+            .ok_or_else(|| unknown("image"))?;
+        return match (suffix, index.signature) {
+            ("sig", Some(s)) => Ok(manifest_response(
+                app,
+                headers,
+                head,
+                oci::OCI_MANIFEST,
+                &Digest::of(s.as_bytes()),
+                s.into(),
+            )),
+            _ => Err(unknown(if suffix == "sig" {
+                "signature"
+            } else {
+                "attachment"
+            })),
+        };
+    };
     let wanted = match suffix {
         "sig" => crate::attest::Kind::Signature,
         "att" => crate::attest::Kind::Attestations,
@@ -530,6 +552,7 @@ async fn manifest(
                     .await
                     .map_err(|e| RegistryError::from(e.as_ref()))?;
                 let (media_type, digest, bytes) = app.builder.index(docker, &images);
+                app.builder.sign_index(&img.name(), &digest).await;
                 return Ok(manifest_response(
                     app, headers, head, media_type, &digest, bytes,
                 ));
@@ -559,6 +582,11 @@ async fn manifest(
                     let images = entry.images();
                     if let Some(docker) = wants_index(headers).filter(|_| images.len() > 1) {
                         let (media_type, digest, bytes) = app.builder.index(docker, &images);
+                        let repo = Repository::Named {
+                            namespace: namespace.clone(),
+                            name: name.clone(),
+                        };
+                        app.builder.sign_index(&repo.name(), &digest).await;
                         return Ok(manifest_response(
                             app, headers, head, media_type, &digest, bytes,
                         ));

@@ -419,3 +419,26 @@ pub fn containerd_socket(what: &str) -> Option<&'static str> {
     }
     found
 }
+
+/// Whether this machine can build and run aarch64: the arm64 offline root
+/// and an enabled qemu-aarch64 binfmt handler. Under CI, which makes both
+/// (.ci/run), their absence fails the test.
+pub fn can_emulate(test: &str) -> bool {
+    let roots = std::env::var("NIXERY_OFFLINE_ROOTS")
+        .unwrap_or_else(|_| "/var/cache/nixery-offline".into());
+    let root = std::path::Path::new(&roots).join("aarch64-linux/host.json");
+    let binfmt = std::fs::read_to_string("/proc/sys/fs/binfmt_misc/qemu-aarch64")
+        .is_ok_and(|s| s.starts_with("enabled"));
+    if root.exists() && binfmt {
+        return true;
+    }
+    let why = format!(
+        "{test}: no arm64 offline root ({}) or no qemu-aarch64 binfmt handler ({binfmt}); scripts/offline-root.sh makes both",
+        root.display()
+    );
+    if std::env::var("CI").is_ok() {
+        panic!("{why}, and CI must run this test");
+    }
+    skip(&why);
+    false
+}
