@@ -170,6 +170,14 @@ async fn build(args: BuildArgs) -> anyhow::Result<()> {
     spec.run.env = args.env.clone();
     spec.run.exposed_ports = args.expose.clone();
     let state = nixery::app_state(&settings).await?;
+    // As `serve` does: an image of the first of --systems unless the name
+    // says `arm64`, and with several systems, an index of them all.
+    let pinned = img.arch != name::Arch::host();
+    let systems = state.builder.systems().to_vec();
+    if !pinned {
+        spec.arch = systems[0];
+    }
+    let all = (!pinned && systems.len() > 1).then(|| spec.clone());
     let tty = std::io::stderr().is_terminal();
     let bar = indicatif::ProgressBar::new_spinner();
     if tty {
@@ -253,11 +261,26 @@ async fn build(args: BuildArgs) -> anyhow::Result<()> {
         std::fs::write(file, bytes).with_context(|| format!("writing {}", file.display()))?;
         eprintln!("wrote the {wanted} SBOM ({digest}) to {}", file.display());
     }
+    let mut digest = built.oci_digest.clone();
+    if let Some(spec) = all {
+        let images = state
+            .builder
+            .get_or_build_all(&spec)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (_, index, _) = state.builder.index(false, &images);
+        state.builder.sign_index(&img.name(), &index).await;
+        for (arch, i) in &images {
+            eprintln!("  {}: {}", arch.oci(), i.oci_digest);
+        }
+        eprintln!("index of {} systems: {index}", images.len());
+        digest = index;
+    }
     println!(
         "{}/{}:{tag}@{}",
         settings.listen,
         img.name(),
-        built.oci_digest
+        digest
     );
     Ok(())
 }
