@@ -276,11 +276,6 @@ async fn build(args: BuildArgs) -> anyhow::Result<()> {
         eprintln!("index of {} systems: {index}", images.len());
         digest = index;
     }
-    println!(
-        "{}/{}:{tag}@{}",
-        settings.listen,
-        img.name(),
-        digest
-    );
+    println!("{}/{}:{tag}@{}", settings.listen, img.name(), digest);
     Ok(())
 }

@@ -658,6 +658,40 @@ fn every_kustomization_renders_with_real_kustomize() {
     }
     assert_eq!(env["NIXERY_OFFLINE_HOST_ETC"].as_deref(), Some("/host/etc"));
 
+    // arm64 under emulation: Nix may build aarch64, the agent builds both
+    // systems (a value `nixery agent` accepts), the roots of the offline
+    // set's other architectures mounted read-only.
+    let emulated = rendered_daemonset("deploy/arm64-emulation").unwrap();
+    let emulated_env = agent_env(&emulated);
+    assert_eq!(
+        emulated_env["NIX_CONFIG"].as_deref(),
+        Some("extra-platforms = aarch64-linux")
+    );
+    let systems = emulated_env["NIXERY_SYSTEMS"].clone().unwrap();
+    let args = <nixery::config::Cli as clap::Parser>::try_parse_from([
+        "nixery",
+        "agent",
+        "--node-name=n",
+        &format!("--systems={systems}"),
+    ])
+    .unwrap();
+    let nixery::config::Command::Agent(agent) = args.command else {
+        unreachable!()
+    };
+    let settings = agent.common.resolve(|_| None).unwrap();
+    assert_eq!(
+        settings.systems,
+        [nixery::name::Arch::Amd64, nixery::name::Arch::Arm64]
+    );
+    let pod = emulated.spec.template.spec.as_ref().unwrap();
+    let mount = pod.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == "/var/cache/nixery-offline")
+        .expect("the offline roots are mounted");
+    assert_eq!(mount.read_only, Some(true));
+
     // Signing: the Secret's key mounted read-only where the flag points.
     let signing = rendered_daemonset("deploy/signing").unwrap();
     let key = agent_env(&signing)["NIXERY_SIGNING_KEY"].clone().unwrap();
