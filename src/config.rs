@@ -222,6 +222,11 @@ pub struct StorageArgs {
     /// quarter of the state directory's disk].
     #[arg(long, env = "NIXERY_STORAGE_LIMIT", value_parser = parse_size)]
     pub storage_limit: Option<u64>,
+    /// Seconds after its last pull that an image is not evicted, so a
+    /// client that has its manifest gets its blobs; the store may pass the
+    /// limit by what was pulled in that time.
+    #[arg(long, env = "NIXERY_EVICTION_GRACE", default_value_t = 60)]
+    pub eviction_grace: u64,
     /// Blob storage backend: `filesystem` (the state directory), or `s3` (a
     /// bucket that several instances share, with the state directory as a
     /// local cache within --storage-limit). Nixery's `gcs` means `s3` at
@@ -294,6 +299,8 @@ pub struct Settings {
     pub limits: ConnectionLimits,
     /// None: the default, a quarter of the state directory's disk.
     pub storage_limit: Option<u64>,
+    /// How long after its last pull an image is not evicted.
+    pub eviction_grace: Duration,
     pub storage: Storage,
 }
 
@@ -486,6 +493,7 @@ impl CommonArgs {
         Ok(Settings {
             storage,
             storage_limit: self.storage.storage_limit,
+            eviction_grace: Duration::from_secs(self.storage.eviction_grace),
             nix_options,
             systems,
             listen,

@@ -42,6 +42,9 @@ pub struct Collector {
     /// for this long (it may be another process's build in progress, such
     /// as a `nixery build` beside the server).
     orphan_grace: Duration,
+    /// Images pulled more recently than this are not evicted: a client
+    /// between a manifest and its blobs would find them gone.
+    eviction_grace: Duration,
     lock: Arc<tokio::sync::RwLock<()>>,
     /// Unreferenced blobs, and when each was first seen so.
     orphans: Mutex<HashMap<Digest, Instant>>,
@@ -66,6 +69,7 @@ impl Collector {
         state_dir: &std::path::Path,
         limit: u64,
         orphan_grace: Duration,
+        eviction_grace: Duration,
     ) -> Arc<Self> {
         metrics
             .storage_limit
@@ -77,6 +81,7 @@ impl Collector {
             limit,
             layers_dir: state_dir.join("layers"),
             orphan_grace,
+            eviction_grace,
             lock: Default::default(),
             orphans: Default::default(),
         })
@@ -171,6 +176,12 @@ impl Collector {
             // start, the current ones are not pinned yet.
             let mut order = run.entries.clone();
             order.sort_by_key(|e| e.claimed);
+            let recent = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .saturating_sub(self.eviction_grace)
+                .as_millis() as u64;
+            let mut spared = 0;
             for e in order {
                 if run.total <= self.limit {
                     break;
@@ -181,13 +192,18 @@ impl Collector {
                 {
                     continue;
                 }
+                if !self.eviction_grace.is_zero() && e.used > recent {
+                    spared += 1;
+                    continue;
+                }
                 run.evict(self, &e).await;
             }
             if run.total > self.limit {
                 warn!(
                     stored = run.total,
                     limit = self.limit,
-                    "over the storage limit with nothing left to evict (pinned images and the newest one stay)"
+                    recently_pulled = spared,
+                    "over the storage limit with nothing left to evict (pinned images, the newest one and those pulled within --eviction-grace stay)"
                 );
             }
         } else {

@@ -145,6 +145,7 @@ pub async fn app_state_with(
             },
             popularity: settings.popularity.clone(),
             signer: settings.signer.clone(),
+            eviction_grace: settings.eviction_grace,
             storage_limit: settings
                 .storage_limit
                 .unwrap_or_else(|| gc::default_limit(&settings.state_dir)),

@@ -307,3 +307,44 @@ async fn images_named_by_objects_go_last_while_nothing_pins_them() {
     assert!(images.contains(&a), "the named image went first");
     assert!(!images.contains(&b) && images.contains(&c), "{images:?}");
 }
+
+/// An image pulled within --eviction-grace is not evicted, even over the
+/// limit: a client that has its manifest gets its blobs. (The soak run found
+/// pulls that lost their blobs between the manifest and the first blob
+/// while other builds evicted under a small limit.)
+#[tokio::test]
+async fn an_image_just_pulled_keeps_its_blobs_within_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nix = fake(dir.path());
+    nix.add_package(
+        "big",
+        FakePackage {
+            files: vec![("share/big".into(), noise(6 << 20))],
+            ..Default::default()
+        },
+    );
+    let mut s = settings(&dir.path().join("state"));
+    s.storage_limit = Some(1 << 20);
+    s.eviction_grace = std::time::Duration::from_secs(60);
+    let app = nixery::app_state_with(&s, Arc::new(nix)).await.unwrap();
+    let digest = pull(&app, "big").await;
+    pull(&app, "hello").await;
+    // Over the limit, and yet big (not the newest) stays, blobs and all.
+    assert!(
+        catalogued(&app).contains(&digest),
+        "big was evicted within its grace"
+    );
+    assert!(stored(dir.path()) > 1 << 20);
+    let manifest = get(&app, &format!("/v2/big/manifests/{digest}"))
+        .await
+        .json();
+    let layer = largest_layer(&manifest);
+    let r = get(
+        &app,
+        &format!("/v2/big/blobs/{}", layer["digest"].as_str().unwrap()),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let m = metrics(&app).await;
+    assert_eq!(metric(&m, "nixery_evictions_total"), 0.0);
+}

@@ -45,6 +45,8 @@ pub struct BuilderConfig {
     pub systems: Vec<Arch>,
     /// Blob bytes kept before least recently used images are evicted.
     pub storage_limit: u64,
+    /// How long after its last pull an image is not evicted.
+    pub eviction_grace: Duration,
     /// The index and build leases of a bucket shared with other instances.
     pub shared: Option<Arc<crate::shared::Shared>>,
     /// That bucket's blobs (behind the local cache of `store`).
@@ -190,6 +192,7 @@ impl Builder {
             &cfg.state_dir,
             cfg.storage_limit,
             cfg.timeout,
+            cfg.eviction_grace,
         );
         let pipeline = Pipeline {
             gc: gc.clone(),

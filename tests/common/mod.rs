@@ -50,6 +50,9 @@ pub fn settings(state_dir: &Path) -> Settings {
         systems: vec![],
         limits: Default::default(),
         storage_limit: None,
+        // Tests of eviction see it at once (the default spares images
+        // pulled within the last minute).
+        eviction_grace: Duration::ZERO,
         storage: Default::default(),
     }
 }
