@@ -57,6 +57,28 @@ fn in_root(root: &Path, dir: &Path, args: &[&str]) -> (bool, String, String) {
         .env("IN_ROOT_BINDS", dir))
 }
 
+/// `cosign verify` of `reference` with the public key `public` (in `dir`).
+fn cosign_verify(
+    root: &Path,
+    dir: &Path,
+    public: &Path,
+    reference: &str,
+) -> (bool, String, String) {
+    in_root(
+        root,
+        dir,
+        &[
+            "cosign",
+            "verify",
+            "--key",
+            public.to_str().unwrap(),
+            "--insecure-ignore-tlog",
+            "--allow-http-registry",
+            reference,
+        ],
+    )
+}
+
 /// A fresh P-256 key (PKCS#8 PEM) and its public key, as openssl writes them.
 fn keypair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     let key = dir.join(format!("{name}.key"));
@@ -803,20 +825,7 @@ fn signatures_follow_the_key_across_restarts() {
     };
     let verify = |server: &Server, public: &Path| {
         let image = format!("{}/shell/hello", server.addr);
-        in_root(
-            &root,
-            dir.path(),
-            &[
-                "cosign",
-                "verify",
-                "--key",
-                public.to_str().unwrap(),
-                "--insecure-ignore-tlog",
-                "--allow-http-registry",
-                &image,
-            ],
-        )
-        .0
+        cosign_verify(&root, dir.path(), public, &image).0
     };
     {
         let server = Server::start(&state, &[]);
@@ -880,21 +889,8 @@ fn an_image_index_verifies_with_cosign() {
         .unwrap()
         .to_string();
     let image = format!("{}/shell/hello", server.addr);
-    let verify = |reference: &str, public: &Path| {
-        in_root(
-            &root,
-            dir.path(),
-            &[
-                "cosign",
-                "verify",
-                "--key",
-                public.to_str().unwrap(),
-                "--insecure-ignore-tlog",
-                "--allow-http-registry",
-                reference,
-            ],
-        )
-    };
+    let verify =
+        |reference: &str, public: &Path| cosign_verify(&root, dir.path(), public, reference);
     let (ok, out, err) = verify(&image, &public);
     assert!(ok, "cosign verify of the tag: {err}");
     assert!(out.contains(&index_digest), "{out}");

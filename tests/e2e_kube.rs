@@ -244,6 +244,37 @@ impl Drop for Leftovers {
     }
 }
 
+/// The agent image (scripts/agent-image.sh with this build's binary)
+/// imported into the node's containerd, and the offline set where
+/// deploy/components/offline mounts it from; what is new (images, the set's
+/// link, the host state the DaemonSet creates) is removed afterwards.
+fn agent_image_and_offline_set(tmp: &Path, left: &mut Leftovers) {
+    left.images_before = Some(
+        ctr(&["images", "ls", "-q"])
+            .1
+            .lines()
+            .map(String::from)
+            .collect(),
+    );
+    let archive = tmp.join("agent.tar");
+    let (built, _, err) = run(Command::new("bash")
+        .arg(repo_root().join("scripts/agent-image.sh"))
+        .arg(&archive)
+        .env("NIXERY_AGENT_BINARY", env!("CARGO_BIN_EXE_nixery"))
+        .env("NIXERY_STATE_DIR", tmp.join("pack-state"))
+        .env("RUST_LOG", "warn"));
+    assert!(built, "agent-image.sh failed: {err}");
+    let (imported, _, err) = ctr(&["images", "import", archive.to_str().unwrap()]);
+    assert!(imported, "ctr images import: {err}");
+    remove_later_if_new(left, "/opt/nixery");
+    remove_later_if_new(left, "/var/lib/nixery");
+    remove_later_if_new(left, "/nix/var/nix/gcroots/nixery-agent");
+    if !Path::new(OFFLINE_SET).exists() {
+        std::fs::create_dir_all("/opt/nixery").unwrap();
+        std::os::unix::fs::symlink(repo_root().join("nix/offline-pkgs"), OFFLINE_SET).unwrap();
+    }
+}
+
 /// Remembers `path` for removal if it does not exist yet.
 fn remove_later_if_new(l: &mut Leftovers, path: &str) {
     if !Path::new(path).exists() && !Path::new(path).is_symlink() {
@@ -370,39 +401,14 @@ fn install_use_restart_upgrade_and_uninstall_on_a_real_cluster() {
     // has the overlays it deletes.
     let tmp = tempfile::tempdir().unwrap();
     let mut left = Leftovers::default();
-    left.images_before = Some(
-        ctr(&["images", "ls", "-q"])
-            .1
-            .lines()
-            .map(String::from)
-            .collect(),
-    );
     let t0 = Instant::now();
     let mut figures: Vec<String> = Vec::new();
 
-    // 1. The agent image, into the node's containerd (as the README says).
-    let archive = tmp.path().join("agent.tar");
-    let (built, _, err) = run(Command::new("bash")
-        .arg(repo_root().join("scripts/agent-image.sh"))
-        .arg(&archive)
-        .env("NIXERY_AGENT_BINARY", env!("CARGO_BIN_EXE_nixery"))
-        .env("NIXERY_STATE_DIR", tmp.path().join("pack-state"))
-        .env("RUST_LOG", "warn"));
-    assert!(built, "agent-image.sh failed: {err}");
-    let (imported, _, err) = ctr(&["images", "import", archive.to_str().unwrap()]);
-    assert!(imported, "ctr images import: {err}");
+    // 1. The agent image, into the node's containerd (as the README says),
+    // and the offline set where the overlay mounts it from.
+    agent_image_and_offline_set(tmp.path(), &mut left);
     let (tagged, _, err) = ctr(&["images", "tag", "--force", IMAGE, UPGRADED]);
     assert!(tagged, "ctr images tag: {err}");
-
-    // The offline set where the overlay mounts it from, and the host state
-    // the DaemonSet creates (removed afterwards if they are new).
-    remove_later_if_new(&mut left, "/opt/nixery");
-    remove_later_if_new(&mut left, "/var/lib/nixery");
-    remove_later_if_new(&mut left, "/nix/var/nix/gcroots/nixery-agent");
-    if !Path::new(OFFLINE_SET).exists() {
-        std::fs::create_dir_all("/opt/nixery").unwrap();
-        std::os::unix::fs::symlink(repo_root().join("nix/offline-pkgs"), OFFLINE_SET).unwrap();
-    }
 
     // 2. The install, as a user runs it.
     let offline = repo_root().join("deploy/offline");
@@ -1167,30 +1173,7 @@ fn an_index_of_every_architecture_on_a_real_node() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let mut left = Leftovers::default();
-    left.images_before = Some(
-        ctr(&["images", "ls", "-q"])
-            .1
-            .lines()
-            .map(String::from)
-            .collect(),
-    );
-    let archive = tmp.path().join("agent.tar");
-    let (built, _, err) = run(Command::new("bash")
-        .arg(repo_root().join("scripts/agent-image.sh"))
-        .arg(&archive)
-        .env("NIXERY_AGENT_BINARY", env!("CARGO_BIN_EXE_nixery"))
-        .env("NIXERY_STATE_DIR", tmp.path().join("pack-state"))
-        .env("RUST_LOG", "warn"));
-    assert!(built, "agent-image.sh failed: {err}");
-    let (imported, _, err) = ctr(&["images", "import", archive.to_str().unwrap()]);
-    assert!(imported, "ctr images import: {err}");
-    remove_later_if_new(&mut left, "/opt/nixery");
-    remove_later_if_new(&mut left, "/var/lib/nixery");
-    remove_later_if_new(&mut left, "/nix/var/nix/gcroots/nixery-agent");
-    if !Path::new(OFFLINE_SET).exists() {
-        std::fs::create_dir_all("/opt/nixery").unwrap();
-        std::os::unix::fs::symlink(repo_root().join("nix/offline-pkgs"), OFFLINE_SET).unwrap();
-    }
+    agent_image_and_offline_set(tmp.path(), &mut left);
     let install = overlay(
         &tmp.path().join("arm64"),
         &["deploy/offline"],

@@ -201,12 +201,9 @@ fn noise(n: usize) -> String {
         .collect()
 }
 
-#[tokio::test]
-async fn a_download_in_progress_survives_the_eviction_of_its_blob() {
-    use http_body_util::BodyExt;
-    use tower::ServiceExt;
-    let dir = tempfile::tempdir().unwrap();
-    let mut nix = fake(dir.path());
+/// The standard fake packages and `big`, 6 MiB of noise.
+fn with_big(dir: &Path) -> FakeNix {
+    let mut nix = fake(dir);
     nix.add_package(
         "big",
         FakePackage {
@@ -214,6 +211,15 @@ async fn a_download_in_progress_survives_the_eviction_of_its_blob() {
             ..Default::default()
         },
     );
+    nix
+}
+
+#[tokio::test]
+async fn a_download_in_progress_survives_the_eviction_of_its_blob() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let dir = tempfile::tempdir().unwrap();
+    let nix = with_big(dir.path());
     let app = limited(dir.path(), Some(1 << 20), Arc::new(nix)).await;
     let digest = pull(&app, "big").await;
     // Kept although over the limit: it is the newest image.
@@ -315,14 +321,7 @@ async fn images_named_by_objects_go_last_while_nothing_pins_them() {
 #[tokio::test]
 async fn an_image_just_pulled_keeps_its_blobs_within_the_grace() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nix = fake(dir.path());
-    nix.add_package(
-        "big",
-        FakePackage {
-            files: vec![("share/big".into(), noise(6 << 20))],
-            ..Default::default()
-        },
-    );
+    let nix = with_big(dir.path());
     let mut s = settings(&dir.path().join("state"));
     s.storage_limit = Some(1 << 20);
     s.eviction_grace = std::time::Duration::from_secs(60);

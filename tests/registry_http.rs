@@ -916,3 +916,53 @@ async fn the_page_and_its_live_status() {
     assert!(seen.iter().any(|s| s == "building"), "{seen:?}");
     assert_eq!(slow.await.unwrap().status, StatusCode::OK);
 }
+
+/// Two spellings of one package set (`cacert` is in every image; `shell`
+/// names four packages): each name serves its blobs. (The soak run found
+/// `docker pull` failing on the second spelling: its manifest came from the
+/// first one's request, its blobs were "not in" its name. And `cacert/hello`
+/// was served `hello`'s image, whose default command is hello: one package
+/// asked for gets its program as the command, two do not.)
+#[tokio::test]
+async fn every_spelling_of_one_image_serves_its_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = state(dir.path()).await;
+    for (first, second) in [
+        ("hello", "cacert/hello"),
+        ("shell", "bashInteractive/coreutils/moreutils/nano"),
+    ] {
+        let a = get(&app, &format!("/v2/{first}/manifests/latest")).await;
+        assert_eq!(a.status, StatusCode::OK, "{first}");
+        let b = get(&app, &format!("/v2/{second}/manifests/latest")).await;
+        assert_eq!(b.status, StatusCode::OK, "{second}");
+        let cmd = |m: &Resp| {
+            let config = m.json()["config"]["digest"].as_str().unwrap().to_string();
+            futures::executor::block_on(get(&app, &format!("/v2/{first}/blobs/{config}")))
+        };
+        if first == "shell" {
+            assert_eq!(a.body, b.body, "{first} and {second} are one image");
+        } else {
+            let (ca, cb) = (cmd(&a).json(), cmd(&b).json());
+            assert_eq!(ca["config"]["Cmd"][0], "hello", "{ca}");
+            assert!(
+                cb["config"]["Cmd"].is_null(),
+                "cacert/hello has no default command: {cb}"
+            );
+        }
+        for (name, m) in [(first, &a), (second, &b)] {
+            let manifest = m.json();
+            let blobs =
+                std::iter::once(&manifest["config"]).chain(manifest["layers"].as_array().unwrap());
+            for blob in blobs {
+                let digest = blob["digest"].as_str().unwrap();
+                let r = get(&app, &format!("/v2/{name}/blobs/{digest}")).await;
+                assert_eq!(
+                    r.status,
+                    StatusCode::OK,
+                    "{digest} under {name}: {}",
+                    r.error_message()
+                );
+            }
+        }
+    }
+}

@@ -974,9 +974,19 @@ impl Builder {
     /// The request key: the spec as spelled (`ImageSpec::key`) and the
     /// settings that shape an image, since the catalog outlives a process
     /// whose settings may change.
+    /// The request key: the spec's (`ImageSpec::key`), the settings that
+    /// shape images, and the repository it is asked under, so that each
+    /// spelling of one package set (`curl/jq` and `cacert/curl/jq`, `shell`
+    /// and its four packages) has its own request, and the image is content
+    /// of each repository that asked for it.
     fn request_key(&self, spec: &ImageSpec, source: &Source) -> String {
         let mut h = sha2::Sha256::new();
-        h.update(format!("{}\0{}", spec.key(source), self.shape));
+        h.update(format!(
+            "{}\0{}\0{:?}",
+            spec.key(source),
+            self.shape,
+            spec.repository
+        ));
         hex::encode(h.finalize())
     }
 

@@ -411,26 +411,26 @@ fn serve_attached_tag(
     ))
 }
 
-/// Docker schema2 only for clients that accept it and not OCI.
-fn wants_docker(headers: &HeaderMap) -> bool {
-    let accept: String = headers
+/// Every Accept header of a request, as one list.
+fn accepted(headers: &HeaderMap) -> String {
+    headers
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .collect::<Vec<_>>()
-        .join(",");
+        .join(",")
+}
+
+/// Docker schema2 only for clients that accept it and not OCI.
+fn wants_docker(headers: &HeaderMap) -> bool {
+    let accept = accepted(headers);
     accept.contains(oci::DOCKER_MANIFEST) && !accept.contains(oci::OCI_MANIFEST)
 }
 
 /// Whether a client takes an image index (Some(false)) or, not that, a
 /// Docker manifest list (Some(true)).
 fn wants_index(headers: &HeaderMap) -> Option<bool> {
-    let accept: String = headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>()
-        .join(",");
+    let accept = accepted(headers);
     if accept.contains(oci::OCI_INDEX) {
         Some(false)
     } else if accept.contains(oci::DOCKER_LIST) {
