@@ -153,9 +153,11 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
     }) {
         let image = images[0].1.clone();
         let (sbom, signature) = attested(&image);
+        // (An entry of an agent from before architectures is written again,
+        // with them.)
         if mine
             .as_ref()
-            .is_some_and(|m| m.sbom == sbom && m.signature == signature)
+            .is_some_and(|m| m.sbom == sbom && m.signature == signature && m.arch.is_some())
         {
             // Nothing to build; write the aggregate only if it is out of date.
             ensure_aggregate(api, &obj, ctx).await?;

@@ -98,7 +98,6 @@ pub fn aggregate(obj: &NixImage, departed: &dyn Fn(&str) -> bool, now: Time) -> 
         .iter()
         .filter(|(_, d)| d.len() > 1)
         .map(|(arch, d)| {
-            let arch = if arch.is_empty() { "" } else { arch };
             let list = d.keys().cloned().collect::<Vec<_>>().join(", ");
             if arch.is_empty() {
                 list
