@@ -28,6 +28,12 @@ for l in sys.stdin:
 )
 [ "${#bins[@]}" -eq "${#tests[@]}" ] || { echo "nix-matrix: expected ${#tests[@]} test binaries, got ${#bins[@]}" >&2; exit 1; }
 status=0
+# The offline set's arm64 root (scripts/offline-root.sh), where it exists:
+# the root's Nix evaluates the set for aarch64-linux as the host's does.
+offline_roots="${NIXERY_OFFLINE_ROOTS:-/var/cache/nixery-offline}"
+if [ -d "$offline_roots" ]; then
+  export IN_ROOT_BINDS="${IN_ROOT_BINDS:+$IN_ROOT_BINDS:}$offline_roots"
+fi
 for bin in "${bins[@]}"; do
   # Cargo's own wording, so .ci/run counts this binary (and notices a crash).
   echo "     Running $(basename "$bin") in Debian 13 with $nix_version"

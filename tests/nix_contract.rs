@@ -462,12 +462,17 @@ async fn closures_larger_than_the_budget_fit_it() {
 
 #[tokio::test]
 async fn arm64_on_a_host_that_cannot_build_it_says_so() {
-    // This machine cannot build for aarch64-linux and has no substituter: the
-    // meta-package reached Nix as the system (not as a package name), and the
-    // client is told plainly that this registry cannot make such images.
+    // This machine's Nix does not build for aarch64-linux (no
+    // extra-platforms) and has no substituter: the meta-package reached Nix
+    // as the system (not as a package name), and the client is told plainly
+    // that this registry cannot make such images. freshHello is a new
+    // derivation at every evaluation, so no arm64 build of it can be in the
+    // store already (tests/multiarch.rs builds arm64 images on this machine,
+    // with emulation; without the arm64 root, the offline set says to make
+    // it, as scripts/offline-root.sh does for CI).
     let dir = tempfile::tempdir().unwrap();
     let app = state(dir.path()).await;
-    let r = get(&app, "/v2/arm64/hello/manifests/latest").await;
+    let r = get(&app, "/v2/arm64/freshHello/manifests/latest").await;
     assert_eq!(
         (r.status, r.error_code().as_str()),
         (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN")
