@@ -150,6 +150,9 @@ fn docker_runs_each_platform() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), BOTH);
     let image = format!("{}/shell/hello", server.addr);
+    // Each platform's pull replaces the name's image: both are removed at
+    // the end, by id, so the engine is left as it was.
+    let mut ids = Vec::new();
     for (platform, machine) in [("linux/arm64", "aarch64"), ("linux/amd64", "x86_64")] {
         let (ok, _, err) =
             run(Command::new("docker").args(["pull", "-q", "--platform", platform, &image]));
@@ -170,11 +173,13 @@ fn docker_runs_each_platform() {
             "image",
             "inspect",
             "-f",
-            "{{.Architecture}}",
+            "{{.Architecture}} {{.Id}}",
             &image,
         ]));
         assert!(ok);
-        assert_eq!(out.trim(), platform.trim_start_matches("linux/"));
+        let (arch, id) = out.trim().split_once(' ').unwrap();
+        assert_eq!(arch, platform.trim_start_matches("linux/"));
+        ids.push(id.to_string());
     }
     // What `docker manifest inspect` shows: both platforms.
     let (ok, out, err) =
@@ -188,6 +193,7 @@ fn docker_runs_each_platform() {
         .collect();
     assert_eq!(shown, ["amd64", "arm64"]);
     let _ = run(Command::new("docker").args(["rmi", "-f", &image]));
+    let _ = run(Command::new("docker").arg("rmi").arg("-f").args(&ids));
 }
 
 /// A system Nix here may not build for: the index request fails, naming
