@@ -189,9 +189,13 @@ pub struct IndexEntry {
     pub members: Vec<Digest>,
     /// cosign's signature manifest of the index (with `--signing-key`),
     /// and the blobs it names.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// (Made again after a start, never read from the catalog file.)
+    #[serde(skip)]
     pub signature: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// The signature manifest's digest, computed once.
+    #[serde(skip)]
+    signature_digest: Option<Digest>,
+    #[serde(skip)]
     pub blobs: Vec<Digest>,
 }
 
@@ -200,10 +204,7 @@ impl IndexEntry {
     fn holds(&self, own: &Digest, digest: &Digest) -> bool {
         own == digest
             || self.blobs.contains(digest)
-            || self
-                .signature
-                .as_ref()
-                .is_some_and(|s| Digest::of(s.as_bytes()) == *digest)
+            || self.signature_digest.as_ref() == Some(digest)
     }
 }
 
@@ -499,6 +500,7 @@ impl Catalog {
             match inner.indexes.get_mut(index) {
                 Some(i) => {
                     i.signature = Some(String::from_utf8_lossy(manifest).into_owned());
+                    i.signature_digest = Some(Digest::of(manifest));
                     i.blobs = blobs;
                     true
                 }
@@ -517,6 +519,7 @@ impl Catalog {
         let mut inner = self.inner.write().unwrap();
         for i in inner.indexes.values_mut() {
             i.signature = None;
+            i.signature_digest = None;
             i.blobs.clear();
         }
     }
@@ -547,6 +550,7 @@ impl Catalog {
                         manifest: String::from_utf8_lossy(manifest).into_owned(),
                         members,
                         signature: None,
+                        signature_digest: None,
                         blobs: vec![],
                     },
                 );
@@ -590,26 +594,6 @@ impl Catalog {
         r.expires
             .is_none_or(|t| now_secs() < t)
             .then(|| r.image.clone())
-    }
-
-    /// Records the repository a catalogued request is asked under, when the
-    /// record lacks it (a catalog from before repositories were recorded).
-    pub fn note_repository(&self, key: &str, repo: &str) {
-        {
-            let inner = self.inner.read().unwrap();
-            match inner.requests.get(key) {
-                Some(r) if r.repo.is_none() => {}
-                _ => return,
-            }
-        }
-        {
-            let mut inner = self.inner.write().unwrap();
-            if let Some(mut r) = inner.requests.remove(key) {
-                r.repo = Some(repo.to_string());
-                inner.add_request(key.to_string(), r);
-            }
-        }
-        self.persist();
     }
 
     /// The image built for an image key.
@@ -869,11 +853,11 @@ impl Catalog {
         if let Some(m) = inner.manifests.get(digest) {
             return Some(m.clone());
         }
-        if let Some(i) = inner.indexes.values().find(|i| {
-            i.signature
-                .as_ref()
-                .is_some_and(|s| Digest::of(s.as_bytes()) == *digest)
-        }) {
+        if let Some(i) = inner
+            .indexes
+            .values()
+            .find(|i| i.signature_digest.as_ref() == Some(digest))
+        {
             let s = i.signature.clone().expect("found");
             return Some((oci::OCI_MANIFEST, bytes::Bytes::from(s)));
         }

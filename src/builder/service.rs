@@ -453,9 +453,6 @@ impl Builder {
         let key = self.request_key(&spec, &source);
         if let Some(img) = self.catalog.request(&key) {
             self.metrics.cache_hits.inc();
-            if let Some(repo) = &spec.repository {
-                self.catalog.note_repository(&key, repo);
-            }
             return Err(Ok(img));
         }
         let mut inflight = self.inflight.lock().unwrap();
