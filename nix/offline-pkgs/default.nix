@@ -176,6 +176,43 @@ let
   sharedBase = chain "shared-base" 4 [ libs.glibc ];
   leaves = builtins.genList (i: tiny "wide-leaf-${toString i}" [ ]) 110;
 
+  # largeApp's 32 parts (see there).
+  largeParts = builtins.genList (p: mkDerivation {
+    name = "large-app-part-${toString p}";
+    part = toString p;
+    script = ''
+      bb=${busyboxDir}/busybox
+      size=$(wc -c < $bb)
+      pool=$TMPDIR/pool
+      : > $pool
+      k=0
+      while [ $k -lt 8 ]; do
+        r=$(( (part * 8 + k) % 256 ))
+        if [ $r = 0 ]; then cat $bb >> $pool; else
+          tr '\000-\377' "$(printf '\\%03o-\\377\\000-\\%03o' $r $((r - 1)))" < $bb >> $pool
+        fi
+        k=$((k + 1))
+      done
+      pad=$(( 16777216 - 8 * size ))
+      if [ $pad -gt 0 ]; then
+        seq $((part * 1000000)) $((part * 1000000 + 999999)) | head -c $pad >> $pool
+      fi
+      total=$(wc -c < $pool)
+      mkdir -p $out/share/data
+      exec 3< $pool
+      s=$((part + 1)); left=$total; i=0
+      while [ $left -gt 0 ]; do
+        s=$(( (s * 1103515245 + 12345) % 2147483648 ))
+        n=$(( (256 << ((s >> 16) % 10)) + (s >> 8) % 256 ))
+        [ $n -gt $left ] && n=$left
+        d=$out/share/data/$((i % 16))
+        mkdir -p $d
+        dd bs=$n count=1 of=$d/f$i 2>/dev/null <&3
+        left=$((left - n)); i=$((i + 1))
+      done
+    '';
+  }) 32;
+
   self = programs // {
     inherit (programs) bashInteractive coreutils hello curl jq gnugrep gnused findutils less moreutils nano;
     bash = programs.bashInteractive;
@@ -276,6 +313,38 @@ let
         /usr/bin/hello > $out/greeting
       '';
     };
+    # A sandbox's pause program for CRI runtimes (containerd's
+    # `sandbox_image`): waits until it is signalled. Busybox sits outside bin/,
+    # so the image's default command is `pause`.
+    pause = withMeta "pause" { mainProgram = "pause"; } (mkDerivation {
+      name = "pause";
+      script = ''
+        mkdir -p $out/bin $out/libexec
+        cp ${busyboxDir}/busybox $out/libexec/busybox
+        printf '%s\n' "#!$out/libexec/busybox sh" "trap 'exit 0' TERM INT" \
+          "while :; do $out/libexec/busybox sleep 3600 & wait \$!; done" > $out/bin/pause
+        chmod +x $out/bin/pause
+      '';
+    });
+    # An application the size of a real one (a Python, JVM or CUDA closure):
+    # 512 MiB in about 20,000 files of 0.25 to 128 KiB, spread over 32 store
+    # paths of 16 MiB, and the busybox its program runs on. Deterministic: the
+    # bytes are the host's static busybox (a real binary, so they compress as
+    # binaries do: gzip keeps 52 %), byte-rotated 256 ways so no run repeats
+    # (part p holds rotations p*8 to p*8+7), each part topped up to 16 MiB with
+    # numbers from seq; files are cut from that stream at sizes an LCG picks.
+    largeApp = withMeta "largeApp" { mainProgram = "large-app"; } (mkDerivation {
+      name = "large-app";
+      parts = largeParts;
+      sh = "${self.busybox}/bin/sh";
+      script = ''
+        mkdir -p $out/bin $out/share/large-app
+        n=0
+        for p in $parts; do ln -s "$p" $out/share/large-app/part-$n; n=$((n + 1)); done
+        printf '%s\n' "#!$sh" "echo \"large-app: $n parts of $out\"" > $out/bin/large-app
+        chmod +x $out/bin/large-app
+      '';
+    });
     # 64 MiB of incompressible data: a layer that takes a while to pack.
     big = mkDerivation {
       name = "big";
