@@ -13,7 +13,8 @@ packages=(
   skopeo umoci git containerd podman       # real clients used by the tests (ctr)
   docker-registry wrk pigz hyperfine       # benchmarks (benches/registry.sh)
   chromium chromium-driver fonts-dejavu-core  # the page in a real browser, over WebDriver (tests/browser.rs)
-  runc openssl xz-utils iptables           # ../shared/kube-lab's node (with containerd, curl)
+  runc openssl xz-utils iptables           # a node's runtime: tests/cri.rs's private containerd
+  protobuf-compiler                        # protoc, for the CRI's protobuf types (k8s-cri)
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -61,6 +61,15 @@ pub struct AgentArgs {
     /// Prometheus to scrape from outside the node's loopback.
     #[arg(long, env = "NIXERY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Pull each image that becomes ready into the node's container runtime
+    /// through its CRI, so Pods start without pulling; remove it when its
+    /// NixImage goes.
+    #[arg(long, env = "NIXERY_PRE_PULL", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub pre_pull: bool,
+    /// The container runtime's CRI socket [default: the first of
+    /// containerd's, CRI-O's and k3s's usual paths, on the host or under /host].
+    #[arg(long, env = "NIXERY_CRI_SOCKET", value_name = "PATH")]
+    pub cri_socket: Option<PathBuf>,
     /// The flags every command shares (after this command's own in `--help`).
     #[command(flatten)]
     pub common: CommonArgs,

@@ -6,6 +6,7 @@ pub mod attest;
 pub mod builder;
 pub mod catalog;
 pub mod config;
+pub mod cri;
 pub mod gc;
 pub mod k8s;
 pub mod layers;

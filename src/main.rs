@@ -90,6 +90,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let public_host = args
         .public_host
+        .clone()
         .unwrap_or_else(|| format!("127.0.0.1:{}", addr.port()));
     let client = kube::Client::try_default()
         .await
@@ -103,6 +104,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         &public_host,
     );
     ctx.allowed_sources = args.allowed_sources.clone();
+    ctx.prepull = pre_puller(&args, &settings.state_dir).await;
     eprintln!(
         "nixery: agent on node {} serving on http://{addr}",
         args.node_name
@@ -135,6 +137,52 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         ops.abort();
     }
     Ok(())
+}
+
+/// The node's container runtime for pre-pulls: the socket named, else the
+/// first found at the usual paths; none when pre-pull is off or no runtime
+/// is found (then Pods pull as from any registry).
+async fn pre_puller(
+    args: &AgentArgs,
+    state_dir: &std::path::Path,
+) -> Option<Arc<nixery::k8s::prepull::Prepuller>> {
+    if !args.pre_pull {
+        tracing::info!("pre-pull is off (--pre-pull=false)");
+        return None;
+    }
+    let socket = match &args.cri_socket {
+        Some(s) => s.clone(),
+        None => {
+            let roots = [std::path::Path::new("/"), std::path::Path::new("/host")];
+            let Some(s) = nixery::cri::find_socket(&roots) else {
+                tracing::warn!(
+                    paths = ?nixery::cri::SOCKETS,
+                    "no container runtime socket found (on the host or under /host): pre-pull is off; name one with --cri-socket"
+                );
+                return None;
+            };
+            s
+        }
+    };
+    let runtime = match nixery::cri::Runtime::new(&socket) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "pre-pull is off");
+            return None;
+        }
+    };
+    match runtime.version().await {
+        Ok(v) => {
+            tracing::info!(socket = %socket.display(), runtime = %v, "pre-pulling ready images into the container runtime")
+        }
+        // Tried again for every image: the runtime may come up later.
+        Err(e) => {
+            tracing::warn!(socket = %socket.display(), error = %e, "the container runtime does not answer yet")
+        }
+    }
+    Some(Arc::new(nixery::k8s::prepull::Prepuller::new(
+        runtime, state_dir,
+    )))
 }
 
 async fn shutdown_signal() {

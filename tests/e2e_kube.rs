@@ -165,10 +165,10 @@ fn to_yaml(docs: &[Value]) -> String {
         .join("---\n")
 }
 
-/// The node's containerd, as kube-lab's up.sh exports it.
+/// The node's containerd: CONTAINERD_ADDRESS, else containerd's own socket.
 fn ctr(args: &[&str]) -> (bool, String, String) {
     let address = std::env::var("CONTAINERD_ADDRESS")
-        .unwrap_or_else(|_| "/var/tmp/kube-lab/containerd/containerd.sock".into());
+        .unwrap_or_else(|_| "/run/containerd/containerd.sock".into());
     run(Command::new("ctr")
         .args(["-a", &address, "-n", "k8s.io"])
         .args(args))
@@ -331,6 +331,78 @@ fn niximage_ready(left: &mut Leftovers, name: &str, contents: &[&str], timeout: 
             "Ready" => Some(()),
             "Failed" => panic!("{name} failed\n{}", agent_state()),
             _ => None,
+        },
+    );
+}
+
+/// A NixImage's image is in the node's runtime once Ready, its Pod starts
+/// without pulling (the kubelet says "already present on machine"), and the
+/// image leaves the runtime with the object.
+fn pre_pull_on_the_node(left: &mut Leftovers) {
+    let name = "prepull-demo";
+    niximage_ready(left, name, &["hello"], 300);
+    let entry = |field: &str| {
+        jsonpath(
+            &["-n", "default", "nimg", name],
+            &format!("{{.status.nodes[0].{field}}}"),
+        )
+    };
+    let runtime = wait_for(
+        "the node entry to say the image is in the runtime",
+        Duration::from_secs(120),
+        &agent_state,
+        || Some(entry("prePulled")).filter(|s| !s.is_empty()),
+    );
+    assert!(runtime.starts_with("containerd "), "{runtime}");
+    let image = jsonpath(&["-n", "default", "nimg", name], "{.status.image}");
+    let digest = jsonpath(&["-n", "default", "nimg", name], "{.status.digest}");
+    let repo = format!("127.0.0.1:5000/niximage/default/{name}");
+    let images = ctr(&["images", "ls", "-q"]).1;
+    for r in [format!("{repo}:v1"), format!("{repo}@{digest}")] {
+        assert!(images.lines().any(|l| l == r), "{r} not in\n{images}");
+    }
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name, "namespace": "default" },
+        "spec": { "restartPolicy": "Never", "containers": [{
+            "name": "hello", "image": image, "imagePullPolicy": "IfNotPresent", "command": ["hello"]
+        }] }
+    });
+    left.manifests
+        .insert(0, serde_yaml::to_string(&pod).unwrap());
+    ok_in(&["apply", "-f", "-"], &pod.to_string());
+    wait_for(
+        "the pre-pulled pod to succeed",
+        Duration::from_secs(120),
+        &agent_state,
+        || {
+            (jsonpath(&["-n", "default", "pod", name], "{.status.phase}") == "Succeeded")
+                .then_some(())
+        },
+    );
+    assert_eq!(ok(&["-n", "default", "logs", name]), "Hello, world!\n");
+    let events = ok(&[
+        "-n",
+        "default",
+        "get",
+        "events",
+        "--field-selector",
+        &format!("involvedObject.name={name},reason=Pulled"),
+        "-o",
+        "jsonpath={.items[*].message}",
+    ]);
+    assert!(events.contains("already present on machine"), "{events}");
+    ok(&["-n", "default", "delete", "pod", name, "--wait=true"]);
+    ok(&["-n", "default", "delete", "nimg", name, "--wait=true"]);
+    wait_for(
+        "the pre-pulled image to leave the runtime",
+        // The kubelet removes the Pod's container, then the agent's next
+        // sweep (every 30 s) the image.
+        Duration::from_secs(120),
+        &agent_state,
+        || {
+            let images = ctr(&["images", "ls", "-q"]).1;
+            (!images.lines().any(|l| l.starts_with(&repo))).then_some(())
         },
     );
 }
@@ -549,6 +621,11 @@ fn install_use_restart_upgrade_and_uninstall_on_a_real_cluster() {
         wide.lines().next().unwrap().contains("SIZE") && wide.contains("ready on 1/1 nodes"),
         "{wide}"
     );
+
+    // 4b. Pre-pull: the agent pulled the ready image into the node's
+    // containerd (under its tag and the digest status names), so a Pod with
+    // IfNotPresent starts without a pull; deleting the NixImage removes it.
+    pre_pull_on_the_node(&mut left);
 
     // 5. A second agent beside the DaemonSet's: first without a namespace for
     // its Lease, which it says (not ready), then as it should run.

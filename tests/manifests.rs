@@ -269,6 +269,25 @@ fn deploy_manifests_parse_and_agree() {
         .unwrap()
         .iter()
         .any(|p| p.name.as_deref() == Some("metrics") && p.container_port.to_string() == metrics));
+    // Pre-pull: the node's /run, read-only, where the agent looks for the
+    // runtime's CRI socket (/host + each of nixery::cri::SOCKETS).
+    let run = c
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.mount_path == "/host/run")
+        .expect("the node's /run is mounted at /host/run");
+    assert_eq!(run.read_only, Some(true));
+    let volume = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == run.name)
+        .unwrap();
+    assert_eq!(volume.host_path.as_ref().unwrap().path, "/run");
+    assert!(nixery::cri::SOCKETS.iter().any(|s| s.starts_with("/run/")));
     // Pod security: what the namespace admits is what the pod needs.
     let labels = docs.namespaces[0].metadata.labels.clone().unwrap();
     assert_eq!(labels["pod-security.kubernetes.io/enforce"], "privileged");

@@ -129,6 +129,9 @@ pub async fn forget_object(ctx: &Context, namespace: &str, name: &str, uid: Opti
         forget_uid(ctx, uid);
     }
     ctx.catalog.named.remove(namespace, name);
+    if let Some(prepull) = &ctx.prepull {
+        prepull.release(&format!("{namespace}/{name}")).await;
+    }
     match ctx.builder.gc().drop_object(namespace, name).await {
         Ok(_) => info!(namespace, name, "dropped the image of a deleted NixImage"),
         Err(e) => warn!(namespace, name, error = %e, "dropping a deleted NixImage's images"),
@@ -155,7 +158,11 @@ pub async fn forget_missing(
     scope: Option<&str>,
     existing: &BTreeSet<(String, String)>,
 ) {
-    for object in ctx.catalog.objects() {
+    let mut objects = ctx.catalog.objects();
+    if let Some(prepull) = &ctx.prepull {
+        objects.extend(prepull.objects());
+    }
+    for object in objects {
         let Some((ns, name)) = object.split_once('/') else {
             continue;
         };

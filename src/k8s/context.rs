@@ -91,6 +91,8 @@ pub struct Context {
     pub allowed_sources: Vec<Source>,
     /// Whether the other nodes' agents are alive.
     pub liveness: Arc<dyn Liveness>,
+    /// Pulls ready images into this node's container runtime (none: off).
+    pub prepull: Option<Arc<crate::k8s::prepull::Prepuller>>,
     /// Failures per object UID, for exponential backoff; reset on success.
     pub failures: Mutex<HashMap<String, u32>>,
     pub(super) builds: Arc<Mutex<HashMap<String, NodeBuild>>>,
@@ -136,6 +138,7 @@ impl Context {
             progress_interval: Duration::from_secs(2),
             allowed_sources: Vec::new(),
             liveness: Arc::new(reflector::store::<Lease>().0),
+            prepull: None,
             failures: Default::default(),
             builds: Default::default(),
             written: Default::default(),

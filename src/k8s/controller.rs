@@ -25,6 +25,10 @@ use crate::k8s::reconcile::{error_policy, reconcile};
 use crate::k8s::status::{PHASE_BUILDING, PHASE_FAILED, PHASE_PENDING, PHASE_READY};
 use crate::metrics::PhaseLabel;
 
+/// How often released pre-pulled images that a container used are looked at
+/// again (a sweep with nothing released asks the runtime nothing).
+const PRE_PULL_SWEEP: Duration = Duration::from_secs(30);
+
 /// Watch retries: quick, and capped at 5 s, so that the agent is back within
 /// seconds of the API server (kube's default waits up to 30 s, then longer
 /// after a reset timer).
@@ -165,6 +169,16 @@ pub async fn run(
     });
     let triggers = futures::stream::select(objects, completions);
     tokio::spawn(reconcile_on_departures(ctx.clone(), reader.clone()));
+
+    // Pre-pulled images a container kept in use are removed once it is gone.
+    if let Some(prepull) = ctx.prepull.clone() {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PRE_PULL_SWEEP).await;
+                prepull.sweep().await;
+            }
+        });
+    }
 
     let metrics = ctx.metrics.clone();
     let node = ctx.node.clone();

@@ -236,6 +236,11 @@ pub struct NodeStatus {
     /// The digest of this node's cosign signature manifest, when it signs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
+    /// The container runtime that holds the image already (`containerd
+    /// 1.6.20`), pulled by the agent when it became ready: a Pod on this node
+    /// starts without pulling it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_pulled: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }

@@ -8,6 +8,7 @@ pub mod crd;
 pub mod events;
 pub mod lease;
 pub mod names;
+pub mod prepull;
 pub mod reconcile;
 pub mod sources;
 pub mod status;

@@ -33,6 +33,7 @@ use crate::k8s::cleanup::{drop_legacy_finalizer, forget_object, sweep_departed};
 use crate::k8s::context::{Context, Error, Failure, NodeBuild};
 use crate::k8s::crd::{NixImage, NodeStatus, PlatformImage};
 use crate::k8s::names::{API_VERSION, FIELD_MANAGER};
+use crate::k8s::prepull;
 use crate::k8s::sources::{image_spec, pin_revision, pin_spec, Pin};
 use crate::k8s::status::{
     aggregate, PHASE_BUILDING, PHASE_FAILED, PHASE_READY, REASON_BUILD_FAILED, REASON_INVALID_SPEC,
@@ -153,12 +154,17 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
     }) {
         let image = images[0].1.clone();
         let (sbom, signature) = attested(&image);
+        let (pre_pulled, pre_pull_failed) = pre_pull(&obj, ctx, &images);
+        let message = ready_message(&image, pre_pull_failed);
         // (An entry of an agent from before architectures is written again,
         // with them.)
-        if mine
-            .as_ref()
-            .is_some_and(|m| m.sbom == sbom && m.signature == signature && m.arch.is_some())
-        {
+        if mine.as_ref().is_some_and(|m| {
+            m.sbom == sbom
+                && m.signature == signature
+                && m.arch.is_some()
+                && m.pre_pulled == pre_pulled
+                && m.message.as_ref() == Some(&message)
+        }) {
             // Nothing to build; write the aggregate only if it is out of date.
             ensure_aggregate(api, &obj, ctx).await?;
             return Ok(Action::requeue(RECHECK));
@@ -376,6 +382,7 @@ async fn finish(
     };
     let previous = own_entry(ctx, obj, &uid);
     let (sbom, signature) = attested(&image);
+    let (pre_pulled, pre_pull_failed) = pre_pull(obj, ctx, &images);
     let mut platforms: Vec<PlatformImage> = images
         .iter()
         .map(|(a, i)| PlatformImage {
@@ -407,10 +414,8 @@ async fn finish(
         size: Some(image.size as i64),
         sbom,
         signature,
-        message: Some(format!(
-            "built {} layers, {} bytes",
-            image.layers, image.size
-        )),
+        pre_pulled,
+        message: Some(ready_message(&image, pre_pull_failed)),
         reason: None,
     };
     // After a restart the entry often says just this already: no write.
@@ -574,6 +579,59 @@ fn progress_reporter(
         }
     });
     (progress, handle)
+}
+
+/// A ready entry's message.
+fn ready_message(image: &BuiltImage, pre_pull_failed: Option<String>) -> String {
+    let built = format!("built {} layers, {} bytes", image.layers, image.size);
+    match pre_pull_failed {
+        None => built,
+        Some(e) => format!("{built}; pre-pulling into the container runtime failed: {e}"),
+    }
+}
+
+/// Where the object's image stands in this node's container runtime, as its
+/// status entry says it: the runtime that holds it, or why the pull failed.
+/// Starts the pull (of what the tag serves: with several systems, their
+/// index) when the runtime does not have it yet; its end triggers the object.
+fn pre_pull(
+    obj: &NixImage,
+    ctx: &Context,
+    images: &[(Arch, Arc<BuiltImage>)],
+) -> (Option<String>, Option<String>) {
+    let (Some(prepull), Some(ns)) = (&ctx.prepull, obj.namespace()) else {
+        return (None, None);
+    };
+    let name = obj.name_any();
+    let served = if images.len() > 1 {
+        ctx.builder.index(false, images).1.to_string()
+    } else {
+        images[0].1.oci_digest.to_string()
+    };
+    let repository = format!(
+        "{}/{}",
+        ctx.public_host,
+        name::Repository::Named {
+            namespace: ns.clone(),
+            name: name.clone()
+        }
+        .name()
+    );
+    let target = prepull::Target {
+        object: format!("{ns}/{name}"),
+        tag_ref: format!("{repository}:{}", obj.spec.tag),
+        digest_ref: format!("{repository}@{served}"),
+        digest: served,
+    };
+    let completions = ctx.completions.clone();
+    let obj_ref = ObjectRef::from_obj(obj);
+    match prepull.ensure(&target, move || {
+        let _ = completions.send(obj_ref);
+    }) {
+        prepull::State::InRuntime(runtime) => (Some(runtime), None),
+        prepull::State::Pulling => (None, None),
+        prepull::State::Failed(e) => (None, Some(e)),
+    }
 }
 
 /// The digests of an image's CycloneDX SBOM and signature manifest, as

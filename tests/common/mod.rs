@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod cri;
 pub mod files;
 pub mod garage;
 pub mod proxy;
