@@ -7,6 +7,7 @@
 # Usage: benches/blobs.sh [seconds per load run]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/reference-registry.sh
 DURATION="${1:-10}"
 cargo build --release --quiet
 BIN=$PWD/target/release/nixery
@@ -19,14 +20,7 @@ trap cleanup EXIT
 "$BIN" serve --listen "$OURS" --state-dir "$WORK/ours" --pkgs-path nix/offline-pkgs \
   --nix-option substituters= >/dev/null 2>"$WORK/ours.log" &
 pids+=($!)
-cat >"$WORK/ref.yml" <<EOF
-version: 0.1
-log: { level: error, accesslog: { disabled: true } }
-storage: { filesystem: { rootdirectory: $WORK/ref-data }, cache: { blobdescriptor: inmemory } }
-http: { addr: $REF }
-EOF
-docker-registry serve "$WORK/ref.yml" >"$WORK/ref.log" 2>&1 &
-pids+=($!)
+reference_registry
 for a in $OURS $REF; do
   for _ in $(seq 100); do curl -sf "http://$a/v2/" >/dev/null && break; sleep 0.1; done
 done

@@ -13,6 +13,7 @@
 # Usage: benches/kube.sh [ROUNDS]   (default 7)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/reference-registry.sh
 ROUNDS="${1:-7}"
 LAB="${NIXERY_KUBE_LAB:-$(cd .. && pwd)/shared/kube-lab}"
 WORK=$(mktemp -d)
@@ -88,15 +89,7 @@ for i in $(seq "$ROUNDS"); do
 done
 
 # 1. Pod to Ready: from the node's agent, and from docker-registry on the node.
-cat >"$WORK/ref.yml" <<EOF
-version: 0.1
-log: { level: error, accesslog: { disabled: true } }
-storage: { filesystem: { rootdirectory: $WORK/ref-data }, cache: { blobdescriptor: inmemory } }
-http: { addr: $REF }
-EOF
-docker-registry serve "$WORK/ref.yml" >"$WORK/ref.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do curl -sf "http://$REF/v2/" >/dev/null && break; sleep 0.1; done
+reference_registry
 OURS_IMAGE="127.0.0.1:5000/niximage/$NS/first:v1"
 REF_IMAGE="$REF/niximage/$NS/first:v1"
 skopeo copy -q --preserve-digests --src-tls-verify=false --dest-tls-verify=false \

@@ -11,6 +11,7 @@
 # Writes the head of benches/results.md (the other benchmarks' sections stay). Usage: benches/registry.sh [seconds per load run]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/reference-registry.sh
 DURATION="${1:-10}"
 bash scripts/install-deps.sh >/dev/null
 cargo build --release --quiet
@@ -65,15 +66,7 @@ echo "== starting nixery and the reference registry"
 serve "$WORK/ours" "$OURS"
 ours_pid=$server
 curl -sf -o /dev/null "http://$OURS/v2/shell/curl/manifests/latest"
-cat > "$WORK/ref.yml" <<EOF
-version: 0.1
-log: { level: error, accesslog: { disabled: true } }
-storage: { filesystem: { rootdirectory: $WORK/ref-data }, cache: { blobdescriptor: inmemory } }
-http: { addr: $REF }
-EOF
-docker-registry serve "$WORK/ref.yml" >"$WORK/ref.log" 2>&1 &
-pids+=("$!")
-for _ in $(seq 100); do curl -sf "http://$REF/v2/" >/dev/null && break; sleep 0.1; done
+reference_registry
 skopeo copy -q --preserve-digests --src-tls-verify=false --dest-tls-verify=false \
   "docker://$OURS/shell/curl:latest" "docker://$REF/shell/curl:latest"
 
