@@ -131,13 +131,20 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         );
         std::fs::write(d.join("config.toml"), config).unwrap();
         let log = std::fs::File::create(d.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config")
             .arg(d.join("config.toml"))
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting containerd");
+            .stderr(log);
+        // It goes with the test process, however that ends.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("starting containerd");
         let runtime = nixery::cri::Runtime::new(&socket).unwrap();
         let client = RuntimeServiceClient::new(channel(&socket));
         let mut c = Containerd {
