@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Months on a node, compressed: a bounded soak run (benches/soak.sh runs it).
 
-One `nixery serve` under a small --storage-limit and one `nixery agent`
-against a real Kubernetes (../shared/kube-lab), both the built binary, for
---minutes (default 10):
+One `nixery serve` under a small --storage-limit and, with --agent, one
+`nixery agent` against the real Kubernetes KUBECONFIG names, both the built
+binary, for --minutes (default 10):
   - distinct ad-hoc images (every subset of the offline set's packages, in a
     shuffled order) built, pulled and evicted, and old ones pulled again;
   - NixImages created, changed and deleted, and pulled from the agent;
-  - the server restarted every --restart-every seconds, the kube-apiserver
-    once (SIGTERM, then kube-lab's up.sh);
+  - the server restarted every --restart-every seconds, and the API server
+    once if --restart-apiserver gives the command that does it;
   - every manifest's digest checked against its bytes, and its config and
     smallest layer fetched and checked too.
 Every 10 s it samples, for both processes: RSS, open file descriptors,
@@ -251,17 +251,9 @@ def p99(values):
     return v[min(len(v) - 1, int(round(0.99 * (len(v) - 1))))]
 
 
-def restart_apiserver(lab):
-    lab_dir = os.environ.get("KUBE_LAB_DIR", "/var/tmp/kube-lab")
-    pid = int(open(f"{lab_dir}/run/kube-apiserver.pid").read().strip())
-    os.kill(pid, signal.SIGTERM)
-    t = time.monotonic()
-    while os.path.exists(f"/proc/{pid}") and "State:\tZ" not in open(f"/proc/{pid}/status").read():
-        if time.monotonic() - t > 15:
-            os.kill(pid, signal.SIGKILL)
-        time.sleep(0.5)
-    time.sleep(3)
-    subprocess.run([os.path.join(lab, "up.sh"), "--node"], check=True, capture_output=True)
+def restart_apiserver(command):
+    """The operator's own command that restarts the cluster's API server."""
+    subprocess.run(command, shell=True, check=True, capture_output=True)
 
 
 def svg_plot(samples, columns, path):
@@ -293,7 +285,8 @@ def main():
     ap.add_argument("--storage-limit", default="40MiB")
     ap.add_argument("--bin", required=True)
     ap.add_argument("--work", required=True)
-    ap.add_argument("--lab", required=True)
+    ap.add_argument("--agent", action="store_true", help="also run an agent against the cluster KUBECONFIG names")
+    ap.add_argument("--restart-apiserver", help="a shell command that restarts the cluster's API server, run once")
     ap.add_argument("--results", default=os.path.join(REPO, "benches/results.md"))
     args = ap.parse_args()
     work = args.work
@@ -303,23 +296,25 @@ def main():
     common = ["--pkgs-path", offline, "--nix-option", "substituters="]
     serve = Proc("serve", [args.bin, "serve", "--listen", "127.0.0.1:5090", "--state-dir", serve_state,
                            "--storage-limit", args.storage_limit, *common], env, os.path.join(work, "serve.log"))
-    agent = Proc("agent", [args.bin, "agent", "--node-name", "soak-node", "--listen", "127.0.0.1:5091",
+    agent = args.agent and Proc("agent", [args.bin, "agent", "--node-name", "soak-node", "--listen", "127.0.0.1:5091",
                            "--lease-namespace", NS, "--watch-namespace", NS, "--state-dir", agent_state,
                            "--storage-limit", args.storage_limit, *common], env, os.path.join(work, "agent.log"))
     serve_base, agent_base = "http://127.0.0.1:5090", "http://127.0.0.1:5091"
     limit = int(re.match(r"(\d+)MiB", args.storage_limit).group(1)) << 20
     serve.start(serve_base)
-    agent.start(agent_base)
+    if agent:
+        agent.start(agent_base)
     stats, stop = Stats(), threading.Event()
     threads = [threading.Thread(target=adhoc_load, args=(serve_base, stats, stop, s), daemon=True) for s in (1, 2)]
-    threads.append(threading.Thread(target=niximage_load, args=(agent_base, stats, stop, 3), daemon=True))
+    if agent:
+        threads.append(threading.Thread(target=niximage_load, args=(agent_base, stats, stop, 3), daemon=True))
     for t in threads:
         t.start()
     samples, events = [], []
     start = time.time()
     end = start + args.minutes * 60
     next_restart = start + args.restart_every
-    api_restart_at = start + args.minutes * 60 * 0.6
+    api_restart_at = args.restart_apiserver and start + args.minutes * 60 * 0.6
     restarting = threading.Lock()
     while time.time() < end:
         time.sleep(10)
@@ -334,16 +329,16 @@ def main():
             next_restart = now + args.restart_every
         if api_restart_at and now >= api_restart_at:
             log("restarting the kube-apiserver")
-            restart_apiserver(args.lab)
+            restart_apiserver(args.restart_apiserver)
             events.append((now - start, "kube-apiserver restart"))
             api_restart_at = None
         try:
             s_rss, s_fds, s_thr = serve.sample()
-            a_rss, a_fds, a_thr = agent.sample()
+            a_rss, a_fds, a_thr = agent.sample() if agent else (0, 0, 0)
         except (OSError, AttributeError):
             continue
         cat_size, cat_images, gcroots = state_figures(serve_state)
-        _, a_images, a_gcroots = state_figures(agent_state)
+        _, a_images, a_gcroots = state_figures(agent_state) if agent else (0, 0, 0)
         with stats.lock:
             window = [d for (t, d) in stats.warm if t > now - 60]
             built = len(stats.built)
@@ -364,10 +359,13 @@ def main():
     for t in threads:
         t.join(60)
     serve.stop()
-    agent.stop()
+    if agent:
+        agent.stop()
 
     columns = ["serve_rss_mib", "serve_fds", "serve_threads", "agent_rss_mib", "agent_fds", "agent_threads",
                "catalog_bytes", "catalog_images", "gcroots", "stored_mib", "p99_warm_ms"]
+    if not agent:
+        columns = [c for c in columns if not c.startswith("agent_")]
     with open(os.path.join(work, "soak.csv"), "w") as f:
         keys = list(samples[0].keys())
         f.write(",".join(keys) + "\n")
@@ -385,6 +383,8 @@ def main():
     verdicts = []
     failed = []
     for col, step in slack.items():
+        if col not in columns:
+            continue
         m, l = max(s[col] for s in middle), max(s[col] for s in last)
         grows = l > 1.5 * m and l - m > step
         verdicts.append((col, samples[0][col], m, l, "grows" if grows else "bounded"))
@@ -405,12 +405,12 @@ def main():
     lines = [
         "", f"## Soak (benches/soak.sh), {time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime())}", "",
         f"{minutes:.1f} minutes on {os.cpu_count()} cores: one `nixery serve` (--storage-limit {args.storage_limit}) "
-        f"and one `nixery agent` on kube-lab; {len(stats.built)} distinct ad-hoc images built and pulled "
+        f"{'and one `nixery agent` on a real cluster' if agent else '(no agent: KUBECONFIG was not set)'}; {len(stats.built)} distinct ad-hoc images built and pulled "
         f"({stats.pulls} pulls, {stats.verified} digests verified against their bytes, "
         f"{len(stats.mismatches)} mismatches), NixImages {stats.niximages['created']} created, "
         f"{stats.niximages['changed']} changed, {stats.niximages['deleted']} deleted, "
         f"{stats.niximages['pulled']} pulled from the agent; the server restarted {serve.restarts} times, "
-        f"the kube-apiserver once. Cold pulls (a build each): median {sorted(stats.cold)[len(stats.cold) // 2] if stats.cold else 0:.2f} s. "
+        f"{'the kube-apiserver once' if args.restart_apiserver else 'the kube-apiserver never'}. Cold pulls (a build each): median {sorted(stats.cold)[len(stats.cold) // 2] if stats.cold else 0:.2f} s. "
         f"Requests that failed: {sum(stats.errors.values())} ({len(stats.refused)} refused by the registry; "
         f"the rest cut by the restarts: {', '.join(sorted(k for k in stats.errors if 'HTTP' not in k)) or 'none'}).", "",
         "| figure | first sample | highest, middle third | highest, last third | |", "|---|---|---|---|---|",
