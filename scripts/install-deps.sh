@@ -26,7 +26,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # kubectl comes with this kind of machine (Debian has no package of it); the
-# real-cluster tests and the README's install need it.
+# real-cluster tests and docs/kubernetes.md's install need it.
 command -v kubectl >/dev/null || echo "warning: kubectl is not installed; the real-cluster tests need it" >&2
 if ! command -v docker >/dev/null || ! docker info >/dev/null 2>&1; then
   echo "warning: no Docker engine is reachable; the docker tests need one" >&2

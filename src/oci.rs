@@ -26,8 +26,8 @@ pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 /// config's `created` is the matching instant: no build time leaks in.
 pub const EPOCH_MTIME: u64 = 1;
 pub const CREATED: &str = "1970-01-01T00:00:01Z";
-/// gzip level for layers (libdeflate's scale, 0 to 12); see benches/ and the
-/// README for how it was chosen: what a user waits for on a cold pull is
+/// gzip level for layers (libdeflate's scale, 0 to 12); see benches/ and
+/// docs/benchmarks.md for how it was chosen: what a user waits for on a cold pull is
 /// packing more than transfer.
 pub const GZIP_LEVEL: u32 = 3;
 /// zstd level for layers when zstd is chosen; see benches/pack.rs.
@@ -313,7 +313,7 @@ const GZ_BLOCK: usize = 1 << 20;
 /// and zlib's gunzip read them all, and eStargz layers are built the same
 /// way. libdeflate has no streaming and no dictionaries, hence members
 /// rather than one stream; it is 1.35x zlib-rs's speed at level 3 for 4 %
-/// fewer bytes (README, "Benchmarks"), and 1 MiB members cost under 0.1 %.
+/// fewer bytes (docs/benchmarks.md), and 1 MiB members cost under 0.1 %.
 /// The bytes depend on the input and level only, never on the number of
 /// threads. Threads compressing at once are one per core over all layers
 /// (`DeflateTurn`).

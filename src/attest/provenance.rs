@@ -11,7 +11,7 @@ pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
 pub const SLSA_PROVENANCE_V1: &str = "https://slsa.dev/provenance/v1";
 /// Our build type (a URN: the project has no web address of its own yet);
 /// what `externalParameters` and `internalParameters` mean is documented in
-/// the README ("SBOMs, provenance and signatures").
+/// docs/supply-chain.md.
 pub const BUILD_TYPE: &str = "urn:nixery:buildtype:image:v1";
 
 /// The source as a resource descriptor: URI and, where it is pinned, digest.
