@@ -187,25 +187,6 @@ pub struct IndexEntry {
     /// The index itself (small JSON), as served.
     pub manifest: String,
     pub members: Vec<Digest>,
-    /// cosign's signature manifest of the index (with `--signing-key`),
-    /// and the blobs it names.
-    /// (Made again after a start, never read from the catalog file.)
-    #[serde(skip)]
-    pub signature: Option<String>,
-    /// The signature manifest's digest, computed once.
-    #[serde(skip)]
-    signature_digest: Option<Digest>,
-    #[serde(skip)]
-    pub blobs: Vec<Digest>,
-}
-
-impl IndexEntry {
-    /// Whether `digest` is this index, its signature or a blob of that.
-    fn holds(&self, own: &Digest, digest: &Digest) -> bool {
-        own == digest
-            || self.blobs.contains(digest)
-            || self.signature_digest.as_ref() == Some(digest)
-    }
 }
 
 /// One catalogued image.
@@ -219,9 +200,9 @@ struct ImageRec {
     digests: HashSet<Digest>,
     /// NixImage objects that named it.
     objects: BTreeSet<String>,
-    /// Its CycloneDX SBOM's and signature manifest's digests, read from its
+    /// Its CycloneDX SBOM's digest, read from its
     /// attached manifests once (the page lists them twice a second).
-    attested: (Option<Digest>, Option<Digest>),
+    sbom: Option<Digest>,
 }
 
 impl ImageRec {
@@ -237,7 +218,7 @@ impl Inner {
         self.by_digest
             .insert(img.docker_digest.clone(), key.clone());
         let digests = digests_of(&img);
-        let attested = crate::attest::attested(&img.attached);
+        let sbom = crate::attest::document_digest(&img.attached, crate::attest::CYCLONEDX);
         let objects = self
             .images
             .remove(&key)
@@ -250,7 +231,7 @@ impl Inner {
                 built,
                 used: AtomicU64::new(used),
                 digests,
-                attested,
+                sbom,
                 objects,
             },
         );
@@ -471,67 +452,42 @@ impl Catalog {
                 .filter_map(|k| inner.images.get(k))
                 .any(|rec| rec.digests.contains(digest))
         };
-        // An index (and its signature) is the repository's when a
+        // An index is the repository's when a
         // manifest it lists is.
         held(digest)
             || inner
                 .indexes
                 .iter()
-                .any(|(d, i)| i.holds(d, digest) && i.members.iter().any(held))
+                .any(|(d, i)| d == digest && i.members.iter().any(held))
     }
 
-    /// The index that `digest` is, or is the signature (or a signature blob) of.
-    pub fn index_holding(&self, digest: &Digest) -> Option<IndexEntry> {
+    /// The images asked for under repository `repo` (canonical name).
+    pub fn images_in_repository(&self, repo: &str) -> Vec<Arc<BuiltImage>> {
         let inner = self.inner.read().unwrap();
-        if let Some(i) = inner.indexes.get(digest) {
-            return Some(i.clone());
-        }
+        inner
+            .repos
+            .get(repo)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| inner.images.get(k))
+            .map(|rec| rec.img.clone())
+            .collect()
+    }
+
+    /// The indexes (and manifest lists) that list any of `members`.
+    pub fn indexes_listing(&self, members: &[Digest]) -> Vec<Digest> {
+        let inner = self.inner.read().unwrap();
         inner
             .indexes
             .iter()
-            .find(|(d, i)| i.holds(d, digest))
-            .map(|(_, i)| i.clone())
-    }
-
-    /// Records an index's signature manifest and the blobs it names.
-    pub fn set_index_signature(&self, index: &Digest, manifest: &[u8], blobs: Vec<Digest>) {
-        let set = {
-            let mut inner = self.inner.write().unwrap();
-            match inner.indexes.get_mut(index) {
-                Some(i) => {
-                    i.signature = Some(String::from_utf8_lossy(manifest).into_owned());
-                    i.signature_digest = Some(Digest::of(manifest));
-                    i.blobs = blobs;
-                    true
-                }
-                None => false,
-            }
-        };
-        if set {
-            self.persist();
-        }
-    }
-
-    /// Forgets every index signature (at start: they are made again, the
-    /// same bytes under the same key, when an index is next served; none is
-    /// kept under a key the registry no longer has).
-    pub fn clear_index_signatures(&self) {
-        let mut inner = self.inner.write().unwrap();
-        for i in inner.indexes.values_mut() {
-            i.signature = None;
-            i.signature_digest = None;
-            i.blobs.clear();
-        }
-    }
-
-    /// The blobs of index signatures: garbage collection keeps them.
-    pub fn index_blobs(&self) -> Vec<Digest> {
-        let inner = self.inner.read().unwrap();
-        inner
-            .indexes
-            .values()
-            .flat_map(|i| i.blobs.iter().cloned())
+            .filter(|(_, i)| i.members.iter().any(|m| members.contains(m)))
+            .map(|(d, _)| d.clone())
             .collect()
+    }
+
+    /// The index that `digest` is.
+    pub fn index_holding(&self, digest: &Digest) -> Option<IndexEntry> {
+        self.inner.read().unwrap().indexes.get(digest).cloned()
     }
 
     /// Records an image index (or manifest list) of `members`, served by
@@ -549,9 +505,6 @@ impl Catalog {
                         media_type: media_type.to_string(),
                         manifest: String::from_utf8_lossy(manifest).into_owned(),
                         members,
-                        signature: None,
-                        signature_digest: None,
-                        blobs: vec![],
                     },
                 );
                 true
@@ -649,7 +602,7 @@ impl Catalog {
             index_manifests(&mut inner.manifests, &img);
             if let Some(rec) = inner.images.get_mut(&key) {
                 rec.digests = digests_of(&img);
-                rec.attested = crate::attest::attested(&img.attached);
+                rec.sbom = crate::attest::document_digest(&img.attached, crate::attest::CYCLONEDX);
                 rec.img = img;
             }
         }
@@ -838,8 +791,9 @@ impl Catalog {
                         } else {
                             0
                         },
-                    sbom: rec.attested.0.clone(),
-                    signature: rec.attested.1.clone(),
+                    sbom: rec.sbom.clone(),
+                    // (The page adds it: a signature names the host asked.)
+                    signature: None,
                 }
             })
             .collect();
@@ -852,14 +806,6 @@ impl Catalog {
         let inner = self.inner.read().unwrap();
         if let Some(m) = inner.manifests.get(digest) {
             return Some(m.clone());
-        }
-        if let Some(i) = inner
-            .indexes
-            .values()
-            .find(|i| i.signature_digest.as_ref() == Some(digest))
-        {
-            let s = i.signature.clone().expect("found");
-            return Some((oci::OCI_MANIFEST, bytes::Bytes::from(s)));
         }
         let i = inner.indexes.get(digest)?;
         let media_type = match i.media_type.as_str() {

@@ -42,10 +42,6 @@ pub struct AgentArgs {
     /// This node's name (from the downward API in the DaemonSet).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
-    /// The registry host that pods on this node use to pull, as written into
-    /// this node's NixImage status entry [default: 127.0.0.1:<port>].
-    #[arg(long, env = "NIXERY_PUBLIC_HOST")]
-    pub public_host: Option<String>,
     /// A package source NixImages may name besides the agent's own, as
     /// `repo:URL`, `channel:NAME` or `path:DIR` (repeatable; env: comma-separated).
     /// Building from a source evaluates its Nix code as root on every node.
@@ -217,6 +213,12 @@ pub struct ImageArgs {
     /// PKCS#8 or SEC1); its public key is served at /cosign.pub.
     #[arg(long, env = "NIXERY_SIGNING_KEY", value_name = "FILE")]
     pub signing_key: Option<PathBuf>,
+    /// The host (and port) clients pull by: the registry part of the identity
+    /// that signatures name, and, for an agent, of the reference written into
+    /// its node's NixImage status entries [default: the host each request
+    /// addressed; an agent's: 127.0.0.1:<port>].
+    #[arg(long, env = "NIXERY_PUBLIC_HOST", value_name = "HOST")]
+    pub public_host: Option<String>,
 }
 
 /// Where blobs, manifests and the image index live, and how much.
@@ -301,6 +303,8 @@ pub struct Settings {
     pub popularity: Option<crate::layers::Popularity>,
     /// Signs each image and its attestations (`--signing-key`).
     pub signer: Option<std::sync::Arc<crate::attest::Signer>>,
+    /// The host clients pull by (`--public-host`).
+    pub public_host: Option<String>,
     pub nix_options: Vec<(String, String)>,
     /// The systems asked for with `--systems`, host first when it is among
     /// them; empty: what the local Nix builds (see `nix::systems`).
@@ -515,6 +519,7 @@ impl CommonArgs {
             cache_ttl: Duration::from_secs(self.images.cache_ttl),
             compression: self.images.layer_compression,
             popularity,
+            public_host: self.images.public_host.clone(),
             signer: match &self.images.signing_key {
                 Some(path) => Some(std::sync::Arc::new(crate::attest::Signer::from_file(path)?)),
                 None => None,

@@ -268,9 +268,6 @@ impl Run {
                 *refs.entry(d.clone()).or_default() += 1;
             }
         }
-        for d in c.catalog.index_blobs() {
-            *refs.entry(d).or_default() += 1;
-        }
         Ok(Run {
             sizes,
             total,

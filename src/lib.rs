@@ -159,25 +159,12 @@ pub async fn app_state_with(
         catalog.clone(),
         metrics.clone(),
     );
-    // Images built before a key was set (or under another key) are signed
-    // with this one, from their stored documents; without a key, nothing is
-    // served as signed. Index signatures are made again when served.
-    catalog.clear_index_signatures();
+    // Signatures are made when asked for, under the current key (or none):
+    // those that builds before stored with an image's documents go.
     for img in catalog.images() {
-        match attest::resign(
-            &img.oci_digest,
-            &img.attached,
-            settings.signer.as_deref(),
-            &**builder.store(),
-        )
-        .await
-        {
-            Ok(Some(attached)) => {
-                tracing::info!(image = %img.oci_digest, signed = settings.signer.is_some(), "signatures brought in line with the key");
-                catalog.set_attached(&img.oci_digest, attached);
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(image = %img.oci_digest, error = %e, "signing a stored image"),
+        if let Some(attached) = attest::without_signatures(&img.attached) {
+            tracing::info!(image = %img.oci_digest, "stored signatures dropped: they are made when asked for");
+            catalog.set_attached(&img.oci_digest, attached);
         }
     }
     // Measure (and enforce) the limit before serving (a smaller limit than
@@ -206,6 +193,8 @@ pub async fn app_state_with(
         ready: Default::default(),
         limits: settings.limits,
         redirect,
+        public_host: settings.public_host.clone(),
+        signatures: Default::default(),
     })
 }
 

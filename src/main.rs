@@ -77,21 +77,23 @@ async fn serve(args: CommonArgs) -> anyhow::Result<()> {
 
 /// `nixery agent`: the registry plus the NixImage controller for this node.
 async fn agent(args: AgentArgs) -> anyhow::Result<()> {
-    let settings = args.common.resolve(env)?;
+    let mut settings = args.common.resolve(env)?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("listening on {}", settings.listen))?;
+    let addr = listener.local_addr()?;
+    // Pods on this node pull from its loopback: that is the host their
+    // signatures name and their status entries write.
+    let public_host = settings
+        .public_host
+        .get_or_insert_with(|| format!("127.0.0.1:{}", addr.port()))
+        .clone();
     let state = nixery::app_state(&settings).await?;
     // Not ready before the controller says so (it waits for its watch and Lease).
     state.ready.wait_for(
         nixery::k8s::controller::READINESS_PART,
         "waiting for the controller to start",
     );
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .with_context(|| format!("listening on {}", settings.listen))?;
-    let addr = listener.local_addr()?;
-    let public_host = args
-        .public_host
-        .clone()
-        .unwrap_or_else(|| format!("127.0.0.1:{}", addr.port()));
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in cluster, or KUBECONFIG)")?;
@@ -317,7 +319,6 @@ async fn build(args: BuildArgs) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let (_, index, _) = state.builder.index(false, &images);
-        state.builder.sign_index(&img.name(), &index).await;
         for (arch, i) in &images {
             eprintln!("  {}: {}", arch.oci(), i.oci_digest);
         }

@@ -537,6 +537,8 @@ fn signed_settings(dir: &Path, key: &Path) -> nixery::config::Settings {
     s.signer = Some(std::sync::Arc::new(
         nixery::attest::Signer::from_file(key).unwrap(),
     ));
+    // As an agent's: the host its node's Pods pull by.
+    s.public_host = Some("127.0.0.1:5000".into());
     s
 }
 
@@ -900,4 +902,235 @@ fn an_image_index_verifies_with_cosign() {
     let (_, other) = keypair(dir.path(), "other");
     let (ok, _, err) = verify(&image, &other);
     assert!(!ok, "verified with another key: {err}");
+}
+
+/// The policy.json and registries.d files of docs/supply-chain.md, as a
+/// user writes them from there, for the registry at `host` and the public
+/// key `public`: (policy file, registries.d directory).
+fn containers_policy(dir: &Path, host: &str, public: &Path) -> (PathBuf, PathBuf) {
+    let doc = std::fs::read_to_string(repo_root().join("docs/supply-chain.md")).unwrap();
+    let block = |lang: &str, needle: &str| -> String {
+        let open = format!("```{lang}\n");
+        doc.split(&open)
+            .skip(1)
+            .map(|b| b.split("```").next().unwrap())
+            .find(|b| b.contains(needle))
+            .unwrap_or_else(|| panic!("docs/supply-chain.md has no {lang} block with {needle}"))
+            .to_string()
+    };
+    std::fs::create_dir_all(dir.join("registries.d")).unwrap();
+    let policy = dir.join("policy.json");
+    std::fs::write(
+        &policy,
+        block("json", "sigstoreSigned")
+            .replace("127.0.0.1:5000", host)
+            .replace(
+                "/etc/containers/nixery-cosign.pub",
+                public.to_str().unwrap(),
+            ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("registries.d/nixery.yaml"),
+        block("yaml", "use-sigstore-attachments").replace("127.0.0.1:5000", host),
+    )
+    .unwrap();
+    (policy, dir.join("registries.d"))
+}
+
+/// `skopeo copy` (containers/image, Debian 13's skopeo) of `reference` under
+/// the policy, into a new directory of `dir`.
+fn skopeo_copy(
+    root: &Path,
+    dir: &Path,
+    (policy, registries): &(PathBuf, PathBuf),
+    global: &[&str],
+    reference: &str,
+) -> (bool, String, String) {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dest = dir.join(format!("copy-{n}"));
+    let mut args = vec![
+        "skopeo",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--registries.d",
+        registries.to_str().unwrap(),
+    ];
+    args.extend_from_slice(global);
+    let from = format!("docker://{reference}");
+    let to = format!("dir:{}", dest.display());
+    args.extend(["copy", "--src-tls-verify=false", &from, &to]);
+    in_root(root, dir, &args)
+}
+
+/// containers/image (the verifier of skopeo, podman, buildah and CRI-O)
+/// accepts our signatures under the policy docs/supply-chain.md shows:
+/// ad-hoc images under each spelling, an arm64 image of a two-architecture
+/// index by tag and by digest; and refuses another key, a signature for
+/// another repository, and a registry that signs nothing.
+#[test]
+fn containers_image_accepts_our_signatures_under_the_policy_users_write() {
+    let test = "containers_image_accepts_our_signatures_under_the_policy_users_write";
+    let Some((root, _)) = tools(test) else { return };
+    let multi = can_emulate(test);
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keypair(dir.path(), "cosign");
+    let (_, other) = keypair(dir.path(), "other");
+    let mut args = vec!["--signing-key", key.to_str().unwrap()];
+    if multi {
+        args.extend([
+            "--systems",
+            "x86_64-linux,aarch64-linux",
+            "--nix-option",
+            "extra-platforms=aarch64-linux",
+        ]);
+    }
+    let server = Server::start(&dir.path().join("state"), &args);
+    let host = server.addr.clone();
+    let ours = containers_policy(&dir.path().join("ours"), &host, &public);
+    let copy = |files: &(PathBuf, PathBuf), global: &[&str], reference: &str| {
+        skopeo_copy(&root, dir.path(), files, global, reference)
+    };
+    for r in ["shell/hello", "hello/shell"] {
+        let (ok, _, err) = copy(&ours, &[], &format!("{host}/{r}:latest"));
+        assert!(ok, "skopeo copy of {r} under the policy: {err}");
+    }
+    // Each spelling's signature names its own repository.
+    let digest = image_digest(&server);
+    let hex = digest.trim_start_matches("sha256:");
+    for r in ["shell/hello", "hello/shell"] {
+        let (code, _, sig) = get_full(&server.url(&format!("/v2/{r}/manifests/sha256-{hex}.sig")));
+        assert_eq!(code, 200);
+        let sig: Value = serde_json::from_slice(&sig).unwrap();
+        let payload = sig["layers"][0]["digest"].as_str().unwrap();
+        let (code, _, payload) = get_full(&server.url(&format!("/v2/{r}/blobs/{payload}")));
+        assert_eq!(code, 200);
+        let payload: Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(
+            payload["critical"]["identity"]["docker-reference"],
+            format!("{host}/{r}")
+        );
+    }
+    if multi {
+        // The arm64 image through the index (whose signature is checked),
+        // and by its own digest.
+        let (ok, _, err) = copy(
+            &ours,
+            &["--override-arch", "arm64"],
+            &format!("{host}/shell/hello:latest"),
+        );
+        assert!(
+            ok,
+            "skopeo copy of the arm64 image through the index: {err}"
+        );
+        let (code, body) = http_get_accept(
+            &server.url("/v2/shell/hello/manifests/latest"),
+            "application/vnd.oci.image.index.v1+json",
+        );
+        assert_eq!(code, 200);
+        let index: Value = serde_json::from_str(&body).unwrap();
+        let arm = index["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["platform"]["architecture"] == "arm64")
+            .unwrap()["digest"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let (ok, _, err) = copy(&ours, &[], &format!("{host}/shell/hello@{arm}"));
+        assert!(ok, "skopeo copy of the arm64 image by digest: {err}");
+    }
+
+    // Refused: another key; a policy that wants another repository's
+    // signature; a registry that signs nothing.
+    let theirs = containers_policy(&dir.path().join("theirs"), &host, &other);
+    let (ok, _, err) = copy(&theirs, &[], &format!("{host}/shell/hello:latest"));
+    assert!(
+        !ok && err.contains("Source image rejected"),
+        "another key: {err}"
+    );
+    let elsewhere = containers_policy(&dir.path().join("elsewhere"), &host, &public);
+    let text = std::fs::read_to_string(&elsewhere.0).unwrap().replace(
+        "{ \"type\": \"matchRepository\" }",
+        &format!(
+            "{{ \"type\": \"exactRepository\", \"dockerRepository\": \"{host}/hello/shell\" }}"
+        ),
+    );
+    assert!(text.contains("exactRepository"), "{text}");
+    std::fs::write(&elsewhere.0, text).unwrap();
+    let (ok, _, err) = copy(&elsewhere, &[], &format!("{host}/shell/hello:latest"));
+    assert!(
+        !ok && err.contains("Source image rejected") && err.contains("is not accepted"),
+        "a signature for shell/hello where hello/shell is wanted: {err}"
+    );
+    let unsigned = Server::start(&dir.path().join("unsigned-state"), &[]);
+    let plain = containers_policy(&dir.path().join("plain"), &unsigned.addr, &public);
+    let (ok, _, err) = copy(
+        &plain,
+        &[],
+        &format!("{}/shell/hello:latest", unsigned.addr),
+    );
+    assert!(
+        !ok && err.contains("Source image rejected"),
+        "no signature: {err}"
+    );
+}
+
+/// A NixImage's image as a node's Pods pull it, from their agent by the
+/// host it signs for: containers/image accepts it by tag and by the digest
+/// status names, and status.signature is the signature it got.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_image_accepts_a_niximage_image() {
+    use common::apiserver::*;
+    let test = "containers_image_accepts_a_niximage_image";
+    let Some((root, _)) = tools(test) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keypair(dir.path(), "cosign");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    let mut settings = signed_settings(&dir.path().join("state"), &key);
+    settings.public_host = Some(host.clone());
+    let state = nixery::app_state(&settings).await.unwrap();
+    tokio::spawn(nixery::serve_on(
+        listener,
+        state.clone(),
+        std::future::pending(),
+    ));
+    let mut a = agent("node-a", &host, &state, |_| {});
+    let server = apiserver::Server::new(niximage("curl-and-jq", 1, &["hello"], &[]));
+    build_to_ready(&server, &mut a, ("0/1", "1/1")).await;
+    let status = server.object().status.unwrap();
+    let digest = status.digest.clone().unwrap();
+    let files = containers_policy(&dir.path().join("ours"), &host, &public);
+    let repo = format!("{host}/niximage/default/curl-and-jq");
+    let (root2, d) = (root.clone(), dir.path().to_path_buf());
+    let (by_tag, by_digest) = tokio::task::spawn_blocking(move || {
+        (
+            skopeo_copy(&root2, &d, &files, &[], &format!("{repo}:v1")),
+            skopeo_copy(&root2, &d, &files, &[], &format!("{repo}@{digest}")),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(by_tag.0, "by tag: {}", by_tag.2);
+    assert!(by_digest.0, "by digest: {}", by_digest.2);
+    let hex = status
+        .digest
+        .as_deref()
+        .unwrap()
+        .trim_start_matches("sha256:");
+    let sig = common::request(
+        &state,
+        axum::http::Method::GET,
+        &format!("/v2/niximage/default/curl-and-jq/manifests/sha256-{hex}.sig"),
+        &[("host", host.as_str())],
+    )
+    .await;
+    assert_eq!(sig.status, 200);
+    assert_eq!(
+        status.signature.as_deref(),
+        sig.header("docker-content-digest")
+    );
 }

@@ -966,3 +966,120 @@ async fn every_spelling_of_one_image_serves_its_blobs() {
         }
     }
 }
+
+/// A registry with the fake Nix (its store in `fake`) that signs with a
+/// fixed key, its state in `dir`.
+async fn signed_state(fake: &std::path::Path, dir: &std::path::Path) -> nixery::registry::AppState {
+    use p256::pkcs8::EncodePrivateKey;
+    let key = p256::SecretKey::from_slice(&[9u8; 32]).unwrap();
+    let pem = key.to_pkcs8_pem(p256::pkcs8::LineEnding::LF).unwrap();
+    let mut s = settings(&dir.join("state"));
+    s.signer = Some(std::sync::Arc::new(
+        nixery::attest::Signer::from_pem(&pem, "test").unwrap(),
+    ));
+    let nix = std::sync::Arc::new(nixery::nix::fake::FakeNix::standard(fake));
+    nixery::app_state_with(&s, nix).await.unwrap()
+}
+
+/// Signatures name the repository as the client spelled it, on the host it
+/// addressed; every manifest a client resolves is signed (a Docker-only
+/// client's schema2 manifest too); and an instance that never served a
+/// signature serves its manifest and blobs all the same, byte for byte (two
+/// instances on one bucket, or one restarted).
+#[tokio::test]
+async fn signatures_name_the_repository_and_are_the_same_on_every_instance() {
+    // One Nix store, as the nodes of a cluster have the same store paths.
+    let fake = tempfile::tempdir().unwrap();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = signed_state(fake.path(), da.path()).await;
+    let b = signed_state(fake.path(), db.path()).await;
+    let host = [("host", "registry.example:5000")];
+    let digest_of = |app: &nixery::registry::AppState, accept: &'static str| {
+        let app = app.clone();
+        async move {
+            let r = request(
+                &app,
+                Method::GET,
+                "/v2/curl/jq/manifests/latest",
+                &[("accept", accept)],
+            )
+            .await;
+            assert_eq!(r.status, StatusCode::OK);
+            r.header("docker-content-digest").unwrap().to_string()
+        }
+    };
+    let oci = digest_of(&a, OCI_MANIFEST).await;
+    let docker = digest_of(&a, DOCKER_MANIFEST).await;
+    assert_ne!(oci, docker);
+    assert_eq!(digest_of(&b, OCI_MANIFEST).await, oci);
+    let get_on = |app: &nixery::registry::AppState, uri: String| {
+        let app = app.clone();
+        async move { request(&app, Method::GET, &uri, &host).await }
+    };
+    // The payload of a signature, fetched through its manifest.
+    let payload = |app: &nixery::registry::AppState, repo: &'static str, digest: String| {
+        let app = app.clone();
+        async move {
+            let hex = digest.trim_start_matches("sha256:").to_string();
+            let sig = get_on(&app, format!("/v2/{repo}/manifests/sha256-{hex}.sig")).await;
+            assert_eq!(sig.status, StatusCode::OK, "{repo} {digest}");
+            let blob = sig.json()["layers"][0]["digest"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let body = get_on(&app, format!("/v2/{repo}/blobs/{blob}")).await;
+            assert_eq!(body.status, StatusCode::OK);
+            (sig, blob, body.json())
+        }
+    };
+    for (repo, d) in [("curl/jq", &oci), ("jq/curl", &oci), ("curl/jq", &docker)] {
+        let (_, _, p) = payload(&a, repo, d.clone()).await;
+        assert_eq!(
+            p["critical"]["identity"]["docker-reference"],
+            format!("registry.example:5000/{repo}")
+        );
+        assert_eq!(p["critical"]["image"]["docker-manifest-digest"], **d);
+    }
+    // B never served these: it makes them again when asked for a part.
+    let (sig, blob, _) = payload(&a, "curl/jq", oci.clone()).await;
+    let sig_digest = sig.header("docker-content-digest").unwrap().to_string();
+    let on_b = get_on(&b, format!("/v2/curl/jq/blobs/{blob}")).await;
+    assert_eq!(on_b.status, StatusCode::OK);
+    assert_eq!(
+        on_b.body,
+        get_on(&a, format!("/v2/curl/jq/blobs/{blob}")).await.body
+    );
+    let dc = tempfile::tempdir().unwrap();
+    let fresh = signed_state(fake.path(), dc.path()).await;
+    digest_of(&fresh, OCI_MANIFEST).await;
+    let by_digest = get_on(&fresh, format!("/v2/curl/jq/manifests/{sig_digest}")).await;
+    assert_eq!(by_digest.status, StatusCode::OK);
+    assert_eq!(by_digest.body, sig.body);
+    // The attestations too: B serves an envelope A made.
+    let hex = oci.trim_start_matches("sha256:");
+    let att = get_on(&a, format!("/v2/curl/jq/manifests/sha256-{hex}.att")).await;
+    assert_eq!(att.status, StatusCode::OK);
+    let envelope = att.json()["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let on_b = get_on(&b, format!("/v2/curl/jq/blobs/{envelope}")).await;
+    assert_eq!(on_b.status, StatusCode::OK);
+    assert_eq!(
+        on_b.body,
+        get_on(&a, format!("/v2/curl/jq/blobs/{envelope}"))
+            .await
+            .body
+    );
+    // Nothing of it is another repository's, nor another host's.
+    let elsewhere = get_on(&a, format!("/v2/hello/blobs/{blob}")).await;
+    assert_eq!(elsewhere.error_code(), "BLOB_UNKNOWN");
+    let other_host = request(
+        &a,
+        Method::GET,
+        &format!("/v2/curl/jq/blobs/{blob}"),
+        &[("host", "other.example")],
+    )
+    .await;
+    assert_eq!(other_host.status, StatusCode::NOT_FOUND);
+}

@@ -3,10 +3,12 @@
 //!
 //! Each SBOM and the provenance is an OCI 1.1 artifact manifest whose
 //! `subject` is the image's OCI manifest, listed by the referrers API (and
-//! its fallback tag `sha256-<hex>`). With a key, `sha256-<hex>.sig` holds a
-//! cosign signature of the image and `sha256-<hex>.att` the signed
-//! attestations (CycloneDX and SLSA provenance), as cosign writes them. All
-//! bytes are deterministic: no clock, sorted keys, RFC 6979 signatures.
+//! its fallback tag `sha256-<hex>`), made when the image is built. With a
+//! key, `sha256-<hex>.sig` holds a cosign signature of any manifest a client
+//! can resolve and `sha256-<hex>.att` the signed attestations (CycloneDX and
+//! SLSA provenance), as cosign writes them; those name the repository a
+//! client pulls from, so they are made when asked for (`registry::signatures`).
+//! All bytes are deterministic: no clock, sorted keys, RFC 6979 signatures.
 
 pub mod cosign;
 pub mod provenance;
@@ -152,18 +154,16 @@ fn cosign_manifest(layers: &[(&str, &[u8], Value)]) -> (Vec<u8>, Vec<u8>) {
     (config, manifest)
 }
 
-/// The documents of an image, and with a key its signature and signed
-/// attestations.
-pub fn attach(facts: &Facts, signer: Option<&Signer>) -> Attachments {
+/// The documents of an image: its SBOMs and provenance, as referrers.
+pub fn attach(facts: &Facts) -> Attachments {
     let mut out = Attachments::default();
     let cdx = sbom::cyclonedx(facts);
     let spdx = sbom::spdx(facts);
-    let predicate = provenance::predicate(facts);
     let prov = sbom::to_bytes(&provenance::statement(
         &facts.repository,
         &facts.subject.digest,
         provenance::SLSA_PROVENANCE_V1,
-        predicate.clone(),
+        provenance::predicate(facts),
     ));
     out.manifests
         .push(artifact(CYCLONEDX, &cdx, "sbom.cdx.json", &facts.subject));
@@ -176,28 +176,18 @@ pub fn attach(facts: &Facts, signer: Option<&Signer>) -> Attachments {
         &facts.subject,
     ));
     out.blobs.push(EMPTY.to_vec());
-    if let Some(signer) = signer {
-        let signed = signatures(
-            signer,
-            &facts.repository,
-            &facts.subject.digest,
-            &cdx,
-            predicate,
-        );
-        out.blobs.extend(signed.blobs);
-        out.manifests.extend(signed.manifests);
-    }
     out.blobs.push(cdx);
     out.blobs.push(spdx);
     out.blobs.push(prov);
     out
 }
 
-/// cosign's signature of an image index (its attestations are those of the
-/// images it lists).
-pub fn index_signature(signer: &Signer, repository: &str, subject: &Digest) -> Attachments {
+/// cosign's signature (`<digest>.sig`) of a manifest (an image's, in either
+/// format, or an index) under `identity`, the docker reference it is pulled
+/// by (`HOST/REPOSITORY`).
+pub fn signature(signer: &Signer, identity: &str, subject: &Digest) -> Attachments {
     let mut out = Attachments::default();
-    let payload = cosign::simple_signing_payload(repository, subject);
+    let payload = cosign::simple_signing_payload(identity, subject);
     let sig = cosign::base64(&signer.sign(&payload));
     let (config, manifest) = cosign_manifest(&[(
         cosign::SIMPLE_SIGNING,
@@ -210,26 +200,35 @@ pub fn index_signature(signer: &Signer, repository: &str, subject: &Digest) -> A
     out
 }
 
-/// cosign's signature of the image and its signed attestations (the
-/// CycloneDX SBOM and the SLSA provenance predicate).
-pub fn signatures(
+/// cosign's signed attestations (`<digest>.att`) of an image under
+/// `identity`: its CycloneDX SBOM and its SLSA provenance predicate, read
+/// from the documents attached to it. None when those are gone.
+pub async fn attestations(
     signer: &Signer,
-    repository: &str,
+    identity: &str,
     subject: &Digest,
-    cdx: &[u8],
-    provenance_predicate: Value,
-) -> Attachments {
-    let mut out = index_signature(signer, repository, subject);
-
-    let cdx_value: Value = serde_json::from_slice(cdx).expect("our own JSON");
+    attached: &[(Digest, Bytes)],
+    store: &dyn crate::store::BlobStore,
+) -> Result<Option<Attachments>, crate::store::StoreError> {
+    let read = |t: &'static str| async move {
+        match document_digest(attached, t) {
+            Some(d) => crate::store::get_small(store, &d, 256 << 20).await,
+            None => Ok(None),
+        }
+    };
+    let (Some(cdx), Some(prov)) = (read(CYCLONEDX).await?, read(IN_TOTO).await?) else {
+        return Ok(None);
+    };
+    let cdx: Value = serde_json::from_slice(&cdx).unwrap_or_default();
+    let prov: Value = serde_json::from_slice(&prov).unwrap_or_default();
     let statements = [
-        (PREDICATE_CYCLONEDX, cdx_value),
-        (provenance::SLSA_PROVENANCE_V1, provenance_predicate),
+        (PREDICATE_CYCLONEDX, cdx),
+        (provenance::SLSA_PROVENANCE_V1, prov["predicate"].clone()),
     ];
     let envelopes: Vec<(&str, Vec<u8>)> = statements
         .into_iter()
         .map(|(t, p)| {
-            let statement = sbom::to_bytes(&provenance::statement(repository, subject, t, p));
+            let statement = sbom::to_bytes(&provenance::statement(identity, subject, t, p));
             (t, cosign::envelope(signer, &statement))
         })
         .collect();
@@ -244,85 +243,21 @@ pub fn signatures(
         })
         .collect();
     let (config, manifest) = cosign_manifest(&layers);
-    out.blobs.extend(envelopes.iter().map(|(_, e)| e.clone()));
+    let mut out = Attachments::default();
+    out.blobs.extend(envelopes.into_iter().map(|(_, e)| e));
     out.blobs.push(config);
     out.manifests.push(manifest);
-    out
+    Ok(Some(out))
 }
 
-/// Whether the image's signature was made with `signer`'s key.
-async fn signed_by(
-    attached: &[(Digest, Bytes)],
-    signer: &Signer,
-    store: &dyn crate::store::BlobStore,
-) -> Result<bool, crate::store::StoreError> {
-    let Some((_, m)) = find(attached, &Kind::Signature) else {
-        return Ok(false);
-    };
-    let v: Value = serde_json::from_slice(&m).unwrap_or_default();
-    let layer = &v["layers"][0];
-    let (Some(Ok(d)), Some(sig)) = (
-        layer["digest"].as_str().map(str::parse::<Digest>),
-        layer["annotations"][cosign::SIGNATURE_ANNOTATION].as_str(),
-    ) else {
-        return Ok(false);
-    };
-    let Some(payload) = crate::store::get_small(store, &d, 1 << 20).await? else {
-        return Ok(false);
-    };
-    Ok(signer.verifies(&payload, sig))
-}
-
-/// The attached manifests an image should have under the registry's key
-/// now: its signature and attestations made again from its stored
-/// documents when they are missing or were made with another key, dropped
-/// when there is no key. New blobs are stored; None when nothing changes
-/// (or the documents to sign are gone).
-pub async fn resign(
-    oci_digest: &Digest,
-    attached: &[(Digest, Bytes)],
-    signer: Option<&Signer>,
-    store: &dyn crate::store::BlobStore,
-) -> Result<Option<Vec<(Digest, Bytes)>>, crate::store::StoreError> {
+/// An image's attached manifests without the signatures and attestations
+/// that builds before on-demand signing stored beside its documents (None:
+/// it has none).
+pub fn without_signatures(attached: &[(Digest, Bytes)]) -> Option<Vec<(Digest, Bytes)>> {
     let signed =
         |(_, m): &&(Digest, Bytes)| matches!(kind(m), Some(Kind::Signature | Kind::Attestations));
     let unsigned: Vec<(Digest, Bytes)> = attached.iter().filter(|a| !signed(a)).cloned().collect();
-    let Some(signer) = signer else {
-        return Ok((unsigned.len() != attached.len()).then_some(unsigned));
-    };
-    if signed_by(attached, signer, store).await? {
-        return Ok(None);
-    }
-    let read = |t: &'static str| async move {
-        match document_digest(attached, t) {
-            Some(d) => crate::store::get_small(store, &d, 256 << 20).await,
-            None => Ok(None),
-        }
-    };
-    let (Some(cdx), Some(prov)) = (read(CYCLONEDX).await?, read(IN_TOTO).await?) else {
-        return Ok(None);
-    };
-    let bom: Value = serde_json::from_slice(&cdx).unwrap_or_default();
-    let statement: Value = serde_json::from_slice(&prov).unwrap_or_default();
-    let Some(repository) = bom["metadata"]["component"]["name"].as_str() else {
-        return Ok(None);
-    };
-    let made = signatures(
-        signer,
-        repository,
-        oci_digest,
-        &cdx,
-        statement["predicate"].clone(),
-    );
-    for b in &made.blobs {
-        crate::store::put_bytes(store, b).await?;
-    }
-    let mut out = unsigned;
-    for m in made.manifests {
-        let d = crate::store::put_bytes(store, &m).await?;
-        out.push((d, m.into()));
-    }
-    Ok(Some(out))
+    (unsigned.len() != attached.len()).then_some(unsigned)
 }
 
 /// The referrers of `subject` among an image's attached manifests, as the
@@ -372,19 +307,6 @@ pub fn document_digest(attached: &[(Digest, Bytes)], artifact_type: &str) -> Opt
             .then(|| v["layers"][0]["digest"].as_str()?.parse().ok())
             .flatten()
     })
-}
-
-/// The digests of the CycloneDX SBOM and of the signature manifest.
-pub fn attested(attached: &[(Digest, Bytes)]) -> (Option<Digest>, Option<Digest>) {
-    (
-        document_digest(attached, CYCLONEDX),
-        signature_digest(attached),
-    )
-}
-
-/// The digest of the signature manifest (`.sig`), when the image is signed.
-pub fn signature_digest(attached: &[(Digest, Bytes)]) -> Option<Digest> {
-    find(attached, &Kind::Signature).map(|(d, _)| d)
 }
 
 #[cfg(test)]

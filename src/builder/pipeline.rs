@@ -382,7 +382,7 @@ impl Pipeline {
             }),
             builder_version: env!("CARGO_PKG_VERSION"),
         };
-        let out = crate::attest::attach(&facts, self.cfg.signer.as_deref());
+        let out = crate::attest::attach(&facts);
         let store = &*self.store;
         for blob in &out.blobs {
             put_bytes(store, blob).await?;

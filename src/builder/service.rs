@@ -261,31 +261,6 @@ impl Builder {
         futures::future::try_join_all(builds).await
     }
 
-    /// Signs an image index as cosign does (`sha256-<hex>.sig`), with the
-    /// registry's key, unless it is signed already or there is no key.
-    pub async fn sign_index(&self, repository: &str, digest: &crate::name::Digest) {
-        let Some(signer) = self.signer() else { return };
-        match self.catalog.index(digest) {
-            Some(i) if i.signature.is_none() && i.media_type == oci::OCI_INDEX => {}
-            _ => return,
-        }
-        let made = crate::attest::index_signature(signer, repository, digest);
-        let mut blobs = Vec::new();
-        for b in &made.blobs {
-            match crate::store::put_bytes(&*self.store, b).await {
-                Ok(d) => blobs.push(d),
-                Err(e) => {
-                    // Served unsigned; the next request tries again.
-                    warn!(error = %e, index = %digest, "storing an index signature");
-                    return;
-                }
-            }
-        }
-        if let Some(m) = made.manifests.first() {
-            self.catalog.set_index_signature(digest, m, blobs);
-        }
-    }
-
     /// The image index of one image per system (for `docker`, a Docker
     /// manifest list, where every image has a schema2 manifest), recorded
     /// in the catalog so it is served by digest too.

@@ -153,7 +153,7 @@ async fn apply(obj: Arc<NixImage>, ctx: &Context, api: &Api<NixImage>) -> Result
             && mine.as_ref().map(|m| m.platforms.len().max(1)) == Some(i.len())
     }) {
         let image = images[0].1.clone();
-        let (sbom, signature) = attested(&image);
+        let (sbom, signature) = attested(ctx, &obj, &image);
         let (pre_pulled, pre_pull_failed) = pre_pull(&obj, ctx, &images);
         let message = ready_message(&image, pre_pull_failed);
         // (An entry of an agent from before architectures is written again,
@@ -381,7 +381,7 @@ async fn finish(
         digest.clone()
     };
     let previous = own_entry(ctx, obj, &uid);
-    let (sbom, signature) = attested(&image);
+    let (sbom, signature) = attested(ctx, obj, &image);
     let (pre_pulled, pre_pull_failed) = pre_pull(obj, ctx, &images);
     let mut platforms: Vec<PlatformImage> = images
         .iter()
@@ -634,10 +634,29 @@ fn pre_pull(
     }
 }
 
-/// The digests of an image's CycloneDX SBOM and signature manifest, as
-/// status entries name them.
-fn attested(image: &BuiltImage) -> (Option<String>, Option<String>) {
-    let (sbom, signature) = crate::attest::attested(&image.attached);
+/// The digests of an image's CycloneDX SBOM and, with a key, of the cosign
+/// signature that Pods on this node get with it: made for the reference they
+/// pull (`<public host>/niximage/<namespace>/<name>`), the same on every node.
+fn attested(ctx: &Context, obj: &NixImage, image: &BuiltImage) -> (Option<String>, Option<String>) {
+    let sbom = crate::attest::document_digest(&image.attached, crate::attest::CYCLONEDX);
+    let signature = ctx
+        .builder
+        .signer()
+        .zip(obj.namespace())
+        .map(|(signer, ns)| {
+            let repository = name::Repository::Named {
+                namespace: ns,
+                name: obj.name_any(),
+            }
+            .name();
+            let identity = crate::registry::signatures::identity(
+                Some(&ctx.public_host),
+                &Default::default(),
+                &repository,
+            );
+            let made = crate::attest::signature(signer, &identity, &image.oci_digest);
+            name::Digest::of(&made.manifests[0])
+        });
     (
         sbom.map(|d| d.to_string()),
         signature.map(|d| d.to_string()),
@@ -700,13 +719,7 @@ async fn register_platform_index(
     let (Some(ns), name) = (obj.namespace(), obj.name_any()) else {
         return;
     };
-    let repository = name::Repository::Named {
-        namespace: ns.clone(),
-        name: name.clone(),
-    }
-    .name();
     if ctx.catalog.index(&digest).is_some() {
-        ctx.builder.sign_index(&repository, &digest).await;
         return;
     }
     let held = ctx
@@ -723,7 +736,6 @@ async fn register_platform_index(
     if held.iter().any(|(_, i)| members.contains(&i.oci_digest)) {
         ctx.catalog
             .add_index(crate::oci::OCI_INDEX, &bytes, members);
-        ctx.builder.sign_index(&repository, &digest).await;
     }
 }
 

@@ -7,7 +7,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 
-use super::{AppState, RegistryError};
+use super::{signatures, AppState, RegistryError};
 use crate::builder::{BuiltImage, ImageSpec};
 use crate::catalog::NamedEntry;
 use crate::name::{self, Arch, Digest, Reference, Repository, Route};
@@ -125,11 +125,21 @@ async fn handle(
             Ok(paginated("tags", Some(requested.to_string()), tags, query))
         }
         Route::Referrers { repo, digest } => Ok(referrers(app, head, &repo, &digest, query)),
-        Route::Manifest { repo, reference } => manifest(app, headers, head, repo, reference).await,
+        Route::Manifest { repo, reference } => {
+            let requested = path.rsplit_once("/manifests/").map_or(path, |(r, _)| r);
+            manifest(app, headers, head, repo, requested, reference).await
+        }
         Route::Blob { repo, digest } => {
-            in_repository(app, &repo, &digest, || {
-                RegistryError::BlobUnknown(format!("blob {digest} is not in {}", repo.name()))
-            })?;
+            let not_in =
+                || RegistryError::BlobUnknown(format!("blob {digest} is not in {}", repo.name()));
+            if in_repository(app, &repo, &digest, not_in).is_err() {
+                // A blob of a signature made for this repository.
+                let requested = path.rsplit_once("/blobs/").map_or(path, |(r, _)| r);
+                return match signature_part(app, headers, &repo, requested, &digest).await {
+                    Some(signatures::Part::Blob(bytes)) => Ok(small_blob(head, &digest, bytes)),
+                    _ => Err(not_in()),
+                };
+            }
             blob(app, headers, head, digest).await
         }
     }
@@ -342,73 +352,177 @@ fn attached_tag(tag: &str) -> Option<(Digest, &str)> {
 }
 
 /// Serves an attached-manifest tag, or says that the image has none.
-fn serve_attached_tag(
+async fn serve_attached_tag(
     app: &AppState,
     headers: &HeaderMap,
     head: bool,
     repo: &Repository,
+    requested: &str,
     digest: &Digest,
     suffix: &str,
 ) -> Result<Response, RegistryError> {
-    let unknown = |what: &str| RegistryError::ManifestUnknown {
-        message: format!("{} has no {what} for {digest}", repo.name()),
-        detail: serde_json::Value::Null,
-    };
-    let Some(img) = attached_to(app, repo, digest) else {
-        // An image index: its cosign signature only.
-        let index = app
-            .catalog
-            .index(digest)
-            .filter(|_| in_repository(app, repo, digest, || unknown("image")).is_ok())
-            .ok_or_else(|| unknown("image"))?;
-        return match (suffix, index.signature) {
-            ("sig", Some(s)) => Ok(manifest_response(
-                app,
-                headers,
-                head,
-                oci::OCI_MANIFEST,
-                &Digest::of(s.as_bytes()),
-                s.into(),
-            )),
-            _ => Err(unknown(if suffix == "sig" {
-                "signature"
-            } else {
-                "attachment"
-            })),
-        };
-    };
-    let wanted = match suffix {
-        "sig" => crate::attest::Kind::Signature,
-        "att" => crate::attest::Kind::Attestations,
-        _ => {
-            let index: bytes::Bytes =
-                crate::attest::referrers_index(&img.attached, digest, None).into();
-            let d = Digest::of(&index);
-            return Ok(manifest_response(
-                app,
-                headers,
-                head,
-                oci::OCI_INDEX,
-                &d,
-                index,
-            ));
-        }
-    };
-    let (d, m) = crate::attest::find(&img.attached, &wanted).ok_or_else(|| {
-        unknown(if suffix == "sig" {
-            "signature (the registry has no --signing-key)"
-        } else {
-            "signed attestations (the registry has no --signing-key)"
-        })
-    })?;
+    if suffix.is_empty() {
+        // The referrers tag schema's index of the image's documents.
+        let img = attached_to(app, repo, digest).ok_or_else(|| no_such(repo, digest, "image"))?;
+        let index: bytes::Bytes =
+            crate::attest::referrers_index(&img.attached, digest, None).into();
+        let d = Digest::of(&index);
+        return Ok(manifest_response(
+            app,
+            headers,
+            head,
+            oci::OCI_INDEX,
+            &d,
+            index,
+        ));
+    }
+    let made = signed(app, headers, repo, requested, digest, suffix == "att").await?;
     Ok(manifest_response(
         app,
         headers,
         head,
         oci::OCI_MANIFEST,
-        &d,
-        m,
+        &made.digest,
+        made.manifest.clone(),
     ))
+}
+
+fn no_such(repo: &Repository, digest: &Digest, what: &str) -> RegistryError {
+    RegistryError::ManifestUnknown {
+        message: format!("{} has no {what} for {digest}", repo.name()),
+        detail: serde_json::Value::Null,
+    }
+}
+
+fn storage_failed(e: crate::store::StoreError) -> RegistryError {
+    tracing::error!(error = %e, "reading the documents to attest");
+    RegistryError::Unknown("the registry could not read its storage".into())
+}
+
+/// cosign's signature (or signed attestations) of a manifest of `repo`, for
+/// the repository as the client spelled it (`requested`): made now, or kept
+/// from before. Any manifest a client can resolve is signed: an image's, in
+/// either format, and an index or manifest list; attestations are of images.
+async fn signed(
+    app: &AppState,
+    headers: &HeaderMap,
+    repo: &Repository,
+    requested: &str,
+    digest: &Digest,
+    attestations: bool,
+) -> Result<std::sync::Arc<signatures::Made>, RegistryError> {
+    in_repository(app, repo, digest, || no_such(repo, digest, "image"))?;
+    if app.catalog.manifest(digest).is_none() {
+        return Err(no_such(repo, digest, "image"));
+    }
+    let Some(signer) = app.builder.signer() else {
+        return Err(no_such(
+            repo,
+            digest,
+            if attestations {
+                "signed attestations (the registry has no --signing-key)"
+            } else {
+                "signature (the registry has no --signing-key)"
+            },
+        ));
+    };
+    let key = signatures::Key {
+        identity: signatures::identity(app.public_host.as_deref(), headers, requested),
+        subject: digest.clone(),
+        attestations,
+    };
+    if !attestations {
+        return Ok(app.signatures.signature(signer, key));
+    }
+    if let Some(m) = app.signatures.get(&key) {
+        return Ok(m);
+    }
+    let img = app
+        .catalog
+        .image_with_digest(digest)
+        .ok_or_else(|| no_such(repo, digest, "image to attest"))?;
+    let made = crate::attest::attestations(
+        signer,
+        &key.identity,
+        digest,
+        &img.attached,
+        &**app.builder.store(),
+    )
+    .await
+    .map_err(storage_failed)?
+    .ok_or_else(|| no_such(repo, digest, "SBOM and provenance to attest"))?;
+    Ok(app.signatures.keep(key, made))
+}
+
+/// The manifests a client can resolve in `repo`: its images' (in both
+/// formats) and the indexes that list them.
+fn manifests_of(app: &AppState, repo: &Repository) -> Vec<Digest> {
+    let images: Vec<std::sync::Arc<BuiltImage>> = match repo {
+        Repository::AdHoc(img) => app.catalog.images_in_repository(&img.name()),
+        Repository::Named { namespace, name } => app
+            .catalog
+            .named
+            .get(namespace, name)
+            .map(|e| e.images().into_iter().map(|(_, i)| i).collect())
+            .unwrap_or_default(),
+    };
+    let members: Vec<Digest> = images.iter().map(|i| i.oci_digest.clone()).collect();
+    let mut out = Vec::new();
+    for i in &images {
+        out.push(i.oci_digest.clone());
+        if i.has_docker_manifest() {
+            out.push(i.docker_digest.clone());
+        }
+    }
+    out.extend(app.catalog.indexes_listing(&members));
+    out
+}
+
+/// A manifest or blob of a signature or attestations of `repo` under the
+/// identity this request gives it: kept from when its tag was served, or
+/// (served by another instance, or before a restart) made again, the same.
+async fn signature_part(
+    app: &AppState,
+    headers: &HeaderMap,
+    repo: &Repository,
+    requested: &str,
+    digest: &Digest,
+) -> Option<signatures::Part> {
+    app.builder.signer()?;
+    let identity = signatures::identity(app.public_host.as_deref(), headers, requested);
+    if let Some(p) = app.signatures.part(&identity, digest) {
+        return Some(p);
+    }
+    for m in manifests_of(app, repo) {
+        for attestations in [false, true] {
+            // (An index has no attestations.)
+            let Ok(made) = signed(app, headers, repo, requested, &m, attestations).await else {
+                continue;
+            };
+            if let Some(p) = made.part(digest) {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+/// A small blob held in memory.
+fn small_blob(head: bool, digest: &Digest, bytes: bytes::Bytes) -> Response {
+    let len = bytes.len();
+    let mut resp = if head {
+        Response::new(Body::empty())
+    } else {
+        Response::new(Body::from(bytes))
+    };
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    digest_headers(h, digest);
+    resp
 }
 
 /// Every Accept header of a request, as one list.
@@ -499,14 +613,29 @@ async fn manifest(
     headers: &HeaderMap,
     head: bool,
     repo: Repository,
+    requested: &str,
     reference: Reference,
 ) -> Result<Response, RegistryError> {
     match (repo, reference) {
         (repo, Reference::Digest(digest)) => {
-            in_repository(app, &repo, &digest, || RegistryError::ManifestUnknown {
+            let not_in = || RegistryError::ManifestUnknown {
                 message: format!("manifest {digest} is not in {}", repo.name()),
                 detail: serde_json::Value::Null,
-            })?;
+            };
+            if in_repository(app, &repo, &digest, not_in).is_err() {
+                // A signature's manifest, by its digest.
+                return match signature_part(app, headers, &repo, requested, &digest).await {
+                    Some(signatures::Part::Manifest(bytes)) => Ok(manifest_response(
+                        app,
+                        headers,
+                        head,
+                        oci::OCI_MANIFEST,
+                        &digest,
+                        bytes,
+                    )),
+                    _ => Err(not_in()),
+                };
+            }
             if let Some((media_type, bytes)) = app.catalog.manifest(&digest) {
                 return Ok(manifest_response(
                     app, headers, head, media_type, &digest, bytes,
@@ -536,7 +665,7 @@ async fn manifest(
         }
         (repo, Reference::Tag(tag)) if attached_tag(&tag).is_some() => {
             let (digest, suffix) = attached_tag(&tag).expect("checked");
-            serve_attached_tag(app, headers, head, &repo, &digest, suffix)
+            serve_attached_tag(app, headers, head, &repo, requested, &digest, suffix).await
         }
         (Repository::AdHoc(img), Reference::Tag(tag)) => {
             let spec = ImageSpec::ad_hoc(&img, &tag);
@@ -552,7 +681,6 @@ async fn manifest(
                     .await
                     .map_err(|e| RegistryError::from(e.as_ref()))?;
                 let (media_type, digest, bytes) = app.builder.index(docker, &images);
-                app.builder.sign_index(&img.name(), &digest).await;
                 return Ok(manifest_response(
                     app, headers, head, media_type, &digest, bytes,
                 ));
@@ -582,11 +710,6 @@ async fn manifest(
                     let images = entry.images();
                     if let Some(docker) = wants_index(headers).filter(|_| images.len() > 1) {
                         let (media_type, digest, bytes) = app.builder.index(docker, &images);
-                        let repo = Repository::Named {
-                            namespace: namespace.clone(),
-                            name: name.clone(),
-                        };
-                        app.builder.sign_index(&repo.name(), &digest).await;
                         return Ok(manifest_response(
                             app, headers, head, media_type, &digest, bytes,
                         ));

@@ -6,6 +6,7 @@
 mod error;
 mod handlers;
 pub mod page;
+pub mod signatures;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -40,6 +41,11 @@ pub struct AppState {
     /// With `--s3-redirect`: the bucket whose presigned URLs blob GETs are
     /// redirected to.
     pub redirect: Option<Arc<crate::store::ObjectBlobStore>>,
+    /// The host clients pull by, for the identity signatures name (None:
+    /// the host each request addressed).
+    pub public_host: Option<String>,
+    /// Signatures made for the repositories clients asked under.
+    pub signatures: Arc<signatures::Signatures>,
 }
 
 /// The operator's endpoints alone (`/metrics`, `/healthz`, `/readyz`), for a

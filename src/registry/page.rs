@@ -114,9 +114,26 @@ pub fn status(app: &AppState, host: String) -> Status {
             },
         })
         .collect();
+    // With a key, each image's signature as a client that pulls its first
+    // name from this host gets it (made once, then kept).
+    let mut images = app.catalog.list();
+    if let Some(signer) = app.builder.signer() {
+        let public = app.public_host.as_deref().unwrap_or(&host);
+        for i in &mut images {
+            let Some(name) = i.names.first() else {
+                continue;
+            };
+            let key = super::signatures::Key {
+                identity: super::signatures::identity(Some(public), &Default::default(), name),
+                subject: i.digest.clone(),
+                attestations: false,
+            };
+            i.signature = Some(app.signatures.signature(signer, key).digest.clone());
+        }
+    }
     Status {
         host,
-        images: app.catalog.list(),
+        images,
         building,
         failures,
         named,

@@ -47,6 +47,7 @@ pub fn settings(state_dir: &Path) -> Settings {
         compression: nixery::oci::Compression::Gzip,
         popularity: None,
         signer: None,
+        public_host: None,
         nix_options: offline_nix_options(),
         systems: vec![],
         limits: Default::default(),
