@@ -17,6 +17,8 @@ let
       filter = path: type: !(pkgs.lib.hasInfix "/target" path) && !(pkgs.lib.hasInfix "/state" path);
     };
     cargoLock.lockFile = ../Cargo.lock;
+    # k8s-cri's build script compiles the CRI's protobuf files with protoc.
+    nativeBuildInputs = [ pkgs.protobuf ];
     # The tests need a Docker engine and a writable Nix store.
     doCheck = false;
   };
