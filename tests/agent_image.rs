@@ -223,6 +223,8 @@ fn agent_image_runs_as_the_daemonset_runs_it() {
     // 3. The agent container with the DaemonSet's mounts and read-only root.
     let state = node.join("state");
     std::fs::create_dir_all(&state).unwrap();
+    let node_run = node.join("run");
+    std::fs::create_dir_all(&node_run).unwrap();
     let port = free_port();
     let name = format!("nixery-agent-test-{id}");
     cleanup.containers.push(name.clone());
@@ -242,6 +244,11 @@ fn agent_image_runs_as_the_daemonset_runs_it() {
             "emptyDir" => cmd.arg("--tmpfs").arg(path),
             "/nix" => cmd.arg("-v").arg(format!("{}:{path}", node_nix.display())),
             "/var/lib/nixery" => cmd.arg("-v").arg(format!("{}:{path}", state.display())),
+            // The node's /run, for its runtime's CRI socket (none here:
+            // this runs `serve`, which does not pre-pull).
+            "/run" => cmd
+                .arg("-v")
+                .arg(format!("{}:{path}:ro", node_run.display())),
             other => panic!("a hostPath this test does not know: {other}"),
         };
     }
