@@ -304,7 +304,28 @@ pub struct Catalog {
     inner: RwLock<Inner>,
     /// Whether last-use times changed since the file was written.
     dirty: AtomicBool,
+    /// Blobs being sent to a client now, with how many downloads of each.
+    streaming: Arc<std::sync::Mutex<HashMap<Digest, usize>>>,
     pub named: NamedImages,
+}
+
+/// A blob being sent; garbage collection spares the images holding it
+/// until this is dropped (the download ended, or the client went away).
+pub struct Streaming {
+    streaming: Arc<std::sync::Mutex<HashMap<Digest, usize>>>,
+    digest: Digest,
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        let mut s = self.streaming.lock().unwrap();
+        if let Some(n) = s.get_mut(&self.digest) {
+            *n -= 1;
+            if *n == 0 {
+                s.remove(&self.digest);
+            }
+        }
+    }
 }
 
 /// What the garbage collector needs to know of one image.
@@ -337,6 +358,7 @@ impl Catalog {
             file: None,
             inner: Default::default(),
             dirty: AtomicBool::new(false),
+            streaming: Default::default(),
             named: Default::default(),
         }
     }
@@ -443,6 +465,8 @@ impl Catalog {
     /// an image asked for under that name.
     pub fn in_repository(&self, repo: &str, digest: &Digest) -> bool {
         let inner = self.inner.read().unwrap();
+        // A part asked for is a use: a pull in progress stays the most
+        // recently used (see `--eviction-grace`).
         let held = |digest: &Digest| {
             inner
                 .repos
@@ -450,8 +474,12 @@ impl Catalog {
                 .into_iter()
                 .flatten()
                 .filter_map(|k| inner.images.get(k))
-                .any(|rec| rec.digests.contains(digest))
+                .filter(|rec| rec.digests.contains(digest))
+                .map(|rec| rec.touch())
+                .count()
+                > 0
         };
+        self.dirty.store(true, Ordering::Relaxed);
         // An index is the repository's when a
         // manifest it lists is.
         held(digest)
@@ -534,10 +562,34 @@ impl Catalog {
     pub fn image_holds(&self, image: &Digest, digest: &Digest) -> Option<bool> {
         let inner = self.inner.read().unwrap();
         let key = inner.by_digest.get(image)?;
-        inner
-            .images
-            .get(key)
-            .map(|rec| rec.digests.contains(digest))
+        let rec = inner.images.get(key)?;
+        let holds = rec.digests.contains(digest);
+        if holds {
+            // A part asked for is a use, as in `in_repository`.
+            rec.touch();
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+        Some(holds)
+    }
+
+    /// Marks a blob as being sent until the guard is dropped.
+    pub fn streaming(&self, digest: &Digest) -> Streaming {
+        *self
+            .streaming
+            .lock()
+            .unwrap()
+            .entry(digest.clone())
+            .or_default() += 1;
+        Streaming {
+            streaming: self.streaming.clone(),
+            digest: digest.clone(),
+        }
+    }
+
+    /// Whether any of these blobs is being sent now.
+    pub fn any_streaming(&self, digests: &HashSet<Digest>) -> bool {
+        let s = self.streaming.lock().unwrap();
+        !s.is_empty() && s.keys().any(|d| digests.contains(d))
     }
 
     /// The image key a request resolves to, while that answer holds.

@@ -233,10 +233,11 @@ pub struct StorageArgs {
     /// quarter of the state directory's disk].
     #[arg(long, env = "NIXERY_STORAGE_LIMIT", value_parser = parse_size)]
     pub storage_limit: Option<u64>,
-    /// Seconds after its last pull that an image is not evicted, so a
-    /// client that has its manifest gets its blobs; the store may pass the
-    /// limit by what was pulled in that time.
-    #[arg(long, env = "NIXERY_EVICTION_GRACE", default_value_t = 60)]
+    /// Seconds after a client last asked for any part of an image (its
+    /// manifest or a blob) that it is not evicted, nor while a blob of it is
+    /// being sent, so a pull in progress gets every blob; the store may pass
+    /// the limit by the images being pulled. 0: no grace at all.
+    #[arg(long, env = "NIXERY_EVICTION_GRACE", default_value_t = 10)]
     pub eviction_grace: u64,
     /// Blob storage backend: `filesystem` (the state directory), or `s3` (a
     /// bucket that several instances share, with the state directory as a

@@ -192,7 +192,11 @@ impl Collector {
                 {
                     continue;
                 }
-                if !self.eviction_grace.is_zero() && e.used > recent {
+                // Pulls in flight: a part of the image asked for within
+                // the grace, or a blob of it being sent now.
+                if !self.eviction_grace.is_zero()
+                    && (e.used > recent || self.catalog.any_streaming(&e.digests))
+                {
                     spared += 1;
                     continue;
                 }
@@ -203,7 +207,7 @@ impl Collector {
                     stored = run.total,
                     limit = self.limit,
                     recently_pulled = spared,
-                    "over the storage limit with nothing left to evict (pinned images, the newest one and those pulled within --eviction-grace stay)"
+                    "over the storage limit with nothing left to evict (pinned images, the newest one and those being pulled stay)"
                 );
             }
         } else {

@@ -346,3 +346,68 @@ async fn an_image_just_pulled_keeps_its_blobs_within_the_grace() {
     let m = metrics(&app).await;
     assert_eq!(metric(&m, "nixery_evictions_total"), 0.0);
 }
+
+/// The grace protects pulls in flight, not every recent image: an image
+/// stays while a client is asking for its parts (each blob asked for renews
+/// its grace) or a blob of it is being sent; once its pull is over and the
+/// grace has passed, it goes like any other. (Each grace here is 1 s, and
+/// the test waits it out.)
+#[tokio::test]
+async fn the_grace_protects_pulls_in_flight_and_not_finished_ones() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let dir = tempfile::tempdir().unwrap();
+    let nix = with_big(dir.path());
+    let mut s = settings(&dir.path().join("state"));
+    s.storage_limit = Some(1 << 20);
+    s.eviction_grace = std::time::Duration::from_secs(1);
+    let app = nixery::app_state_with(&s, Arc::new(nix)).await.unwrap();
+    let grace = || tokio::time::sleep(std::time::Duration::from_millis(1300));
+    let digest = pull(&app, "big").await;
+    let manifest = get(&app, &format!("/v2/big/manifests/{digest}"))
+        .await
+        .json();
+    let layer = largest_layer(&manifest)["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Past the grace of its manifest, a blob asked for renews it.
+    grace().await;
+    let config = manifest["config"]["digest"].as_str().unwrap();
+    assert_eq!(
+        get(&app, &format!("/v2/big/blobs/{config}")).await.status,
+        StatusCode::OK
+    );
+    pull(&app, "hello").await;
+    assert!(
+        catalogued(&app).contains(&digest),
+        "a pull in progress lost its image"
+    );
+    // A blob being sent keeps it, however long the download takes...
+    let resp = nixery::registry::router(app.clone())
+        .oneshot(
+            axum::http::Request::get(format!("/v2/big/blobs/{layer}"))
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    body.frame().await.unwrap().unwrap();
+    grace().await;
+    pull(&app, "curl").await;
+    assert!(
+        catalogued(&app).contains(&digest),
+        "evicted while a blob was sent"
+    );
+    // ...and once it has ended and the grace has passed, the image goes.
+    body.collect().await.unwrap();
+    grace().await;
+    pull(&app, "jq").await;
+    assert!(
+        !catalogued(&app).contains(&digest),
+        "a finished pull kept its image"
+    );
+    let m = metrics(&app).await;
+    assert!(metric(&m, "nixery_evictions_total") >= 1.0);
+}

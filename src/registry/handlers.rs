@@ -852,7 +852,10 @@ async fn blob(
             .map_err(storage_error)?
             .ok_or_else(unknown)?;
         let metrics = app.metrics.clone();
+        // Its images are spared by garbage collection while it is sent.
+        let sending = app.catalog.streaming(&digest);
         let counted = stream.inspect(move |chunk| {
+            let _ = &sending;
             if let Ok(c) = chunk {
                 metrics.bytes_served.inc_by(c.len() as u64);
             }
