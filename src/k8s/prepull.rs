@@ -34,8 +34,10 @@ pub enum State {
 }
 
 enum Job {
+    /// (With the failure it retries after, which it reports meanwhile.)
     Running {
         digest: String,
+        retrying: Option<String>,
     },
     Done {
         digest: String,
@@ -63,6 +65,8 @@ pub struct Prepuller {
     /// One pull or sweep at a time: what the runtime holds is read, changed
     /// and recorded without another job in between.
     gate: tokio::sync::Mutex<()>,
+    /// How soon a failed pull is tried again (`RETRY`).
+    retry: Duration,
 }
 
 /// The two references an object's image is pulled under: its tag, which a
@@ -92,6 +96,7 @@ impl Prepuller {
             owned: Mutex::new(owned),
             jobs: Mutex::default(),
             gate: tokio::sync::Mutex::new(()),
+            retry: RETRY,
         }
     }
 
@@ -101,24 +106,36 @@ impl Prepuller {
 
     /// Where the target's image stands; starts its pull when it is neither
     /// pulled nor being pulled (nor failed within the last minute), and calls
-    /// `done` when that pull ends.
+    /// `done` when that pull ends, and a minute after it failed (to try again).
     pub fn ensure(
         self: &Arc<Self>,
         target: &Target,
-        done: impl FnOnce() + Send + 'static,
+        done: impl Fn() + Send + Sync + 'static,
     ) -> State {
         let mut jobs = self.jobs.lock().unwrap();
+        let mut retrying = None;
         match jobs.get(&target.object) {
             Some(Job::Done { digest, runtime }) if *digest == target.digest => {
                 return State::InRuntime(runtime.clone())
             }
-            Some(Job::Running { digest }) if *digest == target.digest => return State::Pulling,
+            Some(Job::Running {
+                digest,
+                retrying: r,
+            }) if *digest == target.digest => {
+                return match r {
+                    Some(m) => State::Failed(m.clone()),
+                    None => State::Pulling,
+                }
+            }
             Some(Job::Failed {
                 digest,
                 message,
                 at,
-            }) if *digest == target.digest && at.elapsed() < RETRY => {
-                return State::Failed(message.clone())
+            }) if *digest == target.digest => {
+                if at.elapsed() < self.retry {
+                    return State::Failed(message.clone());
+                }
+                retrying = Some(message.clone());
             }
             _ => {}
         }
@@ -126,12 +143,14 @@ impl Prepuller {
             target.object.clone(),
             Job::Running {
                 digest: target.digest.clone(),
+                retrying: retrying.clone(),
             },
         );
         let this = self.clone();
         let target = target.clone();
         tokio::spawn(async move {
             let result = this.pull(&target).await;
+            let failed = result.is_err();
             let job = match result {
                 Ok(runtime) => {
                     info!(image = %target.digest_ref, %runtime, "pre-pulled into the container runtime");
@@ -152,15 +171,25 @@ impl Prepuller {
             {
                 let mut jobs = this.jobs.lock().unwrap();
                 // A newer target's job is not overwritten by an older one.
-                if matches!(jobs.get(&target.object), Some(Job::Running { digest }) if *digest == target.digest)
+                if matches!(jobs.get(&target.object), Some(Job::Running { digest, .. }) if *digest == target.digest)
                 {
                     jobs.insert(target.object.clone(), job);
                 }
             }
             done();
-            this.sweep().await;
+            if failed {
+                // The runtime may be back by then (it restarted, or the
+                // node's came up after the agent).
+                tokio::time::sleep(this.retry).await;
+                done();
+            } else {
+                this.sweep().await;
+            }
         });
-        State::Pulling
+        match retrying {
+            Some(m) => State::Failed(m),
+            None => State::Pulling,
+        }
     }
 
     /// Pulls the target under its tag and its digest, and records as ours
@@ -295,5 +324,47 @@ impl Prepuller {
         {
             warn!(file = %self.file.display(), error = %e, "recording pre-pulled images");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A runtime that does not answer: the failure is reported, the object
+    /// is triggered again once the retry delay has passed, and the retry reports the failure
+    /// until it ends (no flapping to "pulling" in the status entry).
+    #[tokio::test]
+    async fn a_failed_pull_is_tried_again_later_reporting_its_failure_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = cri::Runtime::new(&dir.path().join("no-such.sock")).unwrap();
+        let mut p = Prepuller::new(runtime, dir.path());
+        // (A minute in the agent.)
+        p.retry = Duration::from_millis(300);
+        let p = Arc::new(p);
+        let target = Target {
+            object: "ns/name".into(),
+            tag_ref: "127.0.0.1:5000/niximage/ns/name:v1".into(),
+            digest_ref: "127.0.0.1:5000/niximage/ns/name@sha256:00".into(),
+            digest: "sha256:00".into(),
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let done = move || {
+            let _ = tx.send(());
+        };
+        assert_eq!(p.ensure(&target, done.clone()), State::Pulling);
+        rx.recv().await.unwrap();
+        let started = Instant::now();
+        let State::Failed(message) = p.ensure(&target, done.clone()) else {
+            panic!("not failed");
+        };
+        assert!(message.contains("Version"), "{message}");
+        // Triggered again once the minute has passed; the retry says the
+        // failure until it ends.
+        rx.recv().await.unwrap();
+        assert!(started.elapsed() >= p.retry);
+        assert!(matches!(p.ensure(&target, done.clone()), State::Failed(_)));
+        rx.recv().await.unwrap();
+        assert!(matches!(p.ensure(&target, done), State::Failed(_)));
     }
 }

@@ -626,7 +626,7 @@ fn pre_pull(
     let completions = ctx.completions.clone();
     let obj_ref = ObjectRef::from_obj(obj);
     match prepull.ensure(&target, move || {
-        let _ = completions.send(obj_ref);
+        let _ = completions.send(obj_ref.clone());
     }) {
         prepull::State::InRuntime(runtime) => (Some(runtime), None),
         prepull::State::Pulling => (None, None),
