@@ -362,7 +362,8 @@ fn pre_pull_on_the_node(left: &mut Leftovers) {
     let pod = json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": { "name": name, "namespace": "default" },
-        "spec": { "restartPolicy": "Never", "containers": [{
+        // (hostNetwork, as the examples' pods here: clusters without a pod network.)
+        "spec": { "restartPolicy": "Never", "hostNetwork": true, "containers": [{
             "name": "hello", "image": image, "imagePullPolicy": "IfNotPresent", "command": ["hello"]
         }] }
     });
