@@ -71,21 +71,25 @@ pub struct Runtime {
     runtime: RuntimeServiceClient<Channel>,
 }
 
+/// A gRPC channel to a unix socket, connected on first use and again
+/// after the peer restarts.
+pub fn channel(socket: &Path) -> Result<Channel, Error> {
+    let path = socket.to_path_buf();
+    // The URI is a placeholder: every connection goes to the socket.
+    Ok(Endpoint::try_from("http://[::1]:50051")
+        .map_err(|e| Error::Endpoint(socket.display().to_string(), e))?
+        .connect_timeout(Duration::from_secs(10))
+        .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        })))
+}
+
 impl Runtime {
     pub fn new(socket: &Path) -> Result<Self, Error> {
-        let path = socket.to_path_buf();
-        // The URI is a placeholder: every connection goes to the socket.
-        let channel = Endpoint::try_from("http://[::1]:50051")
-            .map_err(|e| Error::Endpoint(socket.display().to_string(), e))?
-            .connect_timeout(Duration::from_secs(10))
-            .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }));
+        let channel = channel(socket)?;
         // An image's status with many references, and a long pull, both fit.
         Ok(Runtime {
             socket: socket.to_path_buf(),
