@@ -89,13 +89,14 @@ impl Signer {
     }
 }
 
-/// cosign's simple-signing payload for an image manifest digest. The
-/// identity is the image's canonical name without a host: every node (and
-/// every host name clients use) gets the same bytes; cosign checks the digest.
-pub fn simple_signing_payload(repository: &str, digest: &Digest) -> Vec<u8> {
+/// cosign's simple-signing payload for a manifest digest. The identity is
+/// the docker reference the manifest is pulled by (`HOST/REPOSITORY`, see
+/// `registry::signatures`), which containers/image checks; cosign checks only
+/// the digest.
+pub fn simple_signing_payload(identity: &str, digest: &Digest) -> Vec<u8> {
     super::sbom::to_bytes(&json!({
         "critical": {
-            "identity": { "docker-reference": repository },
+            "identity": { "docker-reference": identity },
             "image": { "docker-manifest-digest": digest.to_string() },
             "type": "cosign container image signature",
         },
