@@ -300,19 +300,26 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     /// Stops and removes a Pod (its containers go with it).
     pub async fn remove_pod(&self, sandbox: &str) {
-        let mut client = self.client.clone();
-        let _ = client
-            .stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: sandbox.into(),
-            })
-            .await;
-        client
-            .remove_pod_sandbox(RemovePodSandboxRequest {
-                pod_sandbox_id: sandbox.into(),
-            })
-            .await
-            .unwrap();
+        remove_pod(&mut self.client.clone(), sandbox).await.unwrap();
     }
+}
+
+/// StopPodSandbox (which may find it stopped), then RemovePodSandbox.
+async fn remove_pod(
+    client: &mut RuntimeServiceClient<Channel>,
+    sandbox: &str,
+) -> Result<(), tonic::Status> {
+    let _ = client
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: sandbox.into(),
+        })
+        .await;
+    client
+        .remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: sandbox.into(),
+        })
+        .await
+        .map(|_| ())
 }
 
 impl Drop for Containerd {
@@ -325,9 +332,16 @@ impl Drop for Containerd {
                 .build()
                 .unwrap();
             rt.block_on(async {
-                let c = RuntimeServiceClient::new(channel(&socket));
-                let this = PodsOnly(c);
-                this.remove_all().await;
+                let mut client = RuntimeServiceClient::new(channel(&socket));
+                let Ok(pods) = client
+                    .list_pod_sandbox(ListPodSandboxRequest { filter: None })
+                    .await
+                else {
+                    return;
+                };
+                for p in pods.into_inner().items {
+                    let _ = remove_pod(&mut client, &p.id).await;
+                }
             });
         })
         .join();
@@ -355,34 +369,6 @@ impl Drop for Containerd {
             for m in under {
                 let _ = Command::new("umount").arg("-l").arg(m).status();
             }
-        }
-    }
-}
-
-struct PodsOnly(RuntimeServiceClient<Channel>);
-
-impl PodsOnly {
-    async fn remove_all(mut self) {
-        let Ok(pods) = self
-            .0
-            .list_pod_sandbox(ListPodSandboxRequest { filter: None })
-            .await
-        else {
-            return;
-        };
-        for p in pods.into_inner().items {
-            let _ = self
-                .0
-                .stop_pod_sandbox(StopPodSandboxRequest {
-                    pod_sandbox_id: p.id.clone(),
-                })
-                .await;
-            let _ = self
-                .0
-                .remove_pod_sandbox(RemovePodSandboxRequest {
-                    pod_sandbox_id: p.id,
-                })
-                .await;
         }
     }
 }
