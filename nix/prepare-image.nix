@@ -2,7 +2,7 @@
 #
 # Called by nixery (src/nix/mod.rs) with every input passed as a string argument:
 #   nix-instantiate --eval --strict --json nix/prepare-image.nix \
-#     --argstr srcType path|git|channel --argstr srcArgs JSON \
+#     --argstr srcType path|git|channel|flake --argstr srcArgs JSON \
 #     --argstr packages '["curl","python3Packages.requests"]' --argstr system x86_64-linux
 # Read-only, this computes the paths without writing anything to the store;
 # only when some output is missing is it run again with --read-write-mode, which
@@ -16,7 +16,13 @@
 # As in Nixery, a top-level name that does not exist exactly is looked up
 # case-insensitively (registry clients refuse uppercase repository names, so
 # `bashinteractive` must find `bashInteractive`); nested sets stay exact.
-# Only builtins are used, so this works with every Nix 2.x and Lix.
+# Only builtins are used, so this works with every Nix 2.x and Lix; a flake
+# source (`builtins.getFlake` of a locked reference) needs the `flakes`
+# experimental feature, which nixery turns on for those calls alone.
+#
+# A flake's names are looked up as `nix build FLAKE#NAME` looks them up:
+# `packages.<system>.NAME`, then `legacyPackages.<system>.NAME` (through which
+# a flake that re-exports nixpkgs keeps every nixpkgs attribute path valid).
 { srcType, srcArgs, packages, system ? builtins.currentSystem }:
 let
   args = builtins.fromJSON srcArgs;
@@ -28,9 +34,19 @@ let
     # A pinned channel names the sha256 of its unpacked contents.
     else if srcType == "channel" then
       builtins.fetchTarball (if args ? sha256 then { inherit (args) url sha256; } else args.url)
+    # A flake is evaluated as Nix evaluates it (pure, by default), so its
+    # reference must be locked: nixery resolves it first (nix flake metadata).
+    else if srcType == "flake" then builtins.getFlake args.ref
     else throw "prepare-image.nix: unknown srcType '${srcType}'";
 
-  pkgs = import source { inherit system; };
+  # The attribute sets names are looked up in, first match wins.
+  roots =
+    if srcType == "flake" then
+      builtins.filter builtins.isAttrs [
+        ((source.packages or { }).${system} or null)
+        ((source.legacyPackages or { }).${system} or null)
+      ]
+    else [ (import source { inherit system; }) ];
 
   splitAttrPath = name: builtins.filter builtins.isString (builtins.split "\\." name);
 
@@ -38,16 +54,17 @@ let
   lower = [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];
   toLower = builtins.replaceStrings upper lower;
 
-  # The top-level attribute a name means: itself, else the first (sorted) name
-  # equal to it ignoring case, else null. attrNames is only listed on a miss.
-  topLevel = name:
+  # The top-level attribute a name means in `pkgs`: itself, else the first
+  # (sorted) name equal to it ignoring case, else null. attrNames is only
+  # listed on a miss.
+  topLevel = pkgs: name:
     if builtins.hasAttr name pkgs then name
     else
       let matches = builtins.filter (n: toLower n == toLower name) (builtins.attrNames pkgs);
       in if matches == [ ] then null else builtins.head matches;
 
   # Walks an attribute path; null when any step is missing or fails to evaluate.
-  walk = parts: builtins.foldl'
+  walk = pkgs: parts: builtins.foldl'
     (acc: part:
       if acc != null && builtins.isAttrs acc && builtins.hasAttr part acc then
         let v = builtins.tryEval (builtins.getAttr part acc); in
@@ -73,17 +90,29 @@ let
       all = if builtins.isList l then l else [ l ];
     in builtins.filter builtins.isString (map one all);
 
+  # A name in one root: its canonical attribute path and value.
+  lookIn = parts: pkgs:
+    let
+      first = topLevel pkgs (builtins.head parts);
+      canonical = [ first ] ++ builtins.tail parts;
+    in
+    if first == null then null
+    else { attr = builtins.concatStringsSep "." canonical; value = walk pkgs canonical; };
+
   resolve = name:
     let
       parts = splitAttrPath name;
-      first = topLevel (builtins.head parts);
-      canonical = [ first ] ++ builtins.tail parts;
-      value = if first == null then null else walk canonical;
+      tries = builtins.filter (t: t != null) (map (lookIn parts) roots);
+      hits = builtins.filter (t: isDerivation t.value) tries;
+      hit = if hits != [ ] then builtins.head hits
+        else if tries != [ ] then builtins.head tries
+        else { attr = null; value = null; };
+      value = hit.value;
       ok = isDerivation value;
     in
     {
       inherit name ok;
-      attr = if first == null then null else builtins.concatStringsSep "." canonical;
+      inherit (hit) attr;
       drv = if ok then value.drvPath else null;
       out = if ok then value.outPath else null;
       # The program a single-package image runs by default, as nixpkgs names it.

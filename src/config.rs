@@ -43,8 +43,10 @@ pub struct AgentArgs {
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
     /// A package source NixImages may name besides the agent's own, as
-    /// `repo:URL`, `channel:NAME` or `path:DIR` (repeatable; env: comma-separated).
-    /// Building from a source evaluates its Nix code as root on every node.
+    /// `repo:URL`, `channel:NAME`, `path:DIR` or `flake:PREFIX` (every flake
+    /// reference under PREFIX, e.g. `flake:github:acme`) (repeatable; env:
+    /// comma-separated). Building from a source evaluates its Nix code as
+    /// root on every node.
     #[arg(long = "allowed-source", env = "NIXERY_ALLOWED_SOURCES", value_delimiter = ',', value_parser = parse_source)]
     pub allowed_sources: Vec<crate::nix::Source>,
     /// Namespace of the agents' node Leases (the agent's own namespace in the DaemonSet).
@@ -73,7 +75,7 @@ pub struct AgentArgs {
 
 fn parse_source(s: &str) -> Result<crate::nix::Source, String> {
     crate::nix::Source::parse_tagged(s)
-        .ok_or_else(|| format!("'{s}' is not repo:URL, channel:NAME or path:DIR"))
+        .ok_or_else(|| format!("'{s}' is not repo:URL, channel:NAME, path:DIR or flake:PREFIX"))
 }
 
 #[derive(Debug, Args)]
@@ -161,6 +163,11 @@ pub struct NixArgs {
     /// A nixpkgs channel (e.g. nixos-unstable) or tarball URL [default: nixos-unstable].
     #[arg(long, env = "NIXERY_CHANNEL", group = "source")]
     pub pkgs_channel: Option<String>,
+    /// A flake (e.g. github:acme/app, git+https://host/app?ref=main): image
+    /// names are its outputs, as `nix build FLAKE#NAME` finds them; locked
+    /// anew after --cache-ttl.
+    #[arg(long, env = "NIXERY_PKGS_FLAKE", group = "source")]
+    pub pkgs_flake: Option<String>,
     /// A Nix setting for every Nix call, as NAME=VALUE (repeatable); e.g.
     /// `substituters=` for the offline package set, where no cache is reachable.
     #[arg(long = "nix-option", env = "NIXERY_NIX_OPTIONS", value_delimiter = ',')]
@@ -388,6 +395,10 @@ impl CommonArgs {
             Source::Path(abs)
         } else if let Some(r) = &self.nix.pkgs_repo {
             Source::Git { url: r.clone() }
+        } else if let Some(f) = &self.nix.pkgs_flake {
+            Source::Flake {
+                reference: f.clone(),
+            }
         } else {
             Source::Channel(
                 self.nix
@@ -709,6 +720,44 @@ mod tests {
                 url: "file:///r".into()
             }
         );
+        let s = parse(&["--pkgs-flake", "github:acme/app"])
+            .resolve(|_| None)
+            .unwrap();
+        assert_eq!(
+            s.source,
+            Source::Flake {
+                reference: "github:acme/app".into()
+            }
+        );
+        assert!(Cli::try_parse_from([
+            "nixery",
+            "serve",
+            "--pkgs-flake",
+            "github:acme/app",
+            "--pkgs-repo",
+            "x",
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn allowed_flake_sources_are_prefixes() {
+        let allowed = parse_source("flake:github:acme").unwrap();
+        let flake = |r: &str| Source::Flake {
+            reference: r.into(),
+        };
+        assert!(allowed.admits(&flake("github:acme/app")));
+        assert!(!allowed.admits(&flake("github:acme-evil/app")));
+        assert!(!allowed.admits(&Source::Git {
+            url: "github:acme/app".into()
+        }));
+        assert!(parse_source("repo:file:///r")
+            .unwrap()
+            .admits(&Source::Git {
+                url: "file:///r".into()
+            }));
+        assert!(parse_source("flake:").is_err());
+        assert!(parse_source("flakes:x").is_err());
     }
 
     #[test]

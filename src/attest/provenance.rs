@@ -33,7 +33,43 @@ fn source_descriptor(source: &Source, revision: &str) -> Value {
             "uri": crate::nix::redact_url(url),
             "annotations": { "nixUnpackedSha256": sha256 },
         }),
+        Source::Flake { reference } => json!({ "uri": crate::nix::redact_url(reference) }),
+        // The locked reference, its commit as the digest where it has one,
+        // and the NAR hash of its source tree.
+        Source::PinnedFlake { locked } => {
+            let mut d = json!({ "uri": crate::nix::redact_url(locked) });
+            if let Some(rev) = crate::nix::flake::query_value(locked, "rev")
+                .or_else(|| locked_path_rev(locked))
+                .filter(|r| crate::nix::is_commit(r))
+            {
+                d["digest"] = json!({ "gitCommit": rev });
+            }
+            if let Some(h) = crate::nix::flake::query_value(locked, "narHash") {
+                d["annotations"] = json!({ "narHash": h });
+            }
+            d
+        }
     }
+}
+
+/// The commit of a locked `github:`/`gitlab:`/`sourcehut:` reference, which
+/// Nix writes as the path's third part (`github:acme/app/<rev>`).
+fn locked_path_rev(locked: &str) -> Option<String> {
+    let path = locked.split(['?', '#']).next()?;
+    let (scheme, rest) = path.split_once(':')?;
+    if !matches!(scheme, "github" | "gitlab" | "sourcehut") {
+        return None;
+    }
+    rest.split('/').nth(2).map(str::to_string)
+}
+
+/// The source as one line, for an SBOM: its URI (a flake's locked
+/// reference, a git repository at its revision, a channel's URL).
+pub fn source_uri(source: &Source, revision: &str) -> String {
+    source_descriptor(source, revision)["uri"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// The in-toto predicate alone (cosign attests a predicate).
@@ -100,4 +136,45 @@ pub fn statement(
         "predicateType": predicate_type,
         "predicate": predicate,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_locked_flake_names_its_commit_and_tree() {
+        let rev = "1e73408a20146497888827094581836564add8d0";
+        let git = Source::PinnedFlake {
+            locked: format!(
+                "git+https://bot:tok@git.example.com/app?ref=main&rev={rev}&narHash=sha256-3tqz%3D"
+            ),
+        };
+        let d = source_descriptor(&git, "latest");
+        assert_eq!(
+            d["uri"],
+            format!(
+                "git+https://***@git.example.com/app?ref=main&rev={rev}&narHash=sha256-3tqz%3D"
+            )
+        );
+        assert_eq!(d["digest"]["gitCommit"], rev);
+        assert_eq!(d["annotations"]["narHash"], "sha256-3tqz=");
+        let github = Source::PinnedFlake {
+            locked: format!("github:acme/app/{rev}?narHash=sha256-x"),
+        };
+        assert_eq!(
+            source_descriptor(&github, "latest")["digest"]["gitCommit"],
+            rev
+        );
+        // A path flake has its tree's hash and no commit.
+        let path = Source::PinnedFlake {
+            locked: "path:/src/app?lastModified=1&narHash=sha256-y".into(),
+        };
+        let d = source_descriptor(&path, "latest");
+        assert!(d.get("digest").is_none());
+        assert_eq!(
+            source_uri(&path, "latest"),
+            "path:/src/app?lastModified=1&narHash=sha256-y"
+        );
+    }
 }

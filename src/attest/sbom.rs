@@ -230,6 +230,12 @@ pub fn cyclonedx(facts: &Facts) -> Vec<u8> {
                 "bom-ref": image_ref,
                 "name": facts.repository,
                 "version": image_ref,
+                // The package source as built: a flake's locked reference,
+                // a git repository at its commit, a channel's URL.
+                "properties": [{
+                    "name": "nixery:source",
+                    "value": super::provenance::source_uri(facts.source, facts.revision),
+                }],
             },
         },
         "components": components,
@@ -279,6 +285,10 @@ pub fn spdx(facts: &Facts) -> Vec<u8> {
         "downloadLocation": "NOASSERTION",
         "filesAnalyzed": false,
         "primaryPackagePurpose": "CONTAINER",
+        "sourceInfo": format!(
+            "built by Nix from {}",
+            super::provenance::source_uri(facts.source, facts.revision)
+        ),
         "checksums": [{ "algorithm": "SHA256", "checksumValue": facts.subject.digest.hex() }],
         "licenseConcluded": "NOASSERTION",
         "licenseDeclared": "NOASSERTION",

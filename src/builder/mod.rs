@@ -128,6 +128,10 @@ pub enum BuildError {
     Timeout(Duration),
     #[error("revision '{0}' does not exist in the package source's repository")]
     UnknownRevision(String),
+    #[error("the flake '{0}' names nothing: no such repository, path, branch, tag or commit, or no flake.nix there")]
+    UnknownFlake(String),
+    #[error("the flake '{0}' has no flake.lock, or one its flake.nix has outgrown: run `nix flake lock` and commit flake.lock (nixery builds what the lock pins, and never writes it)")]
+    UnlockedFlake(String),
     #[error("the build queue is full ({0} builds wait already); try again shortly")]
     QueueFull(usize),
     #[error("the build was dropped from the queue: everyone who asked for it went away")]

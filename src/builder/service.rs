@@ -415,10 +415,10 @@ impl Builder {
             .clone()
             .unwrap_or_else(|| self.cfg.source.clone());
         if !source.tags_are_revisions() && spec.tag != "latest" {
-            let source_kind = if matches!(source, Source::Path(_)) {
-                "local path"
-            } else {
-                "channel"
+            let source_kind = match source {
+                Source::Path(_) => "local path",
+                Source::Flake { .. } | Source::PinnedFlake { .. } => "flake",
+                _ => "channel",
             };
             return Err(Err(Arc::new(BuildError::UnknownTag {
                 tag: spec.tag.clone(),
@@ -786,6 +786,7 @@ impl Builder {
         let packages = spec.all_packages();
         report(Progress::Stage("evaluating"));
         let t = Instant::now();
+        let source = &self.locked(source).await?;
         let prepared = self.resolve(source, spec, &packages).await?;
         info!(seconds = t.elapsed().as_secs_f64(), "evaluated");
         // The default command of a one-package image is that package's program.
@@ -858,11 +859,34 @@ impl Builder {
             .source
             .clone()
             .unwrap_or_else(|| self.cfg.source.clone());
+        let source = self.locked(&source).await?;
         match self.resolve(&source, spec, &spec.all_packages()).await {
             Ok(_) => Ok(vec![]),
             Err(BuildError::UnknownPackages(names)) => Ok(names),
             Err(e) => Err(e),
         }
+    }
+
+    /// A flake locked to what its reference names now (the image records
+    /// the locked form, and its names are looked up in exactly that tree);
+    /// any other source as it is.
+    pub async fn locked(&self, source: &Source) -> Result<Source, BuildError> {
+        let Source::Flake { reference } = source else {
+            return Ok(source.clone());
+        };
+        match self.nix.lock_flake(reference).await? {
+            Some(l) => Ok(Source::PinnedFlake { locked: l.url }),
+            None => Err(BuildError::UnknownFlake(crate::nix::redact_url(reference))),
+        }
+    }
+
+    /// A flake reference's locked form (None: it names nothing), for the
+    /// controller's pin.
+    pub async fn lock_flake(
+        &self,
+        reference: &str,
+    ) -> Result<Option<crate::nix::flake::LockedFlake>, NixError> {
+        self.nix.lock_flake(reference).await
     }
 
     /// Asks Nix what the names mean, unless every answer is known for this
@@ -912,6 +936,13 @@ impl Builder {
                             || log.contains("bad object")) =>
                 {
                     BuildError::UnknownRevision(spec.tag.clone())
+                }
+                // Nix locks a flake's inputs only from its flake.lock here.
+                NixError::Failed { log, .. }
+                    if matches!(source, Source::PinnedFlake { .. })
+                        && log.contains("cannot write modified lock file") =>
+                {
+                    BuildError::UnlockedFlake(source.describe())
                 }
                 _ => BuildError::Nix(e),
             })?;

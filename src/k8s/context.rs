@@ -162,6 +162,6 @@ impl Context {
 
     /// The agent's own package source is always allowed; others only if listed.
     pub(super) fn source_allowed(&self, source: &Source) -> bool {
-        source == self.builder.source() || self.allowed_sources.contains(source)
+        source == self.builder.source() || self.allowed_sources.iter().any(|a| a.admits(source))
     }
 }

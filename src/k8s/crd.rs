@@ -79,11 +79,13 @@ fn tag_is_valid() -> Rule {
 }
 
 fn exactly_one_source() -> Rule {
-    Rule::new("[has(self.path), has(self.repo), has(self.channel)].filter(x, x).size() == 1")
-        .message("source names exactly one of path, repo or channel")
+    Rule::new(
+        "[has(self.path), has(self.repo), has(self.channel), has(self.flake)].filter(x, x).size() == 1",
+    )
+    .message("source names exactly one of path, repo, channel or flake")
 }
 
-/// One of `path`, `repo` or `channel`.
+/// One of `path`, `repo`, `channel` or `flake`.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = exactly_one_source())]
@@ -97,6 +99,14 @@ pub struct PackageSource {
     /// A nixpkgs channel name or tarball URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel: Option<String>,
+    /// A flake reference (`github:acme/app`, `git+https://host/app?ref=main`):
+    /// `contents` name its outputs, found as `nix build FLAKE#NAME` finds
+    /// them (`packages.<system>.NAME`, then `legacyPackages.<system>.NAME`).
+    /// The agents lock it (status.revision) and lock it again after their
+    /// cache TTL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    pub flake: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
@@ -157,11 +167,13 @@ pub struct NixImageStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
     /// What a moving source was resolved to, which every node builds: the
-    /// commit of a git branch or tag, or `sha256:<hash>` of a channel
-    /// tarball's unpacked contents.
+    /// commit of a git branch or tag, a flake's locked reference (with its
+    /// `rev` and `narHash`), or `sha256:<hash>` of a channel tarball's
+    /// unpacked contents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
-    /// What `revision` resolves: `<repository>#<branch or tag>`, or the channel's URL.
+    /// What `revision` resolves: `<repository>#<branch or tag>`, the flake
+    /// reference, or the channel's URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision_of: Option<String>,
     /// When `revision` was resolved (RFC 3339); it is resolved again after

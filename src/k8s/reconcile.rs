@@ -349,6 +349,9 @@ async fn finish(
             let reason = match e.as_ref() {
                 BuildError::UnknownPackages(_) => Some(REASON_UNKNOWN_PACKAGES),
                 BuildError::UnsupportedSystem { .. } => Some(REASON_UNSUPPORTED_SYSTEM),
+                BuildError::UnknownRevision(_) | BuildError::UnknownFlake(_) => {
+                    Some(REASON_UNKNOWN_REVISION)
+                }
                 _ => None,
             };
             if let Some(reason) = reason {

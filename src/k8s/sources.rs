@@ -32,11 +32,16 @@ pub fn image_spec(spec: &NixImageSpec, default_source: &Source) -> Result<ImageS
     // when deleted, unless someone asks for it ad hoc meanwhile).
     out.repository = None;
     if let Some(src) = &spec.source {
-        out.source = Some(match (&src.path, &src.repo, &src.channel) {
-            (Some(p), None, None) => Source::Path(p.into()),
-            (None, Some(r), None) => Source::Git { url: r.clone() },
-            (None, None, Some(c)) => Source::Channel(c.clone()),
-            _ => return Err("spec.source must set exactly one of path, repo, channel".into()),
+        out.source = Some(match (&src.path, &src.repo, &src.channel, &src.flake) {
+            (Some(p), None, None, None) => Source::Path(p.into()),
+            (None, Some(r), None, None) => Source::Git { url: r.clone() },
+            (None, None, Some(c), None) => Source::Channel(c.clone()),
+            (None, None, None, Some(f)) => Source::Flake {
+                reference: f.clone(),
+            },
+            _ => {
+                return Err("spec.source must set exactly one of path, repo, channel, flake".into())
+            }
         });
     }
     if !out
@@ -80,9 +85,16 @@ pub(super) enum Pin {
 /// sha256 of its unpacked tarball.
 const CHANNEL_REVISION_PREFIX: &str = "sha256:";
 
-/// Makes the pipeline's request build the pinned revision: a channel's
-/// tarball with its pinned contents, else the git commit as the tag.
+/// Makes the pipeline's request build the pinned revision: a flake's locked
+/// reference, a channel's tarball with its pinned contents, else the git
+/// commit as the tag.
 pub fn pin_spec(spec: &mut ImageSpec, source: &Source, revision: &str) {
+    if let Source::Flake { reference } = source {
+        spec.source = Some(Source::PinnedFlake {
+            locked: with_credentials_of(revision, reference),
+        });
+        return;
+    }
     match (
         source.channel_url(),
         revision.strip_prefix(CHANNEL_REVISION_PREFIX),
@@ -97,7 +109,22 @@ pub fn pin_spec(spec: &mut ImageSpec, source: &Source, revision: &str) {
     }
 }
 
-/// For a git source at a branch or tag: the commit it names; for a channel:
+/// A locked flake reference as `status.revision` shows it (credentials
+/// redacted, as everywhere in status) made whole again from the spec's
+/// reference, which has them.
+fn with_credentials_of(revision: &str, reference: &str) -> String {
+    let userinfo = reference
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split('/').next()?.rsplit_once('@'))
+        .map(|(u, _)| u);
+    match userinfo {
+        Some(u) => revision.replacen("://***@", &format!("://{u}@"), 1),
+        None => revision.to_string(),
+    }
+}
+
+/// For a git source at a branch or tag: the commit it names; for a flake:
+/// its locked reference (with `rev` and `narHash`); for a channel:
 /// the hash of its tarball's contents. Resolved once and shared by every node
 /// through `status.revision`, resolved again after the cache TTL (written only
 /// when it changed, so agents that agree write nothing), or at once when a
@@ -126,6 +153,7 @@ pub(super) async fn pin_revision(
             format!("{}#{tag}", crate::nix::redact_url(url))
         }
         Source::Channel(_) => crate::nix::redact_url(&source.channel_url().unwrap_or_default()),
+        Source::Flake { reference } => crate::nix::redact_url(reference),
         _ => {
             if status.revision.is_some() {
                 apply(json!({})).await?;
@@ -172,6 +200,13 @@ pub(super) async fn pin_revision(
                 format!(
                     "{} has no branch or tag '{tag}'",
                     crate::nix::redact_url(url)
+                )
+            })
+        }),
+        Source::Flake { reference } => ctx.builder.lock_flake(reference).await.map(|l| {
+            l.map(|l| crate::nix::redact_url(&l.url)).ok_or_else(|| {
+                format!(
+                    "the flake {of} names nothing: no such repository, path, branch, tag or commit, or no flake.nix there"
                 )
             })
         }),
@@ -256,6 +291,7 @@ mod tests {
             path: Some("/a".into()),
             repo: Some("b".into()),
             channel: None,
+            flake: None,
         });
         assert!(image_spec(&s, &path).is_err());
         s.source = Some(crate::k8s::crd::PackageSource {
@@ -263,6 +299,50 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(image_spec(&s, &path).unwrap().tag, "v1");
+    }
+
+    #[test]
+    fn a_flake_builds_its_locked_reference_with_the_specs_credentials() {
+        let locked = "git+https://***@git.example.com/app?ref=main&rev=0123456789abcdef0123456789abcdef01234567&narHash=sha256-x";
+        let flake = Source::Flake {
+            reference: "git+https://bot:s3cret@git.example.com/app?ref=main".into(),
+        };
+        let mut spec = ImageSpec::ad_hoc(
+            &name::parse_packages(&["default".to_string()]).unwrap(),
+            "latest",
+        );
+        pin_spec(&mut spec, &flake, locked);
+        assert_eq!(spec.tag, "latest");
+        assert_eq!(
+            spec.source,
+            Some(Source::PinnedFlake {
+                locked: locked.replace("***", "bot:s3cret")
+            })
+        );
+        let plain = Source::Flake {
+            reference: "github:acme/app".into(),
+        };
+        pin_spec(&mut spec, &plain, "github:acme/app/0123?narHash=sha256-x");
+        assert_eq!(
+            spec.source,
+            Some(Source::PinnedFlake {
+                locked: "github:acme/app/0123?narHash=sha256-x".into()
+            })
+        );
+        // A flake's tag is not a revision: `spec.tag` only names the image.
+        let mut s = NixImageSpec {
+            contents: vec!["default".into()],
+            tag: "v1".into(),
+            source: Some(crate::k8s::crd::PackageSource {
+                flake: Some("github:acme/app".into()),
+                ..Default::default()
+            }),
+            config: None,
+        };
+        let out = image_spec(&s, &Source::Path("/p".into())).unwrap();
+        assert_eq!((out.tag.as_str(), out.source), ("latest", Some(plain)));
+        s.source.as_mut().unwrap().repo = Some("file:///r".into());
+        assert!(image_spec(&s, &Source::Path("/p".into())).is_err());
     }
 
     #[test]

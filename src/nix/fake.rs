@@ -401,4 +401,17 @@ impl Nix for FakeNix {
                 .collect())
         })
     }
+
+    fn lock_flake<'a>(
+        &'a self,
+        reference: &'a str,
+    ) -> BoxFuture<'a, Result<Option<super::flake::LockedFlake>, NixError>> {
+        // Flakes are tested with the real Nix (tests/flake.rs) only.
+        Box::pin(async move {
+            Err(NixError::Failed {
+                stage: "resolving the flake",
+                log: format!("the fake Nix has no flakes ({reference})"),
+            })
+        })
+    }
 }

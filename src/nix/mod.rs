@@ -12,6 +12,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use crate::layers::PathInfo;
 
 pub mod fake;
+pub mod flake;
 
 /// The Nix file that resolves package lists; written next to the state so
 /// the binary carries everything it needs.
@@ -30,6 +31,13 @@ pub enum Source {
     /// base32) of its unpacked contents, so every node builds the same packages
     /// (or fails saying the tarball changed) however the URL moves.
     PinnedChannel { url: String, sha256: String },
+    /// A flake reference (`github:acme/app`, `git+https://…?ref=main`,
+    /// `path:/src/app`): names are its outputs, as `nix build FLAKE#NAME`
+    /// finds them. It can move; it is locked before each evaluation.
+    Flake { reference: String },
+    /// A flake as it was when locked (`nix flake metadata`'s reference with
+    /// its `narHash`): every node builds exactly that tree.
+    PinnedFlake { locked: String },
 }
 
 impl Source {
@@ -43,7 +51,7 @@ impl Source {
     pub fn is_immutable_at(&self, tag: &str) -> bool {
         match self {
             Source::Git { .. } => is_commit(tag),
-            Source::PinnedChannel { .. } => true,
+            Source::PinnedChannel { .. } | Source::PinnedFlake { .. } => true,
             _ => false,
         }
     }
@@ -81,6 +89,9 @@ impl Source {
                 "channel",
                 serde_json::json!({ "url": url, "sha256": sha256 }).to_string(),
             ),
+            Source::Flake { reference: r } | Source::PinnedFlake { locked: r } => {
+                ("flake", serde_json::json!({ "ref": r }).to_string())
+            }
         }
     }
 
@@ -94,6 +105,9 @@ impl Source {
             Source::PinnedChannel { url, sha256 } => {
                 format!("channel {} (sha256:{sha256})", redact_url(url))
             }
+            Source::Flake { reference: r } | Source::PinnedFlake { locked: r } => {
+                format!("flake {}", redact_url(r))
+            }
         }
     }
 
@@ -105,7 +119,20 @@ impl Source {
         }
     }
 
-    /// Parses `path:DIR`, `repo:URL` or `channel:NAME`, as `--allowed-source` takes.
+    /// Whether this source, as an operator's `--allowed-source`, admits
+    /// `other`: the same source, or for a flake any reference under its
+    /// prefix (`flake:github:acme` admits `github:acme/app`).
+    pub fn admits(&self, other: &Source) -> bool {
+        match (self, other) {
+            (Source::Flake { reference: prefix }, Source::Flake { reference }) => {
+                flake::prefix_admits(prefix, reference)
+            }
+            _ => self == other,
+        }
+    }
+
+    /// Parses `path:DIR`, `repo:URL`, `channel:NAME` or `flake:REFERENCE`,
+    /// as `--allowed-source` takes them.
     pub fn parse_tagged(s: &str) -> Option<Source> {
         let (kind, value) = s.split_once(':')?;
         if value.is_empty() {
@@ -115,6 +142,9 @@ impl Source {
             "path" => Some(Source::Path(value.into())),
             "repo" | "git" => Some(Source::Git { url: value.into() }),
             "channel" => Some(Source::Channel(value.into())),
+            "flake" => Some(Source::Flake {
+                reference: value.into(),
+            }),
             _ => None,
         }
     }
@@ -405,6 +435,11 @@ pub trait Nix: Send + Sync + 'static {
         log: LogSink,
     ) -> BoxFuture<'a, Result<(), NixError>>;
     fn closure<'a>(&'a self, outs: &'a [String]) -> BoxFuture<'a, Result<Vec<PathInfo>, NixError>>;
+    /// A flake reference's locked form, None when it names nothing.
+    fn lock_flake<'a>(
+        &'a self,
+        reference: &'a str,
+    ) -> BoxFuture<'a, Result<Option<flake::LockedFlake>, NixError>>;
 }
 
 /// Nix through its command-line tools, as installed on the host.
@@ -600,8 +635,25 @@ impl NixCli {
         if write {
             args.push("--read-write-mode");
         }
+        if src_type == "flake" {
+            // A flake is evaluated as `nix build` evaluates it: pure (an
+            // operator's `--nix-option pure-eval=false` comes later and
+            // wins), which also forbids reading prepare-image.nix from the
+            // state directory, so its text is passed as the expression.
+            args.extend([
+                "--extra-experimental-features",
+                flake::FEATURES,
+                "--option",
+                "pure-eval",
+                "true",
+                "--expr",
+                PREPARE_IMAGE_NIX,
+            ]);
+        } else {
+            args.push(&file);
+        }
         args.extend([
-            &*file, "--argstr", "srcType", src_type, "--argstr", "srcArgs", &src_args, "--argstr",
+            "--argstr", "srcType", src_type, "--argstr", "srcArgs", &src_args, "--argstr",
             "packages", &packages, "--argstr", "system", system,
         ]);
         let out = run("nix-instantiate", &self.with_options(args), STAGE, None).await?;
@@ -653,6 +705,13 @@ impl Nix for NixCli {
                 .await
                 .map(|_| ())
         })
+    }
+
+    fn lock_flake<'a>(
+        &'a self,
+        reference: &'a str,
+    ) -> BoxFuture<'a, Result<Option<flake::LockedFlake>, NixError>> {
+        Box::pin(flake::lock(reference, &self.options))
     }
 
     fn closure<'a>(&'a self, outs: &'a [String]) -> BoxFuture<'a, Result<Vec<PathInfo>, NixError>> {

@@ -138,6 +138,14 @@ impl From<&BuildError> for RegistryError {
                 message: e.to_string(),
                 detail: serde_json::json!({ "unknownRevision": rev }),
             },
+            BuildError::UnknownFlake(reference) => RegistryError::ManifestUnknown {
+                message: e.to_string(),
+                detail: serde_json::json!({ "unknownRevision": reference }),
+            },
+            BuildError::UnlockedFlake(reference) => RegistryError::ManifestUnknown {
+                message: e.to_string(),
+                detail: serde_json::json!({ "unlockedFlake": reference }),
+            },
             BuildError::UnknownTag { .. } => RegistryError::ManifestUnknown {
                 message: e.to_string(),
                 detail: serde_json::Value::Null,
