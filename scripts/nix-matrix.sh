@@ -17,7 +17,7 @@ nix_version=$(bash scripts/in-root.sh "$root" nix --version)
 # /nix, Nix 2.26 creates /nix/var/nix/gcroots/profiles on first use, and
 # processes starting together race on it ("creating symlink ... File exists").
 bash scripts/in-root.sh "$root" nix-instantiate --eval -E 1 >/dev/null
-tests=(nix_contract clients clients_controller controller)
+tests=(nix_contract clients clients_controller controller flake)
 mapfile -t bins < <(
   cargo test --no-run --message-format=json $(printf -- '--test %s ' "${tests[@]}") 2>/dev/null |
     python3 -c 'import json,sys

@@ -276,18 +276,7 @@ fn git_repo(root: &Path) -> (String, String) {
     for f in ["default.nix", "host.json"] {
         std::fs::copy(offline_pkgs().join(f), repo.join(f)).unwrap();
     }
-    let git = |args: &[&str]| {
-        let (ok, out, err) = run(Command::new("git")
-            .arg("-C")
-            .arg(&repo)
-            .args(args)
-            .env("GIT_AUTHOR_NAME", "t")
-            .env("GIT_AUTHOR_EMAIL", "t@t")
-            .env("GIT_COMMITTER_NAME", "t")
-            .env("GIT_COMMITTER_EMAIL", "t@t"));
-        assert!(ok, "git {args:?}: {err}");
-        out
-    };
+    let git = |args: &[&str]| git_in(&repo, args);
     git(&["init", "-q", "-b", "main"]);
     git(&["add", "."]);
     git(&["commit", "-q", "-m", "offline package set"]);

@@ -776,18 +776,7 @@ async fn an_agent_without_its_lease_is_not_ready_and_a_missed_deletion_is_caught
 fn git_repo(root: &std::path::Path) -> (String, impl Fn() -> String) {
     let repo = root.join("repo");
     std::fs::create_dir_all(&repo).unwrap();
-    let git = move |args: &[&str]| {
-        let (ok, out, err) = run(std::process::Command::new("git")
-            .arg("-C")
-            .arg(&repo)
-            .args(args)
-            .env("GIT_AUTHOR_NAME", "t")
-            .env("GIT_AUTHOR_EMAIL", "t@t")
-            .env("GIT_COMMITTER_NAME", "t")
-            .env("GIT_COMMITTER_EMAIL", "t@t"));
-        assert!(ok, "git {args:?}: {err}");
-        out.trim().to_string()
-    };
+    let git = move |args: &[&str]| git_in(&repo, args).trim().to_string();
     git(&["init", "-q", "-b", "main"]);
     let url = format!("file://{}", root.join("repo").display());
     let commit = move || {

@@ -234,6 +234,20 @@ pub fn run(cmd: &mut Command) -> (bool, String, String) {
     )
 }
 
+/// `git -C dir ARGS` as a fixed author, asserting success: its stdout.
+pub fn git_in(dir: &Path, args: &[&str]) -> String {
+    let (ok, out, err) = run(Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@t")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@t"));
+    assert!(ok, "git {args:?}: {err}");
+    out
+}
+
 /// `run` with `input` on the command's standard input.
 pub fn run_in(cmd: &mut Command, input: &[u8]) -> (bool, String, String) {
     use std::io::Write;
