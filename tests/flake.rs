@@ -418,3 +418,71 @@ async fn an_ad_hoc_registry_serves_a_flakes_outputs() {
         "{err}"
     );
 }
+
+/// A user's flake is evaluated pure, as `nix build` evaluates it (nothing of
+/// the host: no `currentSystem`, no environment), unless the operator says
+/// otherwise; and nixery's own flake calls leave Nix's other settings alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_flake_is_evaluated_pure() {
+    const TEST: &str = "a_users_flake_is_evaluated_pure";
+    if !have_tools(TEST) {
+        return;
+    }
+    use nixery::nix::Nix;
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let flake = dir.path().join("probe");
+    std::fs::create_dir_all(&flake).unwrap();
+    // No inputs; its one output's name says how it was evaluated.
+    std::fs::write(
+        flake.join("flake.nix"),
+        r#"{
+          outputs = { self }: {
+            packages.x86_64-linux.probe = derivation {
+              name = "probe-${if builtins ? currentSystem then "impure" else "pure"}";
+              system = "x86_64-linux";
+              builder = "/bin/sh";
+            };
+          };
+        }"#,
+    )
+    .unwrap();
+    git_in(&flake, &["init", "-q", "-b", "main"]);
+    git_in(&flake, &["add", "-A"]);
+    git_in(&flake, &["commit", "-q", "-m", "probe"]);
+    let reference = format!("git+file://{}", flake.display());
+    let name_with = |options: Vec<(String, String)>| {
+        let state = dir.path().join(format!("state-{}", options.len()));
+        let reference = reference.clone();
+        async move {
+            let nix = nixery::nix::NixCli::new(&state, options).unwrap();
+            let locked = nix
+                .lock_flake(&reference)
+                .await
+                .unwrap()
+                .expect("it exists");
+            assert_eq!(
+                locked.rev.as_deref(),
+                Some(git_in(&flake_dir(&reference), &["rev-parse", "HEAD"]).trim())
+            );
+            let source = Source::PinnedFlake { locked: locked.url };
+            let prepared = nix
+                .prepare(&source, "latest", &["probe".to_string()], "x86_64-linux")
+                .await
+                .unwrap();
+            prepared.resolved[0].out.clone()
+        }
+    };
+    assert!(name_with(offline_nix_options())
+        .await
+        .ends_with("-probe-pure"));
+    // The operator's `pure-eval = false` wins (the offline set needs it).
+    assert!(name_with(flake_nix_options())
+        .await
+        .ends_with("-probe-impure"));
+}
+
+/// The directory of a `git+file://` reference.
+fn flake_dir(reference: &str) -> PathBuf {
+    PathBuf::from(reference.trim_start_matches("git+file://"))
+}
