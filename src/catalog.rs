@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::builder::BuiltImage;
+use crate::image::{digests_of, BuiltImage};
 use crate::name::{self, Digest};
 use crate::oci;
 use crate::store::BlobStore;
@@ -272,30 +272,6 @@ impl Inner {
         }
         self.requests.insert(key, r);
     }
-}
-
-/// Every digest an image is made of: its manifests, config and layers, and
-/// the manifests attached to it with theirs.
-pub fn digests_of(img: &BuiltImage) -> HashSet<Digest> {
-    let mut out: HashSet<Digest> = [img.oci_digest.clone(), img.docker_digest.clone()].into();
-    out.extend(img.attached.iter().map(|(d, _)| d.clone()));
-    let attached = img.attached.iter().map(|(_, m)| m);
-    for m in [&img.oci_manifest, &img.docker_manifest]
-        .into_iter()
-        .chain(attached)
-    {
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(m) else {
-            continue;
-        };
-        let descriptors =
-            std::iter::once(&v["config"]).chain(v["layers"].as_array().into_iter().flatten());
-        for d in descriptors {
-            if let Some(Ok(d)) = d["digest"].as_str().map(str::parse::<Digest>) {
-                out.insert(d);
-            }
-        }
-    }
-    out
 }
 
 pub struct Catalog {

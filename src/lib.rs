@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod config;
 pub mod cri;
 pub mod gc;
+pub mod image;
 pub mod k8s;
 pub mod layers;
 pub mod metrics;

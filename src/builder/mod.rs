@@ -7,15 +7,16 @@ mod pipeline;
 mod service;
 
 pub use service::{Builder, BuilderConfig, Failure};
+// What a build gives lives below the builder and the catalog, which both use it.
+pub use crate::image::BuiltImage;
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::Digest as _;
 
-use crate::name::{AdHocImage, Arch, Digest};
+use crate::name::{AdHocImage, Arch};
 use crate::nix::{NixError, Source};
 use crate::oci::RunConfig;
 use crate::store::StoreError;
@@ -80,32 +81,6 @@ impl ImageSpec {
             self.run
         ));
         hex::encode(h.finalize())
-    }
-}
-
-/// A built image: both manifest encodings, stored as blobs (one, the OCI
-/// manifest, when layers are zstd).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BuiltImage {
-    pub oci_digest: Digest,
-    pub oci_manifest: bytes::Bytes,
-    pub docker_digest: Digest,
-    pub docker_manifest: bytes::Bytes,
-    pub layers: usize,
-    /// Compressed size of config and layers.
-    pub size: u64,
-    /// Store paths of the packages (roots of the closure).
-    pub roots: Vec<String>,
-    pub gcroot_dir: PathBuf,
-    /// Manifests attached to the image (SBOMs, provenance, signatures; see
-    /// `attest`), by digest: all small, kept in memory as the image's are.
-    pub attached: Vec<(Digest, bytes::Bytes)>,
-}
-
-impl BuiltImage {
-    /// Whether a Docker schema2 manifest exists beside the OCI one.
-    pub fn has_docker_manifest(&self) -> bool {
-        self.docker_digest != self.oci_digest
     }
 }
 

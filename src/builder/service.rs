@@ -376,7 +376,7 @@ impl Builder {
                 return true;
             }
         }
-        for d in crate::catalog::digests_of(img) {
+        for d in crate::image::digests_of(img) {
             if !matches!(self.store.stat(&d).await, Ok(Some(_))) {
                 self.verified.lock().unwrap().remove(&img.oci_digest);
                 return false;
@@ -633,7 +633,7 @@ impl Builder {
         bucket: &crate::store::ObjectBlobStore,
         img: &BuiltImage,
     ) -> Result<(), crate::store::StoreError> {
-        for d in crate::catalog::digests_of(img) {
+        for d in crate::image::digests_of(img) {
             if bucket.stat(&d).await?.is_some() {
                 continue;
             }
@@ -694,7 +694,7 @@ impl Builder {
         });
         // Every blob must be there (a bucket lifecycle rule, or a hand, may
         // have removed some): else it is built again, which stores them anew.
-        let digests: Vec<_> = crate::catalog::digests_of(&img).into_iter().collect();
+        let digests: Vec<_> = crate::image::digests_of(&img).into_iter().collect();
         let present = futures::future::join_all(digests.iter().map(|d| self.store.stat(d))).await;
         for (d, p) in digests.iter().zip(present) {
             if p?.is_none() {

@@ -243,7 +243,7 @@ fn in_repository(
                 images.iter().any(|(_, image)| {
                     app.catalog
                         .image_holds(&image.oci_digest, digest)
-                        .unwrap_or_else(|| crate::catalog::digests_of(image).contains(digest))
+                        .unwrap_or_else(|| crate::image::digests_of(image).contains(digest))
                 })
             };
             // An index is the object's when a manifest it lists is: the
