@@ -3,16 +3,16 @@
 //! share one build), the build slots (builds beyond the limit queue), the
 //! timeout, the per-revision cache of name answers, and the built images.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt, Shared, WeakShared};
-use sha2::Digest as _;
 use tracing::{info, info_span, warn, Instrument};
 
+use super::keys;
 use super::pipeline::{Pipeline, PipelineConfig};
 use super::{BuildError, BuildState, BuiltImage, ImageSpec, Progress, ProgressFn};
 use crate::catalog::Catalog;
@@ -169,20 +169,7 @@ impl Builder {
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let slots = tokio::sync::Semaphore::new(cfg.max_builds.max(1));
-        let shape = {
-            let mut h = sha2::Sha256::new();
-            if let Some(p) = &cfg.popularity {
-                let sorted: std::collections::BTreeMap<_, _> = p.iter().collect();
-                h.update(serde_json::to_vec(&sorted).expect("serialisable"));
-            }
-            // "groups": the layer planner (a new one changes every digest).
-            format!(
-                "groups/{}/{}/{}",
-                cfg.compression.cache_tag(),
-                cfg.max_layers,
-                hex::encode(h.finalize())
-            )
-        };
+        let shape = keys::shape(cfg.compression, cfg.max_layers, cfg.popularity.as_ref());
         // A blob no image references may be another process's build in
         // progress until a build's timeout has passed.
         let gc = crate::gc::Collector::new(
@@ -320,7 +307,10 @@ impl Builder {
             .source
             .clone()
             .unwrap_or_else(|| self.cfg.source.clone());
-        if let Some(img) = self.catalog.request(&self.request_key(&spec, &source)) {
+        if let Some(img) = self
+            .catalog
+            .request(&keys::request_key(&spec, &source, &self.shape))
+        {
             if !self.blobs_present(&img).await {
                 warn!(image = %img.oci_digest, "a stored image lost blobs; building it again");
                 self.catalog.forget(&img);
@@ -425,7 +415,7 @@ impl Builder {
                 source_kind,
             })));
         }
-        let key = self.request_key(&spec, &source);
+        let key = keys::request_key(&spec, &source, &self.shape);
         if let Some(img) = self.catalog.request(&key) {
             self.metrics.cache_hits.inc();
             return Err(Ok(img));
@@ -798,7 +788,7 @@ impl Builder {
                 .and_then(|r| r.program.clone()),
             _ => None,
         };
-        let key = self.image_key(&prepared, spec, program.as_deref());
+        let key = keys::image_key(&prepared, spec, program.as_deref(), &self.shape);
         // This request resolves to that image: for good at a git commit, else
         // until the source may have moved.
         let ttl = (!source.is_immutable_at(&spec.tag)).then_some(self.cfg.mutable_ttl);
@@ -972,37 +962,6 @@ impl Builder {
         } else {
             Err(BuildError::UnknownPackages(prepared.unknown))
         }
-    }
-
-    /// The request key: the spec as spelled (`ImageSpec::key`) and the
-    /// settings that shape an image, since the catalog outlives a process
-    /// whose settings may change.
-    /// The request key: the spec's (`ImageSpec::key`), the settings that
-    /// shape images, and the repository it is asked under, so that each
-    /// spelling of one package set (`curl/jq` and `cacert/curl/jq`, `shell`
-    /// and its four packages) has its own request, and the image is content
-    /// of each repository that asked for it.
-    fn request_key(&self, spec: &ImageSpec, source: &Source) -> String {
-        let mut h = sha2::Sha256::new();
-        h.update(format!(
-            "{}\0{}\0{:?}",
-            spec.key(source),
-            self.shape,
-            spec.repository
-        ));
-        hex::encode(h.finalize())
-    }
-
-    /// The image key: the output paths the names resolved to (sorted, unique),
-    /// the default program, and everything else that shapes the image.
-    fn image_key(&self, prepared: &Prepared, spec: &ImageSpec, program: Option<&str>) -> String {
-        let outs: BTreeSet<&str> = prepared.outs.iter().map(String::as_str).collect();
-        let mut h = sha2::Sha256::new();
-        h.update(format!(
-            "{outs:?}\0{:?}\0{:?}\0{program:?}\0{}",
-            spec.arch, spec.run, self.shape,
-        ));
-        hex::encode(h.finalize())
     }
 
     /// How long an answer from a source that can move holds.
