@@ -4,6 +4,7 @@
 //! in `service`.
 
 mod keys;
+mod names;
 mod pipeline;
 mod service;
 

@@ -13,13 +13,14 @@ use futures::future::{BoxFuture, FutureExt, Shared, WeakShared};
 use tracing::{info, info_span, warn, Instrument};
 
 use super::keys;
+use super::names::NameCache;
 use super::pipeline::{Pipeline, PipelineConfig};
 use super::{BuildError, BuildState, BuiltImage, ImageSpec, Progress, ProgressFn};
 use crate::catalog::Catalog;
 use crate::layers::Popularity;
 use crate::metrics::Metrics;
 use crate::name::Arch;
-use crate::nix::{Nix, NixError, Prepared, Source};
+use crate::nix::{Nix, Source};
 use crate::oci;
 use crate::store::BlobStore;
 use tokio::sync::watch;
@@ -125,15 +126,12 @@ enum Turn {
     Build(crate::shared::Lease),
     Adopted(Arc<BuiltImage>),
 }
-/// Whether each name exists in one package source revision, and until when
-/// the answer holds (None: for good, as for a git commit).
-type NameAnswers = (HashMap<String, bool>, Option<Instant>);
 
 pub struct Builder {
-    cfg: BuilderConfig,
-    nix: Arc<dyn Nix>,
+    pub(super) cfg: BuilderConfig,
+    pub(super) nix: Arc<dyn Nix>,
     store: Arc<dyn BlobStore>,
-    metrics: Arc<Metrics>,
+    pub(super) metrics: Arc<Metrics>,
     gc: Arc<crate::gc::Collector>,
     pipeline: Pipeline,
     /// The settings that shape every image (compression, layer budget,
@@ -148,7 +146,7 @@ pub struct Builder {
     image_builds: Mutex<HashMap<String, WeakShared<BoxFuture<'static, ImageResult>>>>,
     /// Whether names exist, per package source revision, so a repeated
     /// unknown name costs no evaluation.
-    names: Mutex<HashMap<String, NameAnswers>>,
+    pub(super) names: NameCache,
     /// Running builds by request key: their result, state stream and waiters.
     inflight: Mutex<HashMap<String, Inflight>>,
     /// When each image's blobs were last found all present.
@@ -840,128 +838,6 @@ impl Builder {
         self.catalog
             .add_request(request, &key, spec.repository.as_deref(), &spec.tag, ttl);
         Ok(img)
-    }
-
-    /// The names of a spec that its package source lacks (none: all exist),
-    /// from the cache of name answers or one evaluation.
-    pub async fn unknown_names(&self, spec: &ImageSpec) -> Result<Vec<String>, BuildError> {
-        let source = spec
-            .source
-            .clone()
-            .unwrap_or_else(|| self.cfg.source.clone());
-        let source = self.locked(&source).await?;
-        match self.resolve(&source, spec, &spec.all_packages()).await {
-            Ok(_) => Ok(vec![]),
-            Err(BuildError::UnknownPackages(names)) => Ok(names),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// A flake locked to what its reference names now (the image records
-    /// the locked form, and its names are looked up in exactly that tree);
-    /// any other source as it is.
-    pub async fn locked(&self, source: &Source) -> Result<Source, BuildError> {
-        let Source::Flake { reference } = source else {
-            return Ok(source.clone());
-        };
-        match self.nix.lock_flake(reference).await? {
-            Some(l) => Ok(Source::PinnedFlake { locked: l.url }),
-            None => Err(BuildError::UnknownFlake(crate::nix::redact_url(reference))),
-        }
-    }
-
-    /// A flake reference's locked form (None: it names nothing), for the
-    /// controller's pin.
-    pub async fn lock_flake(
-        &self,
-        reference: &str,
-    ) -> Result<Option<crate::nix::flake::LockedFlake>, NixError> {
-        self.nix.lock_flake(reference).await
-    }
-
-    /// Asks Nix what the names mean, unless every answer is known for this
-    /// package source revision and one of them is "unknown".
-    async fn resolve(
-        &self,
-        source: &Source,
-        spec: &ImageSpec,
-        packages: &[String],
-    ) -> Result<Prepared, BuildError> {
-        let revision = format!("{source:?}\0{}\0{:?}", spec.tag, spec.arch);
-        {
-            let mut names = self.names.lock().unwrap();
-            if let Some((answers, until)) = names.get(&revision) {
-                if until.is_some_and(|t| Instant::now() >= t) {
-                    names.remove(&revision);
-                } else if packages.iter().all(|p| answers.contains_key(p)) {
-                    let unknown: Vec<String> =
-                        packages.iter().filter(|p| !answers[*p]).cloned().collect();
-                    if !unknown.is_empty() {
-                        self.metrics.unknown_cached.inc();
-                        return Err(BuildError::UnknownPackages(unknown));
-                    }
-                }
-            }
-        }
-        // A branch or tag that does not exist is the user's error, said as
-        // such (Nix would fail with the repository's path in its words).
-        if let Source::Git { url } = source {
-            if !crate::nix::is_commit(&spec.tag)
-                && matches!(crate::nix::resolve_git_ref(url, &spec.tag).await, Ok(None))
-            {
-                return Err(BuildError::UnknownRevision(spec.tag.clone()));
-            }
-        }
-        let prepared = self
-            .nix
-            .prepare(source, &spec.tag, packages, spec.arch.nix_system())
-            .await
-            .map_err(|e| match &e {
-                // A commit the repository does not have.
-                NixError::Failed { log, .. }
-                    if matches!(source, Source::Git { .. })
-                        && log.contains(&spec.tag)
-                        && (log.contains("Cannot find Git revision")
-                            || log.contains("not found")
-                            || log.contains("bad object")) =>
-                {
-                    BuildError::UnknownRevision(spec.tag.clone())
-                }
-                // Nix locks a flake's inputs only from its flake.lock here.
-                NixError::Failed { log, .. }
-                    if matches!(source, Source::PinnedFlake { .. })
-                        && log.contains("cannot write modified lock file") =>
-                {
-                    BuildError::UnlockedFlake(source.describe())
-                }
-                _ => BuildError::Nix(e),
-            })?;
-        let until =
-            (!source.is_immutable_at(&spec.tag)).then(|| Instant::now() + self.cfg.mutable_ttl);
-        let mut names = self.names.lock().unwrap();
-        // Bounded: a few revisions at a time, and a name flood clears its
-        // revision's answers rather than growing them without end.
-        if names.len() >= 64 && !names.contains_key(&revision) {
-            names.retain(|_, (_, until)| until.is_none_or(|t| Instant::now() < t));
-            if names.len() >= 64 {
-                names.clear();
-            }
-        }
-        let (answers, _) = names
-            .entry(revision)
-            .or_insert_with(|| (HashMap::new(), until));
-        if answers.len() > 50_000 {
-            answers.clear();
-        }
-        // Each name resolves on its own: those not unknown exist.
-        for p in packages {
-            answers.insert(p.clone(), !prepared.unknown.contains(p));
-        }
-        if prepared.unknown.is_empty() {
-            Ok(prepared)
-        } else {
-            Err(BuildError::UnknownPackages(prepared.unknown))
-        }
     }
 
     /// How long an answer from a source that can move holds.
