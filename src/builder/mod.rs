@@ -3,6 +3,7 @@
 //! (`Progress`). The steps are in `pipeline`; who builds what, when and once,
 //! in `service`.
 
+mod instances;
 mod keys;
 mod names;
 mod pipeline;
