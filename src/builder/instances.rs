@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::service::Waiters;
+use super::flight::Waiters;
 use super::{BuildError, Builder, BuiltImage, ImageSpec, Progress, ProgressFn};
 use crate::nix::Source;
 use crate::store::BlobStore;

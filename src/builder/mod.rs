@@ -3,13 +3,15 @@
 //! (`Progress`). The steps are in `pipeline`; who builds what, when and once,
 //! in `service`.
 
+mod flight;
 mod instances;
 mod keys;
 mod names;
 mod pipeline;
 mod service;
 
-pub use service::{Builder, BuilderConfig, Failure};
+pub use flight::{Build, Failure};
+pub use service::{Builder, BuilderConfig};
 // What a build gives lives below the builder and the catalog, which both use it.
 pub use crate::image::BuiltImage;
 

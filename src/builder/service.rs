@@ -9,9 +9,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::future::{BoxFuture, FutureExt, Shared, WeakShared};
+use futures::future::{BoxFuture, FutureExt, WeakShared};
 use tracing::{info, info_span, warn, Instrument};
 
+use super::flight::{Build, BuildResult, Failure, Failures, Inflight, Waiters};
 use super::instances::Turn;
 use super::keys;
 use super::names::NameCache;
@@ -59,66 +60,6 @@ pub struct BuilderConfig {
     pub gc_store: Option<Arc<dyn BlobStore>>,
 }
 
-type BuildResult = Result<Arc<BuiltImage>, Arc<BuildError>>;
-type SharedResult = Shared<BoxFuture<'static, BuildResult>>;
-/// A running build: its result, its state stream, who waits for it.
-type Inflight = (SharedResult, watch::Receiver<BuildState>, Arc<Waiters>);
-
-/// A build that failed, for the page.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Failure {
-    pub image: String,
-    pub tag: String,
-    pub error: String,
-    /// The end of Nix's log.
-    pub log: Vec<String>,
-    /// Seconds since the epoch.
-    pub at: u64,
-}
-
-/// A build started or joined: its state stream and its result. While a
-/// `Build` lives, someone waits for the build; a queued build that nobody
-/// waits for any more leaves the queue.
-pub struct Build {
-    pub state: watch::Receiver<BuildState>,
-    pub result: SharedResult,
-    _waiter: Waiter,
-}
-
-/// Who waits for one build.
-#[derive(Default)]
-pub(super) struct Waiters {
-    count: std::sync::atomic::AtomicUsize,
-    gone: tokio::sync::Notify,
-}
-
-impl Waiters {
-    fn wait(self: &Arc<Self>) -> Waiter {
-        self.count.fetch_add(1, Ordering::SeqCst);
-        Waiter(self.clone())
-    }
-
-    /// Resolves once nobody waits.
-    pub(super) async fn all_gone(&self) {
-        loop {
-            let notified = self.gone.notified();
-            if self.count.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-struct Waiter(Arc<Waiters>);
-
-impl Drop for Waiter {
-    fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.gone.notify_waiters();
-        }
-    }
-}
 type ImageResult = Result<Arc<BuiltImage>, BuildError>;
 
 pub struct Builder {
@@ -146,7 +87,7 @@ pub struct Builder {
     /// When each image's blobs were last found all present.
     verified: Mutex<HashMap<crate::name::Digest, Instant>>,
     /// The last builds that failed, newest last.
-    failures: Mutex<std::collections::VecDeque<Failure>>,
+    failures: Failures,
     /// Builds waiting for a slot (at most `max_queue`).
     queued: std::sync::atomic::AtomicUsize,
     slots: tokio::sync::Semaphore,
@@ -375,7 +316,7 @@ impl Builder {
 
     /// The last builds that failed (at most 20), newest last.
     pub fn recent_failures(&self) -> Vec<Failure> {
-        self.failures.lock().unwrap().iter().cloned().collect()
+        self.failures.recent()
     }
 
     /// The builds running now, with their state streams.
@@ -451,25 +392,7 @@ impl Builder {
                     s.error = Some(e.to_string());
                 });
                 if !matches!(e.as_ref(), BuildError::Abandoned) {
-                    let state = tx.borrow().clone();
-                    let mut failures = this.failures.lock().unwrap();
-                    let log = match e.log_tail() {
-                        l if l.is_empty() => state.log.into_iter().collect(),
-                        l => l,
-                    };
-                    failures.push_back(Failure {
-                        image: state.image,
-                        tag: state.tag,
-                        error: e.summary(),
-                        log,
-                        at: std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map(|d| d.as_secs())
-                            .unwrap_or(0),
-                    });
-                    if failures.len() > 20 {
-                        failures.pop_front();
-                    }
+                    this.failures.record(&tx.borrow(), e);
                 }
             }
             this.inflight.lock().unwrap().remove(&k);
