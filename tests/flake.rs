@@ -486,3 +486,55 @@ async fn a_users_flake_is_evaluated_pure() {
 fn flake_dir(reference: &str) -> PathBuf {
     PathBuf::from(reference.trim_start_matches("git+file://"))
 }
+
+/// An ad-hoc name from a flake followed at a branch is locked again after
+/// `--cache-ttl`: a new commit is a new image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ad_hoc_flake_is_followed_after_the_ttl() {
+    const TEST: &str = "an_ad_hoc_flake_is_followed_after_the_ttl";
+    if !have_tools(TEST) {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = FlakeRepo::new(dir.path(), TEST);
+    let registry_with_ttl = |ttl: Duration| {
+        let (dir, url) = (dir.path().to_path_buf(), repo.url());
+        async move {
+            let mut s = settings(&dir.join(format!("state-{}", ttl.as_secs())));
+            s.nix_options = flake_nix_options();
+            s.cache_ttl = ttl;
+            s.source = Source::Flake {
+                reference: format!("{url}?ref=main"),
+            };
+            nixery::app_state(&s).await.unwrap()
+        }
+    };
+    let manifest = |state: nixery::registry::AppState| async move {
+        let r = get(&state, "/v2/hello-app/manifests/latest").await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.header("docker-content-digest").unwrap().to_string()
+    };
+    // TTL 0: every request locks the branch again.
+    let followed = registry_with_ttl(Duration::ZERO).await;
+    // An hour: the first lock holds.
+    let held = registry_with_ttl(Duration::from_secs(3600)).await;
+    let (first, first_held) = (
+        manifest(followed.clone()).await,
+        manifest(held.clone()).await,
+    );
+    assert_eq!(first, first_held);
+    assert_eq!(
+        manifest(followed.clone()).await,
+        first,
+        "the branch has not moved"
+    );
+    repo.change("a new commit");
+    let second = manifest(followed).await;
+    assert_ne!(second, first, "the new commit is a new image");
+    assert_eq!(
+        manifest(held).await,
+        first,
+        "within the TTL, the image stays"
+    );
+}

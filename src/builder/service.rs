@@ -514,6 +514,10 @@ impl Builder {
         let packages = spec.all_packages();
         report(Progress::Stage("evaluating"));
         let t = Instant::now();
+        // This request resolves to its image for good at a git commit (or a
+        // pinned channel or flake), else until the source may have moved: a
+        // flake followed at a branch is locked again after the TTL.
+        let ttl = (!source.is_immutable_at(&spec.tag)).then_some(self.cfg.mutable_ttl);
         let source = &self.locked(source).await?;
         let prepared = self.resolve(source, spec, &packages).await?;
         info!(seconds = t.elapsed().as_secs_f64(), "evaluated");
@@ -527,9 +531,6 @@ impl Builder {
             _ => None,
         };
         let key = keys::image_key(&prepared, spec, program.as_deref(), &self.shape);
-        // This request resolves to that image: for good at a git commit, else
-        // until the source may have moved.
-        let ttl = (!source.is_immutable_at(&spec.tag)).then_some(self.cfg.mutable_ttl);
         if let Some(img) = self.catalog.image(&key) {
             self.metrics.cache_hits.inc();
             self.catalog
