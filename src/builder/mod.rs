@@ -1,13 +1,16 @@
-//! Building images: what to build (`ImageSpec`), what a build gives
-//! (`BuiltImage`), how it can fail (`BuildError`) and how far it got
-//! (`Progress`). The steps are in `pipeline`; who builds what, when and once,
-//! in `service`.
+//! Building images: what to build (`ImageSpec`), how it can fail
+//! (`BuildError`) and how far it got (`Progress`); what a build gives is
+//! `crate::image::BuiltImage`. The steps are in `pipeline`; who builds what,
+//! when and once, in `service`, with its keys (`keys`), name answers
+//! (`names`), waiters (`flight`), queue (`queue`) and other instances
+//! (`instances`).
 
 mod flight;
 mod instances;
 mod keys;
 mod names;
 mod pipeline;
+mod queue;
 mod service;
 
 pub use flight::{Build, Failure};

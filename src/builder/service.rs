@@ -1,11 +1,11 @@
-//! The build service: answers "give me this image" once per image. It owns
-//! single flight (concurrent requests, and every spelling of one package set,
-//! share one build), the build slots (builds beyond the limit queue), the
-//! timeout, the per-revision cache of name answers, and the built images.
+//! The build service: answers "give me this image" once per image. It
+//! starts a build or joins the running one (`flight`), admits it to the
+//! queue (`queue`), builds within the timeout, and keeps the built images
+//! and the index of several architectures; its keys are in `keys`, what
+//! names mean in `names`, one build among instances in `instances`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use super::instances::Turn;
 use super::keys;
 use super::names::NameCache;
 use super::pipeline::{Pipeline, PipelineConfig};
+use super::queue::Queue;
 use super::{BuildError, BuildState, BuiltImage, ImageSpec, Progress, ProgressFn};
 use crate::catalog::Catalog;
 use crate::layers::Popularity;
@@ -88,9 +89,8 @@ pub struct Builder {
     verified: Mutex<HashMap<crate::name::Digest, Instant>>,
     /// The last builds that failed, newest last.
     failures: Failures,
-    /// Builds waiting for a slot (at most `max_queue`).
-    queued: std::sync::atomic::AtomicUsize,
-    slots: tokio::sync::Semaphore,
+    /// Builds waiting for a slot, and the slots.
+    queue: Queue,
 }
 
 impl Builder {
@@ -101,7 +101,7 @@ impl Builder {
         catalog: Arc<Catalog>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        let slots = tokio::sync::Semaphore::new(cfg.max_builds.max(1));
+        let queue = Queue::new(cfg.max_builds, cfg.max_queue);
         let shape = keys::shape(cfg.compression, cfg.max_layers, cfg.popularity.as_ref());
         // A blob no image references may be another process's build in
         // progress until a build's timeout has passed.
@@ -139,8 +139,7 @@ impl Builder {
             image_builds: Default::default(),
             names: Default::default(),
             inflight: Default::default(),
-            slots,
-            queued: Default::default(),
+            queue,
             failures: Default::default(),
             verified: Default::default(),
         })
@@ -363,11 +362,10 @@ impl Builder {
             });
         }
         // A bounded queue: past it, the client is told to come back.
-        if self.queued.load(Ordering::SeqCst) >= self.cfg.max_queue {
+        if let Err(e) = self.queue.admit() {
             self.metrics.builds_refused.inc();
-            return Err(Err(Arc::new(BuildError::QueueFull(self.cfg.max_queue))));
+            return Err(Err(Arc::new(e)));
         }
-        self.queued.fetch_add(1, Ordering::SeqCst);
         self.metrics.cache_misses.inc();
         // The first waiter exists before the task can look for one.
         let waiters = Arc::new(Waiters::default());
@@ -432,7 +430,7 @@ impl Builder {
             .lease_or_adopt(&shared, key, spec, &report, waiters)
             .await;
         if !matches!(turn, Ok(Turn::Build(_))) {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
+            self.queue.leave();
         }
         let lease = match turn? {
             Turn::Build(lease) => lease,
@@ -457,19 +455,12 @@ impl Builder {
     ) -> ImageResult {
         report(Progress::Queued);
         self.metrics.builds_queued.inc();
-        // A queued build whose every requester went away leaves the queue;
-        // one that has a slot goes on (its work is not wasted).
-        let permit = tokio::select! {
-            p = self.slots.acquire() => Some(p),
-            _ = waiters.all_gone() => None,
-        };
+        let permit = self.queue.slot(waiters).await;
         self.metrics.builds_queued.dec();
-        self.queued.fetch_sub(1, Ordering::SeqCst);
-        let Some(permit) = permit else {
+        let Some(_permit) = permit else {
             self.metrics.builds_abandoned.inc();
             return Err(BuildError::Abandoned);
         };
-        let _permit = permit.map_err(|e| BuildError::Internal(e.to_string()))?;
         self.metrics.builds.inc();
         self.metrics.builds_running.inc();
         let started = Instant::now();
