@@ -15,86 +15,11 @@ use crate::name::{self, Digest};
 use crate::oci;
 use crate::store::BlobStore;
 
+mod named;
+pub use named::{NamedEntry, NamedImages};
+
 /// Manifests are small; a larger blob is not one of ours.
 pub const MAX_MANIFEST: u64 = 4 * 1024 * 1024;
-
-/// Images of NixImage objects, registered by the controller.
-#[derive(Default)]
-pub struct NamedImages {
-    inner: RwLock<BTreeMap<(String, String), NamedEntry>>,
-}
-
-#[derive(Clone, Debug)]
-pub enum NamedEntry {
-    /// The object exists; its image is not built yet (or its build failed).
-    Pending { tag: String, message: String },
-    Ready {
-        tag: String,
-        /// The image of the first of `--systems` (the node's own), and its
-        /// architecture.
-        image: Arc<BuiltImage>,
-        arch: crate::name::Arch,
-        /// The other systems' images: with them, the tag has an index.
-        others: Vec<(crate::name::Arch, Arc<BuiltImage>)>,
-    },
-}
-
-impl NamedEntry {
-    /// A ready entry's images, its own first.
-    pub fn images(&self) -> Vec<(crate::name::Arch, Arc<BuiltImage>)> {
-        match self {
-            NamedEntry::Pending { .. } => vec![],
-            NamedEntry::Ready {
-                image,
-                arch,
-                others,
-                ..
-            } => std::iter::once((*arch, image.clone()))
-                .chain(others.iter().cloned())
-                .collect(),
-        }
-    }
-}
-
-impl NamedImages {
-    pub fn set(&self, namespace: &str, name: &str, entry: NamedEntry) {
-        self.inner
-            .write()
-            .unwrap()
-            .insert((namespace.into(), name.into()), entry);
-    }
-    pub fn remove(&self, namespace: &str, name: &str) -> Option<NamedEntry> {
-        self.inner
-            .write()
-            .unwrap()
-            .remove(&(namespace.into(), name.into()))
-    }
-    pub fn get(&self, namespace: &str, name: &str) -> Option<NamedEntry> {
-        self.inner
-            .read()
-            .unwrap()
-            .get(&(namespace.into(), name.into()))
-            .cloned()
-    }
-    /// Every NixImage: namespace, name, and its entry.
-    pub fn entries(&self) -> Vec<(String, String, NamedEntry)> {
-        self.inner
-            .read()
-            .unwrap()
-            .iter()
-            .map(|((ns, n), e)| (ns.clone(), n.clone(), e.clone()))
-            .collect()
-    }
-
-    pub fn names(&self) -> Vec<String> {
-        self.inner
-            .read()
-            .unwrap()
-            .keys()
-            .map(|(ns, n)| format!("{}/{ns}/{n}", name::NIXIMAGE_PREFIX))
-            .collect()
-    }
-}
 
 /// One request's answer: the image, and until when it holds (None: for
 /// good, as for a git commit; a branch, channel or path can move).
