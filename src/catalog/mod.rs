@@ -6,9 +6,9 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::image::{digests_of, BuiltImage};
 use crate::name::{self, Digest};
@@ -16,26 +16,13 @@ use crate::oci;
 
 mod named;
 mod persist;
+mod records;
 pub use named::{NamedEntry, NamedImages};
+pub use records::IndexEntry;
+use records::{index_manifests, now_millis, now_secs, Inner, RequestEntry};
 
 /// Manifests are small; a larger blob is not one of ours.
 pub const MAX_MANIFEST: u64 = 4 * 1024 * 1024;
-
-/// One request's answer: the image, and until when it holds (None: for
-/// good, as for a git commit; a branch, channel or path can move).
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-struct RequestEntry {
-    image: String,
-    /// The repository it was asked under (canonical name), whose content the
-    /// image then is.
-    #[serde(default)]
-    repo: Option<String>,
-    /// The tag it was asked for.
-    #[serde(default)]
-    tag: Option<String>,
-    /// Seconds since the epoch.
-    expires: Option<u64>,
-}
 
 /// One catalogued image, as the page lists it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -53,116 +40,6 @@ pub struct ImageSummary {
     pub sbom: Option<Digest>,
     /// Its cosign signature manifest's digest, when it is signed.
     pub signature: Option<Digest>,
-}
-
-#[derive(Default)]
-struct Inner {
-    /// Manifest GETs per manifest digest.
-    pulls: HashMap<Digest, u64>,
-    requests: HashMap<String, RequestEntry>,
-    images: HashMap<String, ImageRec>,
-    manifests: HashMap<Digest, (&'static str, bytes::Bytes)>,
-    /// Repository (canonical name) -> image keys asked for under it, so a
-    /// request by digest is checked without scanning every request.
-    repos: HashMap<String, HashSet<String>>,
-    /// Manifest digest (either encoding) -> image key.
-    by_digest: HashMap<Digest, String>,
-    /// Image indexes (manifest lists) of one image per architecture.
-    indexes: HashMap<Digest, IndexEntry>,
-}
-
-/// An image index or manifest list, with the manifests it lists.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct IndexEntry {
-    pub media_type: String,
-    /// The index itself (small JSON), as served.
-    pub manifest: String,
-    pub members: Vec<Digest>,
-}
-
-/// One catalogued image.
-struct ImageRec {
-    img: Arc<BuiltImage>,
-    /// When built (seconds since the epoch).
-    built: u64,
-    /// When last asked for (milliseconds since the epoch).
-    used: AtomicU64,
-    /// Every digest it is made of.
-    digests: HashSet<Digest>,
-    /// NixImage objects that named it.
-    objects: BTreeSet<String>,
-    /// Its CycloneDX SBOM's digest, read from its
-    /// attached manifests once (the page lists them twice a second).
-    sbom: Option<Digest>,
-}
-
-impl ImageRec {
-    fn touch(&self) {
-        self.used.fetch_max(now_millis(), Ordering::Relaxed);
-    }
-}
-
-impl Inner {
-    fn add_image(&mut self, key: String, img: Arc<BuiltImage>, built: u64, used: u64) {
-        index_manifests(&mut self.manifests, &img);
-        self.by_digest.insert(img.oci_digest.clone(), key.clone());
-        self.by_digest
-            .insert(img.docker_digest.clone(), key.clone());
-        let digests = digests_of(&img);
-        let sbom = crate::attest::document_digest(&img.attached, crate::attest::CYCLONEDX);
-        let objects = self
-            .images
-            .remove(&key)
-            .map(|r| r.objects)
-            .unwrap_or_default();
-        self.images.insert(
-            key,
-            ImageRec {
-                img,
-                built,
-                used: AtomicU64::new(used),
-                digests,
-                sbom,
-                objects,
-            },
-        );
-    }
-
-    /// Removes an image, every request that resolves to it and its indexes.
-    fn remove_image(&mut self, key: &str) -> Option<ImageRec> {
-        let rec = self.images.remove(key)?;
-        // An index is dropped with any of its manifests: served, it would
-        // send that architecture's clients to a manifest that is gone.
-        self.indexes.retain(|_, i| {
-            !i.members
-                .iter()
-                .any(|m| *m == rec.img.oci_digest || *m == rec.img.docker_digest)
-        });
-        self.requests.retain(|_, r| r.image != key);
-        for images in self.repos.values_mut() {
-            images.remove(key);
-        }
-        self.repos.retain(|_, images| !images.is_empty());
-        for d in [&rec.img.oci_digest, &rec.img.docker_digest] {
-            self.by_digest.remove(d);
-            self.manifests.remove(d);
-            self.pulls.remove(d);
-        }
-        for (d, _) in &rec.img.attached {
-            self.manifests.remove(d);
-        }
-        Some(rec)
-    }
-
-    fn add_request(&mut self, key: String, r: RequestEntry) {
-        if let Some(repo) = &r.repo {
-            self.repos
-                .entry(repo.clone())
-                .or_default()
-                .insert(r.image.clone());
-        }
-        self.requests.insert(key, r);
-    }
 }
 
 pub struct Catalog {
@@ -205,17 +82,6 @@ pub struct GcEntry {
     pub digests: HashSet<Digest>,
     /// Whether a NixImage object named it (in any generation).
     pub claimed: bool,
-}
-
-fn now_secs() -> u64 {
-    now_millis() / 1000
-}
-
-fn now_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Catalog {
@@ -662,22 +528,6 @@ impl Catalog {
         if let Some(key) = key {
             self.evict(&key);
         }
-    }
-}
-
-fn index_manifests(index: &mut HashMap<Digest, (&'static str, bytes::Bytes)>, img: &BuiltImage) {
-    index.insert(
-        img.oci_digest.clone(),
-        (oci::OCI_MANIFEST, img.oci_manifest.clone()),
-    );
-    if img.has_docker_manifest() {
-        index.insert(
-            img.docker_digest.clone(),
-            (oci::DOCKER_MANIFEST, img.docker_manifest.clone()),
-        );
-    }
-    for (d, m) in &img.attached {
-        index.insert(d.clone(), (oci::OCI_MANIFEST, m.clone()));
     }
 }
 
