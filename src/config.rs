@@ -241,9 +241,9 @@ pub struct StorageArgs {
     #[arg(long, env = "NIXERY_STORAGE_LIMIT", value_parser = parse_size)]
     pub storage_limit: Option<u64>,
     /// Seconds after a client last asked for any part of an image (its
-    /// manifest or a blob) that it is not evicted, nor while a blob of it is
-    /// being sent, so a pull in progress gets every blob; the store may pass
-    /// the limit by the images being pulled. 0: no grace at all.
+    /// manifest or a blob) that it is not evicted (up to a quarter of the
+    /// limit, the most recent first), nor while a blob of it is being sent,
+    /// so a pull in progress gets every blob. 0: no grace at all.
     #[arg(long, env = "NIXERY_EVICTION_GRACE", default_value_t = 10)]
     pub eviction_grace: u64,
     /// Blob storage backend: `filesystem` (the state directory), or `s3` (a

@@ -42,8 +42,9 @@ pub struct Collector {
     /// for this long (it may be another process's build in progress, such
     /// as a `nixery build` beside the server).
     orphan_grace: Duration,
-    /// Images pulled more recently than this are not evicted: a client
-    /// between a manifest and its blobs would find them gone.
+    /// Images pulled more recently than this are not evicted (within a
+    /// quarter of the limit, the most recent first): a client between a
+    /// manifest and its blobs would find them gone.
     eviction_grace: Duration,
     lock: Arc<tokio::sync::RwLock<()>>,
     /// Unreferenced blobs, and when each was first seen so.
@@ -181,39 +182,90 @@ impl Collector {
                 .unwrap_or_default()
                 .saturating_sub(self.eviction_grace)
                 .as_millis() as u64;
-            let mut spared = 0;
+            // Why an image stays, if it must.
+            let sending = |e: &GcEntry| {
+                !self.eviction_grace.is_zero() && self.catalog.any_streaming(&e.digests)
+            };
+            // Pulls in flight between their requests (a part asked for within
+            // the grace): the most recent first, within a budget, so that a
+            // flood of new images cannot keep the store over its limit.
+            let graced = if self.eviction_grace.is_zero() {
+                HashSet::new()
+            } else {
+                graced(
+                    run.entries
+                        .iter()
+                        .filter(|e| {
+                            e.used > recent
+                                && !sending(e)
+                                && !pinned.contains(&e.image.oci_digest)
+                                && keep != Some(e.key.as_str())
+                                && newest.as_ref() != Some(&e.key)
+                        })
+                        .map(|e| (e.key.as_str(), e.used, e.image.size)),
+                    self.limit / 4,
+                )
+            };
+            let reason = |e: &GcEntry| -> Option<&'static str> {
+                if pinned.contains(&e.image.oci_digest) {
+                    Some("pinned")
+                } else if keep == Some(e.key.as_str()) {
+                    Some("built")
+                } else if newest.as_ref() == Some(&e.key) {
+                    Some("newest")
+                } else if sending(e) {
+                    Some("sending")
+                } else if graced.contains(&e.key) {
+                    Some("recent")
+                } else {
+                    None
+                }
+            };
+            let mut kept: HashMap<&'static str, u64> = HashMap::new();
             for e in order {
                 if run.total <= self.limit {
                     break;
                 }
-                if pinned.contains(&e.image.oci_digest)
-                    || keep == Some(e.key.as_str())
-                    || newest.as_ref() == Some(&e.key)
-                {
-                    continue;
+                match reason(&e) {
+                    Some(why) => *kept.entry(why).or_default() += e.image.size,
+                    None => run.evict(self, &e).await,
                 }
-                // Pulls in flight: a part of the image asked for within
-                // the grace, or a blob of it being sent now.
-                if !self.eviction_grace.is_zero()
-                    && (e.used > recent || self.catalog.any_streaming(&e.digests))
-                {
-                    spared += 1;
-                    continue;
-                }
-                run.evict(self, &e).await;
             }
             if run.total > self.limit {
+                let referenced: HashSet<&Digest> = run.refs.keys().collect();
+                let unreferenced: u64 = run
+                    .sizes
+                    .iter()
+                    .filter(|(d, _)| !referenced.contains(d))
+                    .map(|(_, s)| s)
+                    .sum();
+                kept.insert("unreferenced", unreferenced);
                 warn!(
                     stored = run.total,
                     limit = self.limit,
-                    recently_pulled = spared,
-                    "over the storage limit with nothing left to evict (pinned images, the newest one and those being pulled stay)"
+                    kept = ?kept,
+                    "over the storage limit with nothing left to evict (pinned images, the image just built, the newest one, those being sent and, within a quarter of the limit, those asked for within --eviction-grace stay)"
                 );
+            } else {
+                kept.clear();
             }
+            self.set_kept(&kept);
         } else {
             self.pinned();
+            self.set_kept(&HashMap::new());
         }
         Ok(run.finish(self))
+    }
+
+    fn set_kept(&self, kept: &HashMap<&'static str, u64>) {
+        for reason in KEPT_REASONS {
+            self.metrics
+                .storage_kept_bytes
+                .get_or_create(&crate::metrics::KeptLabel {
+                    reason: reason.to_string(),
+                })
+                .set(i64::try_from(kept.get(reason).copied().unwrap_or(0)).unwrap_or(i64::MAX));
+        }
     }
 
     /// NixImage `namespace/name` is gone (its named entry already removed):
@@ -248,6 +300,38 @@ impl Collector {
             }
         }
     }
+}
+
+/// Why a collection over the limit kept bytes (`nixery_storage_kept_bytes`).
+const KEPT_REASONS: [&str; 6] = [
+    "sending",
+    "recent",
+    "newest",
+    "built",
+    "pinned",
+    "unreferenced",
+];
+
+/// Which images asked for within the eviction grace are spared (`key`,
+/// last use, size): the most recently used first while their sizes sum to
+/// at most `budget`, and the most recent one whatever its size (a pull of
+/// one image larger than the budget still gets all its blobs).
+fn graced<'a>(
+    candidates: impl Iterator<Item = (&'a str, u64, u64)>,
+    budget: u64,
+) -> HashSet<String> {
+    let mut by_recency: Vec<(&str, u64, u64)> = candidates.collect();
+    by_recency.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let mut spared = HashSet::new();
+    let mut bytes = 0u64;
+    for (key, _, size) in by_recency {
+        if !spared.is_empty() && bytes + size > budget {
+            continue;
+        }
+        bytes += size;
+        spared.insert(key.to_string());
+    }
+    spared
 }
 
 /// One collection's view: stored blobs, references, what was removed.
@@ -333,5 +417,33 @@ impl Run {
             stored: self.total,
             ..self.out
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_grace_spares_the_most_recent_pulls_within_its_budget() {
+        let c = [("a", 1, 40), ("b", 2, 30), ("c", 3, 50), ("d", 4, 20)];
+        let spared = |budget| {
+            let mut v: Vec<String> = graced(c.iter().copied(), budget).into_iter().collect();
+            v.sort();
+            v
+        };
+        // Newest first: d (20) and c (50) fit in 80, b (30) would not, nor a.
+        assert_eq!(spared(80), ["c", "d"]);
+        assert_eq!(spared(100), ["b", "c", "d"]);
+        // One that does not fit does not stop an older, smaller one.
+        assert_eq!(spared(75), ["c", "d"]);
+        let c2 = [("a", 1, 5), ("b", 2, 60), ("d", 4, 20)];
+        let mut v: Vec<String> = graced(c2.iter().copied(), 30).into_iter().collect();
+        v.sort();
+        assert_eq!(v, ["a", "d"]);
+        // The most recent always, even past the budget.
+        assert_eq!(spared(0), ["d"]);
+        assert_eq!(spared(u64::MAX), ["a", "b", "c", "d"]);
+        assert!(graced(std::iter::empty(), 100).is_empty());
     }
 }

@@ -22,6 +22,11 @@ pub struct PhaseLabel {
     pub phase: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeptLabel {
+    pub reason: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub builds: Counter,
@@ -52,6 +57,7 @@ pub struct Metrics {
     pub storage_limit: Gauge,
     pub evictions: Counter,
     pub pinned_images: Gauge,
+    pub storage_kept_bytes: Family<KeptLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -86,6 +92,7 @@ impl Default for Metrics {
             storage_limit: Gauge::default(),
             evictions: Counter::default(),
             pinned_images: Gauge::default(),
+            storage_kept_bytes: Family::default(),
             registry: Registry::default(),
         };
         registry.register("builds", "Image builds started", m.builds.clone());
@@ -224,6 +231,11 @@ impl Default for Metrics {
             "pinned_images",
             "Images pinned by NixImage objects (never evicted)",
             m.pinned_images.clone(),
+        );
+        registry.register(
+            "storage_kept_bytes",
+            "Bytes of the images (and unreferenced blobs) the last collection kept while over the storage limit, by why: sending (a blob of it was being sent), recent (asked for within --eviction-grace; at most a quarter of the limit, or the one most recent image), newest, built (the image just built), pinned (a NixImage names it), unreferenced (blobs no image references yet, within their grace); all 0 when the store was within the limit",
+            m.storage_kept_bytes.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -411,3 +411,70 @@ async fn the_grace_protects_pulls_in_flight_and_not_finished_ones() {
     let m = metrics(&app).await;
     assert!(metric(&m, "nixery_evictions_total") >= 1.0);
 }
+
+/// A flood of new images, each pulled within --eviction-grace: the grace
+/// spares pulls in flight within a quarter of the limit (and the most recent
+/// one), so the store stays within its stated bound however many images
+/// were asked for lately (`nixery_storage_kept_bytes` says what stayed).
+#[tokio::test]
+async fn a_flood_of_new_images_keeps_the_store_within_its_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nix = fake(dir.path());
+    for i in 0..12 {
+        nix.add_package(
+            &format!("n{i}"),
+            FakePackage {
+                files: vec![(format!("share/n{i}"), noise(64 << 10) + &i.to_string())],
+                ..Default::default()
+            },
+        );
+    }
+    let limit: u64 = 256 << 10;
+    let mut s = settings(&dir.path().join("state"));
+    s.storage_limit = Some(limit);
+    // Every image of the flood is within the grace.
+    s.eviction_grace = std::time::Duration::from_secs(600);
+    let app = nixery::app_state_with(&s, Arc::new(nix)).await.unwrap();
+    let mut largest = 0;
+    for i in 0..12 {
+        pull(&app, &format!("n{i}")).await;
+        largest = largest.max(app.catalog.list().iter().map(|i| i.size).max().unwrap());
+        // The limit, a quarter of it for recent pulls, one more recent
+        // image past that quarter, and the image just built (the newest).
+        let bound = limit + limit / 4 + 2 * largest;
+        let now = stored(dir.path());
+        assert!(
+            now <= bound,
+            "after {} images: {now} bytes stored, bound {bound}",
+            i + 1
+        );
+        let m = metrics(&app).await;
+        let kept = |reason: &str| {
+            metric(
+                &m,
+                &format!("nixery_storage_kept_bytes{{reason=\"{reason}\"}}"),
+            )
+        };
+        assert!(kept("recent") <= (limit / 4 + largest) as f64, "{m}");
+        if now > limit {
+            // What stayed over the limit is accounted for.
+            let all: f64 = [
+                "sending",
+                "recent",
+                "newest",
+                "built",
+                "pinned",
+                "unreferenced",
+            ]
+            .iter()
+            .map(|r| kept(r))
+            .sum();
+            assert!(
+                now as f64 <= limit as f64 + all,
+                "{now} stored, {all} kept: {m}"
+            );
+        }
+    }
+    let m = metrics(&app).await;
+    assert!(metric(&m, "nixery_evictions_total") >= 6.0, "{m}");
+}
