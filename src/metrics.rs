@@ -44,6 +44,7 @@ pub struct Metrics {
     pub builds_refused: Counter,
     pub blobs_corrupt: Counter,
     pub builds_abandoned: Counter,
+    pub builders_killed: Counter,
     pub layers_packed: Counter,
     pub layers_reused: Counter,
     pub bytes_served: Counter,
@@ -79,6 +80,7 @@ impl Default for Metrics {
             builds_refused: Counter::default(),
             blobs_corrupt: Counter::default(),
             builds_abandoned: Counter::default(),
+            builders_killed: Counter::default(),
             layers_packed: Counter::default(),
             layers_reused: Counter::default(),
             bytes_served: Counter::default(),
@@ -170,6 +172,11 @@ impl Default for Metrics {
             "builds_abandoned",
             "Queued builds dropped because everyone who asked went away",
             m.builds_abandoned.clone(),
+        );
+        registry.register(
+            "builders_killed",
+            "Builds whose Nix builder was killed (signal 9) from outside nixery, built once more",
+            m.builders_killed.clone(),
         );
         registry.register(
             "layers_packed",

@@ -28,7 +28,10 @@ use serde_json::json;
 /// signal 9": perf showed the nix-store of that build killing its own
 /// builder. It is Nix's, not nixery's: two plain `nix-store --realise` of
 /// offline-set derivations at once do it too (8 of 12 pairs with Nix 2.8,
-/// 1 of 12 with 2.26; docs/nix.md), and it is not what these tests are about.
+/// 1 of 12 with 2.26; docs/nix.md). nixery builds such a derivation again
+/// (twice at most; tests/registry_http.rs), which made two of these tests
+/// pass together 8 runs of 8; they still run one at a time, as a bounded
+/// retry is not a certainty and this is not what they are about.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The Nix settings of these tests: the offline set's (no binary cache) and

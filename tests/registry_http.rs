@@ -1083,3 +1083,34 @@ async fn signatures_name_the_repository_and_are_the_same_on_every_instance() {
     .await;
     assert_eq!(other_host.status, StatusCode::NOT_FOUND);
 }
+
+/// A builder killed by SIGKILL from outside nixery (Nix does it to one of
+/// two concurrent builders now and then: docs/nix.md) is built again, twice
+/// at most; a third loss is the build's failure, said with Nix's words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_builder_killed_from_outside_is_built_again() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let (app, nix) = fake_state(dir.path()).await;
+    nix.killed_builders.store(1, Ordering::SeqCst);
+    let r = get(&app, "/v2/hello/manifests/latest").await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(nix.realisations.load(Ordering::SeqCst), 2, "built twice");
+    let m = String::from_utf8_lossy(&get(&app, "/metrics").await.body).into_owned();
+    assert_eq!(metric(&m, "nixery_builders_killed_total"), 1.0);
+    // Killed three times: the build fails, saying why.
+    nix.killed_builders.store(3, Ordering::SeqCst);
+    let r = get(&app, "/v2/jq/manifests/latest").await;
+    // (A failed build is 404 MANIFEST_UNKNOWN with the reason: clients show it.)
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let body = String::from_utf8_lossy(&r.body).into_owned();
+    assert!(body.contains("failed due to signal 9"), "{body}");
+    assert_eq!(nix.realisations.load(Ordering::SeqCst), 5);
+    let m = String::from_utf8_lossy(&get(&app, "/metrics").await.body).into_owned();
+    assert_eq!(metric(&m, "nixery_builders_killed_total"), 3.0);
+}

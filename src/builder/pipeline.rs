@@ -6,11 +6,11 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use sha2::Digest as _;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::{BuildError, BuiltImage, ImageSpec, Progress};
 use crate::layers::{self, PathInfo, PlannedLayer, Popularity};
@@ -36,6 +36,9 @@ pub struct Pipeline {
     pub store: Arc<dyn BlobStore>,
     pub metrics: Arc<Metrics>,
 }
+
+/// How many times a build whose builder was killed from outside is tried again.
+const KILLED_BUILDER_RETRIES: usize = 2;
 
 impl Pipeline {
     /// `Nix::realise`, with Nix's log lines passed on as progress; when
@@ -122,12 +125,28 @@ impl Pipeline {
                     // The source moved between the two evaluations.
                     return Err(BuildError::UnknownPackages(written.unknown));
                 }
-                self.realise(&written.drvs, &gcroot, true, report)
-                    .await
-                    .map_err(|e| match e.unsupported_system() {
-                        Some(system) => BuildError::UnsupportedSystem { system },
-                        None => BuildError::Nix(e),
-                    })?;
+                let mut built = self.realise(&written.drvs, &gcroot, true, report).await;
+                // A builder lost to a SIGKILL from outside is built again,
+                // after a pause of its own (Nix kills one of two concurrent
+                // builders now and then: docs/nix.md); a third loss is the
+                // build's failure.
+                for _ in 0..KILLED_BUILDER_RETRIES {
+                    if !built.as_ref().is_err_and(|e| e.builder_killed()) {
+                        break;
+                    }
+                    warn!("a builder was killed (signal 9) from outside nixery; building again");
+                    self.metrics.builders_killed.inc();
+                    tokio::time::sleep(crate::shared::jitter(
+                        Duration::from_millis(200),
+                        Duration::from_millis(1500),
+                    ))
+                    .await;
+                    built = self.realise(&written.drvs, &gcroot, true, report).await;
+                }
+                built.map_err(|e| match e.unsupported_system() {
+                    Some(system) => BuildError::UnsupportedSystem { system },
+                    None => BuildError::Nix(e),
+                })?;
                 report(Progress::Stage("reading closure"));
                 let closure = self.nix.closure(&written.outs).await?;
                 (Cow::Owned(written), closure)

@@ -45,6 +45,9 @@ pub struct FakeNix {
     /// Pinned channel hashes whose tarball has other contents now: evaluating
     /// one fails as Nix does ("hash mismatch").
     pub moved: std::sync::Mutex<BTreeSet<String>>,
+    /// Builds that lose their builder to a SIGKILL from outside, as Nix says
+    /// it ("failed due to signal 9"), before the rest build as usual.
+    pub killed_builders: AtomicUsize,
 }
 
 fn pkg(refs: &[&str], files: &[(&str, &str)], program: Option<&str>) -> FakePackage {
@@ -155,6 +158,7 @@ impl FakeNix {
             realisations: AtomicUsize::new(0),
             sources: Default::default(),
             moved: Default::default(),
+            killed_builders: Default::default(),
         }
     }
 
@@ -352,6 +356,18 @@ impl Nix for FakeNix {
             for name in self.closure_names(&drvs) {
                 let p = &self.packages[&name];
                 log(&format!("building '{}'", self.out_path(&name)));
+                let killed =
+                    self.killed_builders
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+                if killed.is_ok() {
+                    return Err(NixError::Failed {
+                        stage: "building the packages",
+                        log: format!(
+                            "error: builder for '{}.drv' failed due to signal 9 (Killed)",
+                            self.out_path(&name)
+                        ),
+                    });
+                }
                 if p.fails {
                     return Err(NixError::Failed {
                         stage: "building the packages",

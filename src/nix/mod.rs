@@ -340,6 +340,16 @@ impl NixError {
 }
 
 impl NixError {
+    /// Whether a build failed because its builder was killed by SIGKILL from
+    /// outside nixery (nixery stops builds only by dropping them, which
+    /// ends the whole call): with two builds at once, Nix itself sometimes
+    /// kills one (docs/nix.md), or the kernel's OOM killer did.
+    pub fn builder_killed(&self) -> bool {
+        matches!(self, NixError::Failed { log, .. } if log.contains("failed due to signal 9"))
+    }
+}
+
+impl NixError {
     /// The file outside /nix/store that a failed builder could not find: with
     /// Nix's sandbox on (Debian 13's and NixOS's default), a builder sees only
     /// the store and its own build directory, so a package that runs a host
