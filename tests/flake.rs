@@ -289,12 +289,18 @@ async fn what_is_wrong_with_a_flake_is_said_as_such() {
     assert!(message.contains("names nothing"), "{message}");
 
     // A flake outside the allowed prefix is refused before anything looks
-    // at it: this one does not even exist, and is refused, not found missing.
+    // at it: these do not even exist, and are refused, not found missing;
+    // the last climbs out of the allowed directory with `..`.
     let before = metric(
         &String::from_utf8_lossy(&get(&state, "/metrics").await.body),
         "nixery_builds_total",
     );
-    for outside in ["git+file:///elsewhere/app", "github:acme/app"] {
+    let climbing = format!("git+file://{}/../elsewhere/app", dir.path().display());
+    for outside in [
+        "git+file:///elsewhere/app",
+        "github:acme/app",
+        climbing.as_str(),
+    ] {
         server.edit(|o| {
             let g = o["metadata"]["generation"].as_i64().unwrap();
             o["metadata"]["generation"] = json!(g + 1);

@@ -118,12 +118,21 @@ pub fn names_nothing(log: &str) -> bool {
 /// Whether an operator's allowed prefix admits a reference: it starts with
 /// the prefix, at a boundary (the prefix ends with `/` or `:`, or the
 /// reference goes on with `/`, `?` or `#`, or ends), so `github:acme`
-/// admits `github:acme/app` but not `github:acme-evil/app`.
+/// admits `github:acme/app` but not `github:acme-evil/app`; and what
+/// follows it does not climb out of it with a `..` segment (plain or
+/// percent-encoded), so `path:/srv/flakes/` does not admit
+/// `path:/srv/flakes/../../root/app`.
 pub fn prefix_admits(prefix: &str, reference: &str) -> bool {
     let Some(rest) = reference.strip_prefix(prefix) else {
         return false;
     };
-    prefix.ends_with(['/', ':']) || rest.is_empty() || rest.starts_with(['/', '?', '#'])
+    let at_boundary =
+        prefix.ends_with(['/', ':']) || rest.is_empty() || rest.starts_with(['/', '?', '#']);
+    let path = rest.split(['?', '#']).next().unwrap_or(rest);
+    let climbs = path
+        .split('/')
+        .any(|segment| percent_encoding::percent_decode_str(segment).decode_utf8_lossy() == "..");
+    at_boundary && !climbs
 }
 
 /// `nix flake metadata` of a reference: its locked form, or None when it
@@ -215,6 +224,21 @@ mod tests {
             "git+https://git.example.com/",
             "git+https://git.example.com/x"
         ));
+        // No climbing out of the prefix, spelled plainly or encoded.
+        assert!(!prefix_admits(
+            "path:/srv/flakes/",
+            "path:/srv/flakes/../../root/x"
+        ));
+        assert!(!prefix_admits("path:/srv/flakes", "path:/srv/flakes/.."));
+        assert!(!prefix_admits(
+            "git+https://git.example.com/acme",
+            "git+https://git.example.com/acme/%2e%2E/evil"
+        ));
+        assert!(prefix_admits(
+            "path:/srv/flakes/",
+            "path:/srv/flakes/a..b/c"
+        ));
+        assert!(prefix_admits("github:acme/app", "github:acme/app?dir=../x"));
     }
 
     #[test]
