@@ -91,6 +91,11 @@ pub fn query_value(reference: &str, name: &str) -> Option<String> {
 /// there): the user's error, not one to retry. Other failures (a server
 /// that does not answer) are retried.
 pub fn names_nothing(log: &str) -> bool {
+    // A program Nix could not run (no git on the node) is the node's
+    // failure, not the reference's, though its words say "No such file".
+    if log.contains("error: executing '") {
+        return false;
+    }
     [
         // git: a branch or tag that is not there (Nix 2.8 runs git rev-parse;
         // later ones libgit2), a commit that is not there, no repository.
@@ -254,6 +259,10 @@ mod tests {
             "error: getting status of '/tmp/nothere': No such file or directory"
         ));
         assert!(names_nothing("error: 'not a ref' is not a valid URL"));
+        // A node without git is not the user's error.
+        assert!(!names_nothing(
+            "error: executing 'git': No such file or directory"
+        ));
         // A server that does not answer is retried.
         assert!(!names_nothing("error: unable to download 'https://api.github.com/repos/foo/bar/commits/HEAD': Couldn't resolve host name (6)"));
         assert!(!names_nothing("fatal: unable to access 'https://example.invalid/x/': Could not resolve host: example.invalid"));
